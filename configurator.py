@@ -1,0 +1,78 @@
+"""
+nanoGPT-style configuration. A script keeps its defaults as module-level variables and calls
+
+    config = configure(globals())
+
+which applies, in order, config files (`python train.py config/x.py`) and `--key=value` overrides to those
+variables, and returns the resulting {key: value} dict (saved into checkpoints). Only keys that already
+exist as int / float / bool / str defaults can be set, and a value must have the default's type
+(an int is accepted for a float); anything else is a one-line error naming the fix.
+"""
+
+import difflib
+import sys
+from ast import literal_eval
+
+SIMPLE = (int, float, bool, str)
+
+
+def config_keys(g):
+    return [k for k, v in g.items() if not k.startswith("_") and isinstance(v, SIMPLE)]
+
+
+def _check(key, value, default, where):
+    if isinstance(default, bool) or isinstance(value, bool):
+        ok = isinstance(value, bool) and isinstance(default, bool)
+    elif isinstance(default, float):
+        ok = isinstance(value, (int, float))
+        value = float(value) if ok else value
+    else:
+        ok = type(value) is type(default)
+    if not ok:
+        raise SystemExit(f"config error: {key} expects {type(default).__name__} (default {default!r}), "
+                         f"got {value!r} from {where}")
+    return value
+
+
+def _unknown(key, keys, where):
+    close = difflib.get_close_matches(key, keys, n=3)
+    hint = f"; did you mean {', '.join(close)}?" if close else f"; known keys: {', '.join(sorted(keys))}"
+    return SystemExit(f"config error: unknown key {key!r} from {where}{hint}")
+
+
+def configure(g, argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    keys = config_keys(g)
+    for arg in argv:
+        if not arg.startswith("--"):  # a config file: plain python that assigns some of the keys
+            try:
+                src = open(arg).read()
+            except OSError as e:
+                raise SystemExit(f"config error: cannot read config file {arg} ({e.strerror}); "
+                                 "pass an existing file such as config/train_shakespeare_char.py") from None
+            print(f"Overriding config with {arg}")
+            ns = {k: g[k] for k in keys}
+            exec(compile(src, arg, "exec"), ns)
+            for k, v in ns.items():
+                if k.startswith("_") or not isinstance(v, SIMPLE):
+                    continue  # modules, helpers, __builtins__
+                if k not in keys:
+                    raise _unknown(k, keys, arg)
+                g[k] = _check(k, v, g[k], arg)
+        else:
+            if "=" not in arg:
+                raise SystemExit(f"config error: write overrides as --key=value, got {arg!r}")
+            key, val = arg[2:].split("=", 1)
+            if key not in keys:
+                raise _unknown(key, keys, arg)
+            if isinstance(g[key], str):  # a str key takes the text as it is: --out_dir=123, --device=cpu
+                if len(val) >= 2 and val[0] == val[-1] and val[0] in "'\"":
+                    val = val[1:-1]  # --out_dir='out' as written for nanoGPT
+            else:
+                try:
+                    val = literal_eval(val)  # numbers, booleans
+                except (SyntaxError, ValueError):
+                    pass  # left as text: _check reports the wrong type
+            g[key] = _check(key, val, g[key], arg)
+            print(f"Overriding: {key} = {g[key]!r}")
+    return {k: g[k] for k in keys}

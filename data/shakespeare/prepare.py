@@ -1,0 +1,58 @@
+"""
+Prepare Tiny Shakespeare with the GPT-2 BPE tokenizer (tiktoken).
+Writes train.bin / val.bin (uint16 token ids) and meta.pkl into out_dir.
+
+    python data/shakespeare/prepare.py [--input PATH] [--out_dir DIR]
+
+The text comes from the same places as data/shakespeare_char/prepare.py
+(--input, then $TINYSHAKESPEARE_PATH, then out_dir/input.txt, then a download).
+tiktoken fetches its BPE files on first use; offline, point TIKTOKEN_CACHE_DIR
+at a folder that already holds them.
+"""
+import argparse
+import os
+import sys
+
+import tiktoken
+
+try:
+    from data.shakespeare_char.prepare import get_text, one_line, write_split
+except ImportError:
+    # run as a script, only this folder is on sys.path; the text-source logic lives beside it, under the repo root
+    sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+    from data.shakespeare_char.prepare import get_text, one_line, write_split
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+def get_encoder():
+    try:
+        return tiktoken.get_encoding("gpt2")
+    except (OSError, ValueError) as e:  # requests' errors are OSErrors; a corrupt download is a ValueError
+        reason = f"{type(e).__name__}: {one_line(e)}"[:160]  # requests' messages run to several hundred chars
+        raise SystemExit(f"could not load the GPT-2 BPE files for tiktoken ({reason}); "
+                         f"set TIKTOKEN_CACHE_DIR to a folder holding the GPT-2 BPE files") from None
+
+def prepare(input_path=None, out_dir=None):
+    out_dir = out_dir or HERE
+    enc = get_encoder()  # before the text, so an offline machine fails fast and downloads nothing
+    data = get_text(input_path, out_dir)
+
+    # split by characters (first 90% train) and encode each part on its own, as nanoGPT does;
+    # encode_ordinary because the text has no special tokens and should never be read as one
+    n = len(data)
+    train_ids = enc.encode_ordinary(data[:int(n * 0.9)])
+    val_ids = enc.encode_ordinary(data[int(n * 0.9):])
+    assert enc.n_vocab < 2**16, "ids are stored as uint16"
+
+    # 'tokenizer' tells sampling code to decode with tiktoken rather than an itos table
+    write_split(out_dir, train_ids, val_ids, {'vocab_size': enc.n_vocab, 'tokenizer': 'gpt2'})
+    print(f"{n:,} chars, vocab size {enc.n_vocab}, train {len(train_ids):,} tokens, "
+          f"val {len(val_ids):,} tokens -> {out_dir}")
+    return {'chars': n, 'vocab_size': enc.n_vocab, 'train_tokens': len(train_ids), 'val_tokens': len(val_ids)}
+
+if __name__ == '__main__':
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('--input', default=None, help="local copy of input.txt (else $TINYSHAKESPEARE_PATH, else download)")
+    parser.add_argument('--out_dir', default=None, help="where to write train.bin/val.bin/meta.pkl (default: this folder)")
+    args = parser.parse_args()
+    prepare(args.input, args.out_dir)

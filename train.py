@@ -1,0 +1,262 @@
+"""
+Train a GPT with a chosen attention normalisation.
+
+    python train.py config/train_shakespeare_char.py                  # the CPU demo (softmax)
+    python train.py config/shakespeare_char_lssar.py --max_iters=500  # a variant, with an override
+    python train.py config/shakespeare_char_lssar.py --init_from=resume
+
+Every module-level variable below is a config key that a config file or --key=value can set.
+"""
+
+import csv
+import math
+import os
+import time
+
+import numpy as np
+import torch
+
+from common import (
+    autocast_ctx,
+    load_checkpoint,
+    load_meta,
+    load_split,
+    model_from_checkpoint,
+    pick_device,
+    save_checkpoint,
+)
+from configurator import configure
+from model import GPT, GPTConfig, resolve_attn
+
+# -----------------------------------------------------------------------------
+# I/O
+out_dir = "out"
+eval_interval = 250      # evaluate and checkpoint every this many iterations (and at the end)
+log_interval = 10
+eval_iters = 20          # batches of the fixed evaluation windows
+eval_only = False
+always_save_checkpoint = True  # save at every eval; False: only when val loss improves
+init_from = "scratch"    # scratch | resume (continue from out_dir/ckpt.pt)
+# wandb (off by default; WANDB_MODE=offline works without a network)
+wandb_log = False
+wandb_project = "softplus-attention"
+wandb_run_name = "run"
+# data
+dataset = "shakespeare_char"
+data_dir = ""            # default: data/<dataset>
+gradient_accumulation_steps = 1
+batch_size = 12
+block_size = 1024
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0
+bias = True
+attn = "softmax"         # softmax | lssa | lssar | sigmoid | relu | ssmax
+reweight_p = 0.0         # re-weighting power; 0 = off (lssar defaults to 15)
+pos = "rope"             # rope | learned | none
+rope_base = 10000.0
+attn_backend = "auto"    # auto | math | sdpa
+attn_chunk = 256
+# AdamW and schedule
+learning_rate = 6e-4
+max_iters = 5000
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0          # 0 disables
+decay_lr = True
+warmup_iters = 100
+lr_decay_iters = 5000
+min_lr = 6e-5
+# system
+device = "auto"          # auto | cpu | cuda | cuda:1 | mps
+dtype = "auto"           # auto (bf16 on a capable GPU, else fp32) | float32 | bfloat16 | float16
+compile = False
+seed = 1337
+# -----------------------------------------------------------------------------
+config = configure(globals())
+MODEL_KEYS = [f.name for f in GPTConfig.__dataclass_fields__.values() if f.name != "vocab_size"]
+
+
+def get_lr(it):
+    """Linear warmup, then cosine decay to min_lr at lr_decay_iters."""
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it > lr_decay_iters:
+        return min_lr
+    ratio = (it - warmup_iters) / max(1, lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
+
+
+def windows(data, starts, T, dev):
+    """Input/target pairs (B, T) for the windows that start at `starts`."""
+    x = torch.stack([torch.from_numpy(data[s:s + T].astype(np.int64)) for s in starts])
+    y = torch.stack([torch.from_numpy(data[s + 1:s + 1 + T].astype(np.int64)) for s in starts])
+    if "cuda" in dev:
+        return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
+    return x.to(dev), y.to(dev)
+
+
+def train_starts(it, micro):
+    """Window starts of one micro-batch: a pure function of (seed, iteration, micro-step), so the data order
+    is deterministic and a resumed run reads exactly the batches the uninterrupted run would have read."""
+    g = torch.Generator().manual_seed(hash((seed, it, micro)) & 0x7FFFFFFFFFFFFFFF)
+    return torch.randint(len(train_data) - block_size - 1, (batch_size,), generator=g).tolist()
+
+
+def eval_starts(data):
+    """A fixed set of eval_iters * batch_size windows spread evenly over the split (same every eval)."""
+    n = eval_iters * batch_size
+    return np.linspace(0, len(data) - block_size - 1, n).astype(np.int64).tolist()
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss per token over the fixed windows of each split."""
+    model.eval()
+    out = {}
+    for split, data in (("train", train_data), ("val", val_data)):
+        starts, total, count = eval_starts(data), 0.0, 0
+        for i in range(0, len(starts), batch_size):
+            X, Y = windows(data, starts[i:i + batch_size], block_size, device)
+            with ctx:
+                _, loss = model(X, Y, reduction="sum")
+            total, count = total + loss.item(), count + Y.numel()
+        out[split] = total / count
+    model.train()
+    return out
+
+
+device = pick_device(device)
+device_type = "cuda" if "cuda" in device else "cpu"
+ctx, dtype = autocast_ctx(device, dtype)
+torch.manual_seed(seed)
+torch.backends.cuda.matmul.allow_tf32 = True
+torch.backends.cudnn.allow_tf32 = True
+
+train_data, val_data = load_split(dataset, "train", data_dir), load_split(dataset, "val", data_dir)
+for name, data in (("train", train_data), ("val", val_data)):
+    if len(data) <= block_size + 1:
+        raise SystemExit(f"dataset {dataset} {name} split has {len(data)} tokens, fewer than block_size+1="
+                         f"{block_size + 1}; lower --block_size or prepare more data")
+meta = load_meta(dataset, data_dir)
+vocab_size = meta["vocab_size"] if meta else 50304  # GPT-2's 50257 padded to a multiple of 64
+os.makedirs(out_dir, exist_ok=True)
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+print(f"tokens per iteration: {tokens_per_iter:,} | device {device} | dtype {dtype}")
+
+iter_num, best_val_loss = 0, 1e9
+model_args = {k: config[k] for k in MODEL_KEYS}
+model_args["vocab_size"] = vocab_size
+RUNTIME_KEYS = ("dropout", "attn_backend", "attn_chunk")  # may change on resume; the rest is architecture
+try:
+    if init_from == "resume":
+        ckpt = load_checkpoint(out_dir, device)
+        for k in MODEL_KEYS:
+            if k not in RUNTIME_KEYS and k in ckpt["model_args"] and config[k] != ckpt["model_args"][k]:
+                print(f"resume: keeping the checkpoint's {k}={ckpt['model_args'][k]!r} (config says {config[k]!r})")
+        model_args = dict(ckpt["model_args"], **{k: config[k] for k in RUNTIME_KEYS})
+        model = model_from_checkpoint(ckpt, device, **model_args)
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+    elif init_from == "scratch":
+        model = GPT(GPTConfig(**model_args)).to(device)
+    else:
+        raise SystemExit(f"config error: init_from must be 'scratch' or 'resume', got {init_from!r}")
+except ValueError as e:
+    raise SystemExit(f"config error: {e}") from None
+gptconf = model.config
+attn_name, attn_p = resolve_attn(gptconf.attn, gptconf.reweight_p)
+print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention {attn_name} reweight_p={attn_p:g} "
+      f"pos={gptconf.pos} backend={gptconf.attn_backend}")
+
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+if init_from == "resume":
+    optimizer.load_state_dict(ckpt["optimizer"])
+    if "rng" in ckpt:  # dropout etc. continue exactly where they stopped
+        torch.set_rng_state(ckpt["rng"]["cpu"])
+        if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
+            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    ckpt = None  # free memory
+raw_model = model
+if compile:
+    print("compiling the model... (takes a minute)")
+    model = torch.compile(model)
+
+if wandb_log:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
+
+log_path = os.path.join(out_dir, "log.csv")
+if init_from == "scratch" or not os.path.exists(log_path):
+    with open(log_path, "w", newline="") as f:
+        csv.writer(f).writerow(["iter", "kind", "loss", "val_loss", "lr", "seconds"])
+
+
+def log_row(*row):
+    with open(log_path, "a", newline="") as f:
+        csv.writer(f).writerow(row)
+
+
+def checkpoint():
+    save_checkpoint({
+        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
+        "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
+        "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
+    }, os.path.join(out_dir, "ckpt.pt"))
+
+
+t_start = time.time()
+t0 = time.time()
+start_iter = iter_num
+while True:
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group["lr"] = lr
+
+    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+        losses = estimate_loss()
+        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        log_row(iter_num, "eval", f"{losses['train']:.6f}", f"{losses['val']:.6f}", lr, f"{time.time() - t_start:.1f}")
+        if wandb_log:
+            wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+        if not math.isfinite(losses["val"]):
+            raise SystemExit(f"non-finite val loss at step {iter_num}; the last good checkpoint in {out_dir} is kept")
+        improved = losses["val"] < best_val_loss
+        best_val_loss = min(best_val_loss, losses["val"])
+        if not eval_only and iter_num > start_iter and (improved or always_save_checkpoint):
+            checkpoint()
+            print(f"saved checkpoint to {out_dir}/ckpt.pt")
+    if eval_only or iter_num >= max_iters:
+        break
+
+    # forward/backward with gradient accumulation over micro-batches
+    for micro in range(gradient_accumulation_steps):
+        X, Y = windows(train_data, train_starts(iter_num, micro), block_size, device)
+        with ctx:
+            _, loss = model(X, Y)
+            loss = loss / gradient_accumulation_steps
+        scaler.scale(loss).backward()
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+
+    lossf = loss.item() * gradient_accumulation_steps
+    if not math.isfinite(lossf):
+        raise SystemExit(f"non-finite training loss at step {iter_num}; stopped without saving, "
+                         f"the last good checkpoint in {out_dir} is kept (try a lower learning_rate)")
+    iter_num += 1
+    log_row(iter_num, "train", f"{lossf:.6f}", "", lr, f"{time.time() - t_start:.1f}")
+    if iter_num % log_interval == 0:
+        dt = (time.time() - t0) / log_interval
+        t0 = time.time()
+        eta = dt * (max_iters - iter_num)
+        print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+              f"{tokens_per_iter / dt:,.0f} tok/s, elapsed {time.time() - t_start:.0f}s, eta {eta:.0f}s")
