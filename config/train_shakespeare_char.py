@@ -1,15 +1,15 @@
-# The CPU demo: a small character-level GPT on Tiny Shakespeare, a few minutes on 2 CPU cores.
+# The CPU demo: a small character-level GPT on Tiny Shakespeare, 1-3 minutes per variant on 2 CPU cores.
 # Prepare the data first: python data/shakespeare_char/prepare.py
 # The per-variant configs (config/shakespeare_char_<attn>.py) import this file and change only the attention.
 out_dir = "out-shakespeare-char"
 eval_interval = 250
-eval_iters = 20
+eval_iters = 10
 log_interval = 50
 always_save_checkpoint = True
 
 dataset = "shakespeare_char"
 gradient_accumulation_steps = 1
-batch_size = 32
+batch_size = 16
 block_size = 64   # the training context; eval_length.py evaluates 1x..16x of it
 
 n_layer = 4
@@ -21,8 +21,8 @@ attn = "softmax"
 reweight_p = 0.0
 
 learning_rate = 2e-3
-max_iters = 2000
-lr_decay_iters = 2000
+max_iters = 1000
+lr_decay_iters = 1000
 min_lr = 2e-4
 warmup_iters = 100
 beta2 = 0.99

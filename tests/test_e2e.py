@@ -7,6 +7,7 @@ import sys
 
 import pytest
 import torch
+
 from conftest import ROOT, SHARED
 
 INPUT = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
