@@ -4,6 +4,7 @@ Validation loss at 1x..16x the training context: which attention keeps its loss 
     python eval_length.py --ckpts=out-shakespeare-char-softmax,out-shakespeare-char-lssar
     python eval_length.py --ckpts=out-shakespeare-char-lssa --reweight_p=ckpt,15   # re-weighting at eval only
     python eval_length.py --ckpts=... --lengths=64,512,2048 --stride=32 --out=results/my_eval
+    python eval_length.py --replot=results/my_eval.json   # redraw the plots of saved results
 
 Protocol (printed and saved with the results): the same validation tokens at every length (the first
 `tokens` tokens of val.bin, cut into non-overlapping windows of the evaluated length; by default as many as
@@ -44,6 +45,7 @@ out = "results/eval_length"
 device = "auto"
 dtype = "auto"
 plot = True
+replot = ""              # path to a results .json: redraw its plots without evaluating anything
 # -----------------------------------------------------------------------------
 
 
@@ -213,25 +215,30 @@ def table(res):
     return "\n".join(lines)
 
 
+def _curves(ax, res, xy, xlabel, ylabel, title, fontsize=8):
+    """One line per run (same colour in every plot; dashed when reweight_p was changed at evaluation), the
+    training length marked, log2 x-axis."""
+    for i, r in enumerate(res["runs"]):
+        xs, ys = xy(r)
+        ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, color=f"C{i}", label=r["label"],
+                linestyle="--" if r["reweight_p"] != r["trained_reweight_p"] else "-")
+    for bs in sorted({r["block_size"] for r in res["runs"]}):
+        ax.axvline(bs, color="gray", linestyle=":", linewidth=1)
+        ax.annotate(" training length", (bs, 0.01), xycoords=("data", "axes fraction"), color="gray", fontsize=8)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel=xlabel, ylabel=ylabel, title=title)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=fontsize)
+
+
 def plot_results(res, out_prefix):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for r in res["runs"]:
-        xs = [x["length"] for x in r["results"]]
-        ax.plot(xs, [x["loss"] for x in r["results"]], marker="o", label=r["label"],
-                linestyle="--" if r["reweight_p"] != r["trained_reweight_p"] else "-")
-    for bs in sorted({r["block_size"] for r in res["runs"]}):
-        ax.axvline(bs, color="gray", linestyle=":", linewidth=1)
-        ax.annotate(" training length", (bs, 0.01), xycoords=("data", "axes fraction"), color="gray", fontsize=8)
-    ax.set_xscale("log", base=2)
-    ax.set_xlabel("evaluation context length (tokens)")
-    ax.set_ylabel("validation loss (nats / token)")
-    ax.set_title("Loss vs context length")
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
+    _curves(ax, res, lambda r: ([x["length"] for x in r["results"]], [x["loss"] for x in r["results"]]),
+            "evaluation context length (tokens)", "validation loss (nats / token)", "Loss vs context length")
     fig.tight_layout()
     fig.savefig(out_prefix + ".png", dpi=120)
     plt.close(fig)
@@ -246,18 +253,10 @@ def plot_results(res, out_prefix):
     mults = {round(r["results"][-1]["multiplier"], 2) for r in res["runs"]}
     a1.set_ylabel(f"loss at {'/'.join(f'{m:g}' for m in sorted(mults))}x / loss at 1x (first length)")
     a1.set_title("Extrapolation penalty (1.0 = flat)")
-    for i, r in enumerate(res["runs"]):
-        bk = r["results"][-1]["position_buckets"]
-        a2.plot([(b["start"] + b["end"]) / 2 for b in bk], [b["loss"] for b in bk], color=f"C{i}", label=r["label"],
-                linestyle="--" if r["reweight_p"] != r["trained_reweight_p"] else "-")
-    for bs in sorted({r["block_size"] for r in res["runs"]}):
-        a2.axvline(bs, color="gray", linestyle=":", linewidth=1)
-    a2.set_xscale("log", base=2)
-    a2.set_xlabel("position inside the longest window")
-    a2.set_ylabel("validation loss (bucket mean)")
-    a2.set_title("Loss by position at the largest length")
-    a2.grid(alpha=0.3)
-    a2.legend(fontsize=7)
+    _curves(a2, res, lambda r: ([(b["start"] + b["end"]) / 2 for b in r["results"][-1]["position_buckets"]],
+                                [b["loss"] for b in r["results"][-1]["position_buckets"]]),
+            "position inside the longest window", "validation loss (bucket mean)", "Loss by position at the largest length",
+            fontsize=7)
     fig.tight_layout()
     fig.savefig(out_prefix + "_detail.png", dpi=120)
     plt.close(fig)
@@ -266,6 +265,12 @@ def plot_results(res, out_prefix):
 
 def main():
     configure(globals())
+    if replot:
+        with open(replot) as f:
+            res = json.load(f)
+        for p in plot_results(res, replot.removesuffix(".json")):
+            print(f"wrote {p}")
+        return
     if not ckpts:
         raise SystemExit("eval error: pass --ckpts=DIR[,DIR...] (out_dirs of trained runs)")
     specs = [(d, p) for d in parse_list(ckpts) for p in parse_list(reweight_p)]

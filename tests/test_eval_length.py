@@ -140,6 +140,10 @@ def test_cli_writes_results(tmp_path):
     assert (tmp_path / "res" / "ev.csv").read_text().count("\n") == 1 + 2 * 5
     for png in ("ev.png", "ev_detail.png"):
         assert (tmp_path / "res" / png).read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "res" / "ev.png").unlink()
+    r = subprocess.run([sys.executable, "eval_length.py", f"--replot={tmp_path / 'res' / 'ev.json'}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and (tmp_path / "res" / "ev.png").exists(), r.stderr
     r = subprocess.run([sys.executable, "eval_length.py", f"--ckpts={tmp_path / 'missing'}", "--device=cpu"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "checkpoint not found" in r.stderr
