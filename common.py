@@ -10,7 +10,7 @@ from contextlib import nullcontext
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, resolve_attn
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PREPARE_HINT = {
@@ -87,11 +87,15 @@ def save_checkpoint(obj, path):
     """torch.save to a temporary file in the same folder, fsync, then rename: a crash mid-write never
     replaces the previous checkpoint with a half-written one."""
     tmp = f"{path}.tmp{os.getpid()}"
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):  # the write failed or was interrupted: drop the partial file
+            os.remove(tmp)
 
 
 def load_checkpoint(out_dir_or_file, device="cpu"):
@@ -111,7 +115,10 @@ def load_checkpoint(out_dir_or_file, device="cpu"):
 def model_from_checkpoint(ckpt, device="cpu", **overrides):
     """Rebuild the GPT a checkpoint was trained as (attention kind, p, positions, ...); keyword overrides
     change eval-time fields such as reweight_p or attn_backend without retraining."""
-    args = dict(ckpt["model_args"], **overrides)
+    args = dict(ckpt["model_args"])
+    if "reweight_p" in overrides:  # an override replaces the trained p, also the 15 that attn='lssar' implies
+        args["attn"], args["reweight_p"] = resolve_attn(args["attn"], args.get("reweight_p", 0.0))
+    args.update(overrides)
     model = GPT(GPTConfig(**args))
     state = ckpt["model"]
     prefix = "_orig_mod."  # torch.compile'd models save their weights under this prefix

@@ -144,12 +144,16 @@ def evaluate(specs, multipliers_arg="1,2,4,8,16", lengths_arg="", tokens_arg=0, 
                              "or train with pos='rope'")
         val = load_split(cfg["dataset"], "val", cfg.get("data_dir", ""))
         budget = token_budget(len(val), lens, tokens_arg, stride_arg)
+        top = int(val[:budget + 1].max())
+        if top >= margs["vocab_size"]:
+            raise SystemExit(f"eval error: vocab mismatch: {d} has {margs['vocab_size']} tokens but its validation "
+                             f"data holds token id {top}; evaluate it on the dataset it was trained on")
         overrides = {} if p == "ckpt" else {"reweight_p": float(p)}
         if backend_arg:
             overrides["attn_backend"] = backend_arg
         try:
-            trained_p = resolve_attn(margs["attn"], margs.get("reweight_p", 0.0))[1]
-            name, eff_p = resolve_attn(margs["attn"], overrides.get("reweight_p", trained_p))
+            name, trained_p = resolve_attn(margs["attn"], margs.get("reweight_p", 0.0))
+            name, eff_p = resolve_attn(name, overrides.get("reweight_p", trained_p))
         except ValueError as e:
             raise SystemExit(f"eval error: {d}: {e}") from None
         label = os.path.basename(os.path.normpath(d)).removeprefix("out-")

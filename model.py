@@ -93,26 +93,29 @@ CHUNK_ELEMENTS = 2**21  # score-matrix elements per chunk: measured fastest on C
 
 def _attn_math(q, k, v, var, p, pos_offset, chunk):
     """Exact reference: queries in chunks of at most `chunk` rows (fewer when B*H*Tk is large), each against only
-    the keys it can see, so memory is O(chunk x Tk), never O(T^2), and a causal pass does half the work."""
+    the keys it can see, so memory is O(chunk x Tk), never O(T^2), and a causal pass does half the work.
+    Scores and weights are fp32 (fp64 for fp64 inputs) also under bf16 autocast: the p-th power of the
+    re-weighting amplifies score errors ~p-fold."""
     B, H, Tq, d = q.shape
     rows = max(1, min(chunk, CHUNK_ELEMENTS // (B * H * k.shape[2])))
+    n_all = _row_n(pos_offset, Tq, q)
+    q, kt = q.to(n_all.dtype), k.to(n_all.dtype).transpose(-2, -1)
     outs = []
-    for c0 in range(0, Tq, rows):
-        qc = q[:, :, c0:c0 + rows]
-        tc = qc.shape[2]
-        n = _row_n(pos_offset + c0, tc, q)
-        tk = pos_offset + c0 + tc  # keys beyond the chunk's last query are masked anyway: skip them
-        visible = torch.arange(tk, device=q.device).view(1, tk) <= (n - 1)  # key j visible to row i iff j <= i
-        s = (qc @ k[:, :, :tk].transpose(-2, -1)).to(n.dtype) * var.scale(n, d)
-        logw = s if var.logw is None else var.logw(s, n)
-        logw = logw.masked_fill(~visible, float("-inf"))  # multiplicative mask: weight exactly 0
-        if var.normalise:
-            w = torch.softmax(logw, dim=-1)  # = w_ij / sum_j w_ij computed stably (row 0 always sees itself)
-        else:
-            w = torch.exp(logw)
-        if p > 0:
-            w = _reweight(w, n, p, pos_offset + c0)
-        outs.append(w.to(v.dtype) @ v[:, :, :tk])
+    with torch.autocast(q.device.type, enabled=False):
+        for c0 in range(0, Tq, rows):
+            n = n_all[c0:c0 + rows]
+            tk = pos_offset + c0 + n.shape[0]  # keys beyond the chunk's last query are masked anyway: skip them
+            visible = torch.arange(tk, device=q.device).view(1, tk) <= (n - 1)  # key j visible to row i iff j <= i
+            s = (q[:, :, c0:c0 + rows] @ kt[..., :tk]) * var.scale(n, d)
+            logw = s if var.logw is None else var.logw(s, n)
+            logw = logw.masked_fill(~visible, float("-inf"))  # multiplicative mask: weight exactly 0
+            if var.normalise:
+                w = torch.softmax(logw, dim=-1)  # = w_ij / sum_j w_ij computed stably (row 0 always sees itself)
+            else:
+                w = torch.exp(logw)
+            if p > 0:
+                w = _reweight(w, n, p, pos_offset + c0)
+            outs.append(w.to(v.dtype) @ v[:, :, :tk])
     return torch.cat(outs, dim=2)
 
 
@@ -135,7 +138,7 @@ def _attn_sdpa(q, k, v, var, pos_offset):
     F.scaled_dot_product_attention (flash / memory-efficient kernels) computes them exactly."""
     Tq, Tk, d = q.shape[2], k.shape[2], q.shape[3]
     n = _row_n(pos_offset, Tq, q)
-    q = (q * var.scale(n, d).to(q.dtype))
+    q, k = (q * var.scale(n, d)).to(v.dtype), k.to(v.dtype)  # SDPA wants one dtype (bf16 under autocast)
     if Tq == Tk:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
     mask = torch.arange(Tk, device=q.device).view(1, Tk) <= (n - 1).to(torch.long)
@@ -158,8 +161,9 @@ def causal_attention(q, k, v, attn, reweight_p=0.0, pos_offset=None, backend="au
     pos_offset = Tk - Tq if pos_offset is None else int(pos_offset)
     if pos_offset < 0 or pos_offset + Tq > Tk:
         raise ValueError(f"pos_offset={pos_offset} with Tq={Tq} needs 0 <= pos_offset <= Tk - Tq = {Tk - Tq}")
-    if var.qk_norm:
-        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    if var.qk_norm:  # in fp32 at least: a bf16 cosine is off by ~4e-3, i.e. ~0.1 in a score scaled by log(d)log(N)
+        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+        q, k = F.normalize(q.to(acc), dim=-1), F.normalize(k.to(acc), dim=-1)
     if backend not in ATTN_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
     sdpa_ok = var.logw is None and var.normalise and p == 0

@@ -61,7 +61,8 @@ def train(variant, out_dir, resume):
     cmd = [sys.executable, "train.py", f"config/shakespeare_char_{variant}.py", f"--out_dir={out_dir}",
            f"--device={device}", *([f"--data_dir={data_dir}"] if data_dir else []),
            *([f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}"] if max_iters else []),
-           *(["--init_from=resume"] if resume else []), *train_args.split()]
+           *(["--init_from=resume"] if resume else []), *(["--overwrite=True"] if retrain else []),
+           *train_args.split()]
     log_path = os.path.join(out_dir, "train_stdout.txt")
     os.makedirs(out_dir, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")

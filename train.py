@@ -11,6 +11,8 @@ Every module-level variable below is a config key that a config file or --key=va
 import csv
 import math
 import os
+import signal
+import sys
 import time
 
 import numpy as np
@@ -35,8 +37,9 @@ eval_interval = 250      # evaluate and checkpoint every this many iterations (a
 log_interval = 10
 eval_iters = 20          # batches of the fixed evaluation windows
 eval_only = False
-always_save_checkpoint = True  # save at every eval; False: only when val loss improves
+always_save_checkpoint = True  # ckpt.pt (latest) at every eval; False: only when val loss improves. best.pt: the best
 init_from = "scratch"    # scratch | resume (continue from out_dir/ckpt.pt)
+overwrite = False        # scratch into an out_dir that holds a checkpoint: refused unless True
 # wandb (off by default; WANDB_MODE=offline works without a network)
 wandb_log = False
 wandb_project = "softplus-attention"
@@ -145,6 +148,10 @@ for name, data in (("train", train_data), ("val", val_data)):
                          f"{block_size + 1}; lower --block_size or prepare more data")
 meta = load_meta(dataset, data_dir)
 vocab_size = meta["vocab_size"] if meta else 50304  # GPT-2's 50257 padded to a multiple of 64
+ckpt_path = os.path.join(out_dir, "ckpt.pt")
+if init_from == "scratch" and not eval_only and not overwrite and os.path.exists(ckpt_path):
+    raise SystemExit(f"{out_dir} already holds a checkpoint of another run; continue it with --init_from=resume, "
+                     "choose another --out_dir, or pass --overwrite=True to replace it")
 os.makedirs(out_dir, exist_ok=True)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 print(f"tokens per iteration: {tokens_per_iter:,} | device {device} | dtype {dtype}")
@@ -159,6 +166,9 @@ try:
         for k in MODEL_KEYS:
             if k not in RUNTIME_KEYS and k in ckpt["model_args"] and config[k] != ckpt["model_args"][k]:
                 print(f"resume: keeping the checkpoint's {k}={ckpt['model_args'][k]!r} (config says {config[k]!r})")
+        if ckpt["model_args"]["vocab_size"] != vocab_size:
+            raise SystemExit(f"vocab mismatch: the checkpoint in {out_dir} has {ckpt['model_args']['vocab_size']} "
+                             f"tokens but dataset {dataset} has {vocab_size}; resume on the dataset it was trained on")
         model_args = dict(ckpt["model_args"], **{k: config[k] for k in RUNTIME_KEYS})
         model = model_from_checkpoint(ckpt, device, **model_args)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
@@ -177,10 +187,10 @@ scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 if init_from == "resume":
     optimizer.load_state_dict(ckpt["optimizer"])
-    if "rng" in ckpt:  # dropout etc. continue exactly where they stopped
-        torch.set_rng_state(ckpt["rng"]["cpu"])
-        if device_type == "cuda" and ckpt["rng"].get("cuda") is not None:
-            torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
+    scaler.load_state_dict(ckpt["scaler"])
+    torch.set_rng_state(ckpt["rng"]["cpu"])  # dropout continues exactly where it stopped
+    if device_type == "cuda" and ckpt["rng"]["cuda"] is not None:
+        torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
     ckpt = None  # free memory
 raw_model = model
 if compile:
@@ -191,10 +201,17 @@ if wandb_log:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
 
+# log.csv: every training step and evaluation. On resume, rows written after the checkpoint by the run that died
+# are dropped, so the log reads as one uninterrupted run.
 log_path = os.path.join(out_dir, "log.csv")
-if init_from == "scratch" or not os.path.exists(log_path):
-    with open(log_path, "w", newline="") as f:
-        csv.writer(f).writerow(["iter", "kind", "loss", "val_loss", "lr", "seconds"])
+rows = []
+if init_from == "resume" and os.path.exists(log_path):
+    with open(log_path, newline="") as f:
+        rows = list(csv.reader(f))[1:]
+    rows = [r for r in rows if int(r[0]) <= iter_num]
+with open(log_path + ".tmp", "w", newline="") as f:
+    csv.writer(f).writerows([["iter", "kind", "loss", "val_loss", "lr", "seconds"], *rows])
+os.replace(log_path + ".tmp", log_path)
 
 
 def log_row(*row):
@@ -202,35 +219,61 @@ def log_row(*row):
         csv.writer(f).writerow(row)
 
 
-def checkpoint():
-    save_checkpoint({
-        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "model_args": model_args,
-        "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
+def checkpoint(*names):
+    """Everything an exact resume needs: weights, optimizer, scaler, RNG state, iteration (the data position is
+    a function of it), config and model arguments. Written atomically: a crash mid-write keeps the old file."""
+    state = {
+        "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
+        "model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
         "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
-    }, os.path.join(out_dir, "ckpt.pt"))
+    }
+    for name in names:
+        save_checkpoint(state, os.path.join(out_dir, name))
+
+
+# SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption): finish the current step, save, exit 128 + signal.
+# A second signal stops at once.
+stop_signal = None
+
+
+def on_signal(signum, frame):
+    global stop_signal
+    if stop_signal is not None:
+        raise KeyboardInterrupt
+    stop_signal = signum
+    print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to stop at once)", flush=True)
+
+
+signal.signal(signal.SIGINT, on_signal)
+signal.signal(signal.SIGTERM, on_signal)
 
 
 t_start = time.time()
 t0 = time.time()
 start_iter = iter_num
+if init_from == "resume" and iter_num >= max_iters and not eval_only:
+    print(f"the checkpoint is already at iteration {iter_num} >= max_iters={max_iters}; raise --max_iters to train on")
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    if iter_num % eval_interval == 0 or iter_num == max_iters or eval_only:
+    resumed_here = init_from == "resume" and iter_num == start_iter  # evaluated before that checkpoint was saved
+    if (iter_num % eval_interval == 0 or iter_num == max_iters) and not resumed_here or eval_only:
         losses = estimate_loss()
         print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         log_row(iter_num, "eval", f"{losses['train']:.6f}", f"{losses['val']:.6f}", lr, f"{time.time() - t_start:.1f}")
         if wandb_log:
             wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
         if not math.isfinite(losses["val"]):
-            raise SystemExit(f"non-finite val loss at step {iter_num}; the last good checkpoint in {out_dir} is kept")
+            raise SystemExit(f"non-finite val loss at step {iter_num}; stopped without saving, the last good "
+                             f"checkpoint in {out_dir} is kept (try a lower learning_rate)")
         improved = losses["val"] < best_val_loss
         best_val_loss = min(best_val_loss, losses["val"])
-        if not eval_only and iter_num > start_iter and (improved or always_save_checkpoint):
-            checkpoint()
-            print(f"saved checkpoint to {out_dir}/ckpt.pt")
+        if not eval_only and iter_num > start_iter:
+            names = (["ckpt.pt"] if improved or always_save_checkpoint else []) + (["best.pt"] if improved else [])
+            checkpoint(*names)
+            print(f"saved {' and '.join(names)} to {out_dir}" if names else "val loss did not improve: not saved")
     if eval_only or iter_num >= max_iters:
         break
 
@@ -250,13 +293,17 @@ while True:
 
     lossf = loss.item() * gradient_accumulation_steps
     if not math.isfinite(lossf):
-        raise SystemExit(f"non-finite training loss at step {iter_num}; stopped without saving, "
+        raise SystemExit(f"non-finite training loss at step {iter_num + 1}; stopped without saving, "
                          f"the last good checkpoint in {out_dir} is kept (try a lower learning_rate)")
     iter_num += 1
-    log_row(iter_num, "train", f"{lossf:.6f}", "", lr, f"{time.time() - t_start:.1f}")
+    log_row(iter_num, "train", repr(lossf), "", lr, f"{time.time() - t_start:.1f}")
     if iter_num % log_interval == 0:
         dt = (time.time() - t0) / log_interval
         t0 = time.time()
         eta = dt * (max_iters - iter_num)
         print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
               f"{tokens_per_iter / dt:,.0f} tok/s, elapsed {time.time() - t_start:.0f}s, eta {eta:.0f}s")
+    if stop_signal is not None:
+        checkpoint("ckpt.pt")
+        print(f"saved checkpoint at iteration {iter_num} to {out_dir}; continue with --init_from=resume", flush=True)
+        sys.exit(128 + stop_signal)

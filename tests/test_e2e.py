@@ -1,34 +1,13 @@
 """End to end, as a user runs it: prepare (from ../shared) -> train -> checkpoint -> resume -> sample."""
 
 import csv
-import os
-import subprocess
-import sys
 
-import pytest
 import torch
 
-from conftest import ROOT, SHARED
+from conftest import run
 
-INPUT = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
         "--eval_interval=3", "--log_interval=1", "--warmup_iters=2", "--device=cpu"]
-
-
-def run(*args, check=True):
-    r = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=300)
-    if check:
-        assert r.returncode == 0, r.stdout + r.stderr
-    return r
-
-
-@pytest.fixture(scope="module")
-def char_data(tmp_path_factory):
-    if not os.path.exists(INPUT):
-        pytest.skip(f"{INPUT} not found")
-    d = tmp_path_factory.mktemp("shakespeare_char")
-    run("data/shakespeare_char/prepare.py", "--input", INPUT, "--out_dir", str(d))
-    return d
 
 
 def read_log(out):

@@ -102,6 +102,16 @@ def test_overrides_are_applied_and_recorded(tmp_path):
     assert base["results"][1]["loss"] != pytest.approx(rew["results"][1]["loss"], rel=1e-4)
 
 
+def test_override_switches_lssar_off(tmp_path):
+    # attn='lssar' implies p=15; --reweight_p=0 must turn it off (the model then computes plain LSSA)
+    lssar, val = make_run(tmp_path, name="lssar", attn="lssar")
+    lssa, _ = make_run(tmp_path, name="lssa", attn="lssa")
+    off, on = evaluate([(lssar, 0.0), (lssar, "ckpt")], lengths_arg="16")["runs"]
+    assert off["reweight_p"] == 0 and off["trained_reweight_p"] == 15 and on["reweight_p"] == 15
+    assert off["results"][0]["loss"] == pytest.approx(direct_loss(lssa, val, 16, off["budget"]), rel=1e-6)
+    assert on["results"][0]["loss"] != pytest.approx(off["results"][0]["loss"], rel=1e-4)
+
+
 def test_backend_override_does_not_change_softmax(tmp_path):
     d, _ = make_run(tmp_path, attn="softmax")
     auto = evaluate([(d, "ckpt")], "1,4")["runs"][0]["results"]

@@ -10,9 +10,7 @@ import sys
 import pytest
 import torch
 
-from conftest import ROOT, SHARED
-
-INPUT = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
+from conftest import INPUT, ROOT
 
 
 def sweep(tmp_path, *extra):
