@@ -19,7 +19,7 @@ num_samples = 3
 max_new_tokens = 500
 temperature = 0.8        # 0 = greedy
 top_k = 200              # 0 = no top-k filtering
-reweight_p = -1.0        # >= 0 overrides the checkpoint's re-weighting power (0 switches it off)
+reweight_p = ""          # "" = the checkpoint's; a number overrides its re-weighting power (0 switches it off)
 attn_backend = ""        # override the checkpoint's attention backend (auto | math | sdpa)
 seed = 1337
 device = "auto"
@@ -32,8 +32,11 @@ ctx, _ = autocast_ctx(device, dtype)
 torch.manual_seed(seed)
 ckpt = load_checkpoint(out_dir, device)
 overrides = {}
-if reweight_p >= 0:
-    overrides["reweight_p"] = reweight_p
+if reweight_p:
+    try:
+        overrides["reweight_p"] = float(reweight_p)
+    except ValueError:
+        raise SystemExit(f"config error: reweight_p must be a number, got {reweight_p!r}") from None
 if attn_backend:
     overrides["attn_backend"] = attn_backend
 try:

@@ -68,3 +68,11 @@ def test_bad_model_config_is_one_line(char_data, tmp_path):
     assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("config error: unknown attn='flash'")
     r = run("train.py", f"--data_dir={char_data}", f"--out_dir={tmp_path}", *TINY, "--reweight_p=-2", check=False)
     assert r.returncode != 0 and "reweight_p must be >= 0" in r.stderr
+
+
+def test_wandb_offline_writes_a_run(char_data, tmp_path, monkeypatch):
+    monkeypatch.setenv("WANDB_MODE", "offline")
+    out = tmp_path / "run"
+    run("train.py", f"--data_dir={char_data}", f"--out_dir={out}", *TINY, "--max_iters=2", "--wandb_log=True")
+    runs = list((out / "wandb").glob("offline-run-*"))
+    assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))

@@ -168,6 +168,13 @@ def test_bad_input_errors(char_data, trained, tmp_path):
     check_fails(["sample.py", f"--out_dir={tmp_path / 'nothing'}"], "checkpoint not found", [])
     check_fails(["sample.py", f"--out_dir={trained}", "--start=\u00e9t\u00e9"], "not in this model's vocabulary", keep)
     check_fails(["eval_length.py", f"--ckpts={trained}", "--lengths=200000"], "validation tokens", keep)
+    learned = tmp_path / "learned"
+    run("train.py", f"--out_dir={learned}", f"--data_dir={char_data}", *TINY, "--pos=learned", "--max_iters=1",
+        "--eval_interval=1")
+    check_fails(["eval_length.py", f"--ckpts={learned}", "--multipliers=1,2"], "learned position embeddings",
+                [learned / "ckpt.pt"])
+    check_fails(["sample.py", f"--out_dir={learned}", "--reweight_p=-3"], "reweight_p must be >= 0",
+                [learned / "ckpt.pt"])
 
 
 def test_eval_rejects_tokens_outside_the_vocab(trained, tmp_path):
