@@ -3,6 +3,7 @@ Small helpers shared by train.py, sample.py and eval_length.py: device and preci
 checkpoints (written atomically, read back into a model with its full config) and tokenizers.
 """
 
+import glob
 import os
 import pickle
 from contextlib import nullcontext
@@ -43,6 +44,46 @@ def autocast_ctx(device, dtype="auto"):
 
 def data_dir_for(dataset, data_dir=""):
     return data_dir or os.path.join(ROOT, "data", dataset)
+
+
+# Token shards for large datasets (FineWeb, OpenWebText): a header of 256 int32 (magic, version, token count,
+# then zeros) followed by the tokens as uint16. Named <name>_<split>_<index:06d>.bin; written atomically, so a
+# file with a valid header is always complete.
+SHARD_MAGIC, SHARD_VERSION, SHARD_HEADER_INTS = 20261129, 1, 256
+
+
+def write_shard(path, tokens):
+    tokens = np.asarray(tokens)
+    if tokens.size and (tokens.min() < 0 or tokens.max() >= 2**16):
+        raise ValueError("shard tokens must fit in uint16 (GPT-2 BPE does)")
+    header = np.zeros(SHARD_HEADER_INTS, dtype=np.int32)
+    header[:3] = SHARD_MAGIC, SHARD_VERSION, tokens.size
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            f.write(header.tobytes())
+            f.write(tokens.astype(np.uint16).tobytes())
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def read_shard(path):
+    """The tokens of a shard as a read-only uint16 memmap; a bad header or size is a one-line error."""
+    header = np.fromfile(path, dtype=np.int32, count=SHARD_HEADER_INTS)
+    if header.size < 3 or header[0] != SHARD_MAGIC or header[1] != SHARD_VERSION:
+        raise SystemExit(f"not a token shard (bad header): {path}; re-run the dataset's prepare.py")
+    n = int(header[2])
+    if os.path.getsize(path) != SHARD_HEADER_INTS * 4 + 2 * n:
+        raise SystemExit(f"token shard {path} is truncated: header says {n} tokens; re-run the dataset's prepare.py")
+    return np.memmap(path, dtype=np.uint16, mode="r", offset=SHARD_HEADER_INTS * 4, shape=(n,))
+
+
+def list_shards(d, split):
+    return sorted(glob.glob(os.path.join(d, f"*_{split}_[0-9][0-9][0-9][0-9][0-9][0-9].bin")))
 
 
 def load_split(dataset, split, data_dir=""):
