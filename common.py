@@ -14,9 +14,11 @@ import torch
 from model import GPT, GPTConfig, resolve_attn
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
-PREPARE_HINT = {
+PREPARE_HINT = {  # how to make each dataset, for error messages
     "shakespeare_char": "python data/shakespeare_char/prepare.py",
     "shakespeare": "python data/shakespeare/prepare.py",
+    "fineweb": "python data/fineweb/prepare.py",
+    "openwebtext": "python data/openwebtext/prepare.py",
 }
 
 
@@ -87,15 +89,72 @@ def list_shards(d, split):
 
 
 def load_split(dataset, split, data_dir=""):
-    """The uint16 token file of a split as a read-only memmap; a missing or empty one is a one-line error."""
+    """The token parts of a split, each a read-only uint16 memmap: the shards <name>_<split>_NNNNNN.bin in order
+    (FineWeb, OpenWebText), or the single <split>.bin (Shakespeare). Missing or empty data is a one-line error."""
     d = data_dir_for(dataset, data_dir)
-    path = os.path.join(d, f"{split}.bin")
-    hint = PREPARE_HINT.get(dataset, f"the prepare script in data/{dataset}/")
-    if not os.path.exists(path):
-        raise SystemExit(f"dataset not found: {path} is missing; run `{hint}` first")
-    if os.path.getsize(path) < 4:
-        raise SystemExit(f"dataset is empty: {path} has no tokens; re-run `{hint}`")
-    return np.memmap(path, dtype=np.uint16, mode="r")
+    hint = PREPARE_HINT.get(dataset, f"python data/{dataset}/prepare.py")
+    shards = list_shards(d, split)
+    if shards:
+        parts = [read_shard(p) for p in shards]
+    else:
+        path = os.path.join(d, f"{split}.bin")
+        if not os.path.exists(path):
+            raise SystemExit(f"dataset not found: no {split}.bin or *_{split}_000000.bin shards in {d}; run `{hint}` first")
+        parts = [np.memmap(path, dtype=np.uint16, mode="r")] if os.path.getsize(path) >= 2 else []
+    if sum(len(p) for p in parts) < 2:
+        raise SystemExit(f"dataset is empty: the {split} split in {d} has no tokens; re-run `{hint}`")
+    return parts
+
+
+def _locate(parts, flat, T):
+    """Map indices into the concatenated window starts of all parts to (part, offset); a window (T inputs and
+    T targets, so T + 1 tokens) never crosses a part's end."""
+    counts = np.array([max(0, len(p) - T) for p in parts])
+    ends = np.cumsum(counts)
+    which = np.searchsorted(ends, flat, side="right")
+    return [(int(w), int(f - (ends[w] - counts[w]))) for w, f in zip(which, flat, strict=True)]
+
+
+def n_windows(parts, T):
+    return sum(max(0, len(p) - T) for p in parts)
+
+
+def random_windows(parts, n, T, seed, it, micro):
+    """n random windows for one micro-batch: a pure function of (seed, iteration, micro-step), so the data order
+    is deterministic, a resumed run reads exactly the batches of the uninterrupted one, and DDP ranks that take
+    different micro-steps read disjoint batches. (The draw excludes the very last window, as earlier versions
+    did, so that results made with them reproduce.)"""
+    g = torch.Generator().manual_seed(hash((seed, it, micro)) & 0x7FFFFFFFFFFFFFFF)
+    return _locate(parts, torch.randint(n_windows(parts, T) - 1, (n,), generator=g).numpy(), T)
+
+
+def even_windows(parts, n, T):
+    """n windows spread evenly over all the parts (a fixed evaluation set)."""
+    return _locate(parts, np.linspace(0, n_windows(parts, T) - 1, n).astype(np.int64), T)
+
+
+def get_batch(parts, locs, T, device):
+    """Input/target pairs (B, T) for the windows at locs [(part, offset), ...]."""
+    x = torch.stack([torch.from_numpy(parts[w][o:o + T].astype(np.int64)) for w, o in locs])
+    y = torch.stack([torch.from_numpy(parts[w][o + 1:o + 1 + T].astype(np.int64)) for w, o in locs])
+    if "cuda" in device:
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+def load_stream(dataset, split, data_dir=""):
+    """A split as one contiguous token array (for evaluation: windows may then span shard borders)."""
+    parts = load_split(dataset, split, data_dir)
+    return parts[0] if len(parts) == 1 else np.concatenate(parts)
+
+
+def model_vocab_size(meta):
+    """The embedding size for a dataset: the char vocabulary as it is; BPE padded to a multiple of 64 (50257 ->
+    50304, faster matmuls); GPT-2's padded size when there is no meta.pkl."""
+    if meta is None:
+        return 50304
+    v = meta["vocab_size"]
+    return -(-v // 64) * 64 if meta.get("tokenizer") else v
 
 
 def load_meta(dataset, data_dir=""):

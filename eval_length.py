@@ -27,7 +27,7 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import autocast_ctx, load_checkpoint, load_split, model_from_checkpoint, pick_device
+from common import autocast_ctx, load_checkpoint, load_stream, model_from_checkpoint, pick_device
 from configurator import configure
 from model import resolve_attn
 
@@ -142,7 +142,7 @@ def evaluate(specs, multipliers_arg="1,2,4,8,16", lengths_arg="", tokens_arg=0, 
             raise SystemExit(f"eval error: {d} uses learned position embeddings, which stop at block_size="
                              f"{margs['block_size']}; evaluate it with --lengths up to {margs['block_size']} "
                              "or train with pos='rope'")
-        val = load_split(cfg["dataset"], "val", cfg.get("data_dir", ""))
+        val = load_stream(cfg["dataset"], "val", cfg.get("data_dir", ""))
         budget = token_budget(len(val), lens, tokens_arg, stride_arg)
         top = int(val[:budget + 1].max())
         if top >= margs["vocab_size"]:

@@ -8,7 +8,7 @@ Sample from a trained checkpoint (any attention kind; its config is restored fro
 
 import torch
 
-from common import autocast_ctx, get_tokenizer, load_checkpoint, load_meta, model_from_checkpoint, pick_device
+from common import autocast_ctx, get_tokenizer, load_checkpoint, load_meta, model_from_checkpoint, model_vocab_size, pick_device
 from configurator import configure
 from model import resolve_attn
 
@@ -45,7 +45,7 @@ except ValueError as e:
     raise SystemExit(f"config error: {e}") from None
 cfg = ckpt["config"]
 meta = load_meta(cfg["dataset"], cfg.get("data_dir", ""))
-if meta is not None and meta["vocab_size"] != model.config.vocab_size:
+if meta is not None and model_vocab_size(meta) != model.config.vocab_size:
     raise SystemExit(f"vocab mismatch: data/{cfg['dataset']}/meta.pkl has {meta['vocab_size']} tokens but the "
                      f"checkpoint's model has {model.config.vocab_size}; re-run that dataset's prepare.py")
 encode, decode = get_tokenizer(meta)

@@ -15,16 +15,23 @@ import signal
 import sys
 import time
 
-import numpy as np
 import torch
+import torch.distributed as dist
+from torch.distributed import destroy_process_group, init_process_group
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (
     autocast_ctx,
+    even_windows,
+    get_batch,
     load_checkpoint,
     load_meta,
     load_split,
     model_from_checkpoint,
+    model_vocab_size,
+    n_windows,
     pick_device,
+    random_windows,
     save_checkpoint,
 )
 from configurator import configure
@@ -95,66 +102,68 @@ def get_lr(it):
     return min_lr + 0.5 * (1.0 + math.cos(math.pi * ratio)) * (learning_rate - min_lr)
 
 
-def windows(data, starts, T, dev):
-    """Input/target pairs (B, T) for the windows that start at `starts`."""
-    x = torch.stack([torch.from_numpy(data[s:s + T].astype(np.int64)) for s in starts])
-    y = torch.stack([torch.from_numpy(data[s + 1:s + 1 + T].astype(np.int64)) for s in starts])
-    if "cuda" in dev:
-        return x.pin_memory().to(dev, non_blocking=True), y.pin_memory().to(dev, non_blocking=True)
-    return x.to(dev), y.to(dev)
-
-
-def train_starts(it, micro):
-    """Window starts of one micro-batch: a pure function of (seed, iteration, micro-step), so the data order
-    is deterministic and a resumed run reads exactly the batches the uninterrupted run would have read."""
-    g = torch.Generator().manual_seed(hash((seed, it, micro)) & 0x7FFFFFFFFFFFFFFF)
-    return torch.randint(len(train_data) - block_size - 1, (batch_size,), generator=g).tolist()
-
-
-def eval_starts(data):
-    """A fixed set of eval_iters * batch_size windows spread evenly over the split (same every eval)."""
-    n = eval_iters * batch_size
-    return np.linspace(0, len(data) - block_size - 1, n).astype(np.int64).tolist()
-
-
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss per token over the fixed windows of each split."""
-    model.eval()
+    """Mean loss per token over a fixed set of windows of each split (every rank computes the same numbers)."""
+    eval_model.eval()
     out = {}
-    for split, data in (("train", train_data), ("val", val_data)):
-        starts, total, count = eval_starts(data), 0.0, 0
-        for i in range(0, len(starts), batch_size):
-            X, Y = windows(data, starts[i:i + batch_size], block_size, device)
+    for split, parts in (("train", train_parts), ("val", val_parts)):
+        locs, total, count = even_windows(parts, eval_iters * batch_size, block_size), 0.0, 0
+        for i in range(0, len(locs), batch_size):
+            X, Y = get_batch(parts, locs[i:i + batch_size], block_size, device)
             with ctx:
-                _, loss = model(X, Y, reduction="sum")
+                _, loss = eval_model(X, Y, reduction="sum")
             total, count = total + loss.item(), count + Y.numel()
         out[split] = total / count
-    model.train()
+    eval_model.train()
     return out
 
 
+# DDP: launched by torchrun (RANK, LOCAL_RANK, WORLD_SIZE set), one process per GPU (or CPU process with gloo).
+# gradient_accumulation_steps is the global number of micro-batches per step: each rank runs its share, and
+# micro-batch m of a step is run by rank m % world_size, so the data of a step does not depend on world size.
+ddp = int(os.environ.get("RANK", -1)) != -1
+rank, local_rank, world_size = 0, 0, 1
+if ddp:
+    rank, local_rank = int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    world_size = int(os.environ["WORLD_SIZE"])
+    if gradient_accumulation_steps % world_size:
+        raise SystemExit(f"config error: gradient_accumulation_steps={gradient_accumulation_steps} must be a multiple "
+                         f"of the number of processes ({world_size}); it counts micro-batches over all ranks")
+    if device == "auto" and torch.cuda.is_available():
+        device = f"cuda:{local_rank}"
+        torch.cuda.set_device(device)
+    init_process_group(backend="nccl" if "cuda" in pick_device(device) else "gloo")
+master = rank == 0
+local_micro_steps = gradient_accumulation_steps // world_size
 device = pick_device(device)
 device_type = "cuda" if "cuda" in device else "cpu"
 ctx, dtype = autocast_ctx(device, dtype)
-torch.manual_seed(seed)
+torch.manual_seed(seed + rank)  # different dropout masks per rank; the data order does not use this RNG
 torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
-train_data, val_data = load_split(dataset, "train", data_dir), load_split(dataset, "val", data_dir)
-for name, data in (("train", train_data), ("val", val_data)):
-    if len(data) <= block_size + 1:
-        raise SystemExit(f"dataset {dataset} {name} split has {len(data)} tokens, fewer than block_size+1="
-                         f"{block_size + 1}; lower --block_size or prepare more data")
+
+def say(*a, **k):
+    if master:
+        print(*a, **k)
+
+
+train_parts, val_parts = load_split(dataset, "train", data_dir), load_split(dataset, "val", data_dir)
+for name, parts in (("train", train_parts), ("val", val_parts)):
+    if n_windows(parts, block_size) < 2:
+        raise SystemExit(f"dataset {dataset} {name} split has {sum(map(len, parts))} tokens, too few for windows of "
+                         f"block_size+1={block_size + 1}; lower --block_size or prepare more data")
 meta = load_meta(dataset, data_dir)
-vocab_size = meta["vocab_size"] if meta else 50304  # GPT-2's 50257 padded to a multiple of 64
+vocab_size = model_vocab_size(meta)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from == "scratch" and not eval_only and not overwrite and os.path.exists(ckpt_path):
     raise SystemExit(f"{out_dir} already holds a checkpoint of another run; continue it with --init_from=resume, "
                      "choose another --out_dir, or pass --overwrite=True to replace it")
 os.makedirs(out_dir, exist_ok=True)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-print(f"tokens per iteration: {tokens_per_iter:,} | device {device} | dtype {dtype}")
+say(f"tokens per iteration: {tokens_per_iter:,} ({world_size} process(es) x {local_micro_steps} micro-batches x "
+    f"{batch_size} x {block_size}) | device {device} | dtype {dtype} | {sum(map(len, train_parts)):,} train tokens")
 
 iter_num, best_val_loss = 0, 1e9
 model_args = {k: config[k] for k in MODEL_KEYS}
@@ -165,7 +174,7 @@ try:
         ckpt = load_checkpoint(out_dir, device)
         for k in MODEL_KEYS:
             if k not in RUNTIME_KEYS and k in ckpt["model_args"] and config[k] != ckpt["model_args"][k]:
-                print(f"resume: keeping the checkpoint's {k}={ckpt['model_args'][k]!r} (config says {config[k]!r})")
+                say(f"resume: keeping the checkpoint's {k}={ckpt['model_args'][k]!r} (config says {config[k]!r})")
         if ckpt["model_args"]["vocab_size"] != vocab_size:
             raise SystemExit(f"vocab mismatch: the checkpoint in {out_dir} has {ckpt['model_args']['vocab_size']} "
                              f"tokens but dataset {dataset} has {vocab_size}; resume on the dataset it was trained on")
@@ -180,7 +189,7 @@ except ValueError as e:
     raise SystemExit(f"config error: {e}") from None
 gptconf = model.config
 attn_name, attn_p = resolve_attn(gptconf.attn, gptconf.reweight_p)
-print(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention {attn_name} reweight_p={attn_p:g} "
+say(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention {attn_name} reweight_p={attn_p:g} "
       f"pos={gptconf.pos} backend={gptconf.attn_backend}")
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -194,29 +203,34 @@ if init_from == "resume":
     ckpt = None  # free memory
 raw_model = model
 if compile:
-    print("compiling the model... (takes a minute)")
+    say("compiling the model... (takes a minute)")
     model = torch.compile(model)
+eval_model = model
+if ddp:
+    model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
-if wandb_log:
+if wandb_log and master:
     import wandb
     wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
 
 # log.csv: every training step and evaluation. On resume, rows written after the checkpoint by the run that died
 # are dropped, so the log reads as one uninterrupted run.
 log_path = os.path.join(out_dir, "log.csv")
-rows = []
-if init_from == "resume" and os.path.exists(log_path):
-    with open(log_path, newline="") as f:
-        rows = list(csv.reader(f))[1:]
-    rows = [r for r in rows if int(r[0]) <= iter_num]
-with open(log_path + ".tmp", "w", newline="") as f:
-    csv.writer(f).writerows([["iter", "kind", "loss", "val_loss", "lr", "seconds"], *rows])
-os.replace(log_path + ".tmp", log_path)
+if master:
+    rows = []
+    if init_from == "resume" and os.path.exists(log_path):
+        with open(log_path, newline="") as f:
+            rows = list(csv.reader(f))[1:]
+        rows = [r for r in rows if int(r[0]) <= iter_num]
+    with open(log_path + ".tmp", "w", newline="") as f:
+        csv.writer(f).writerows([["iter", "kind", "loss", "val_loss", "lr", "seconds"], *rows])
+    os.replace(log_path + ".tmp", log_path)
 
 
 def log_row(*row):
-    with open(log_path, "a", newline="") as f:
-        csv.writer(f).writerow(row)
+    if master:
+        with open(log_path, "a", newline="") as f:
+            csv.writer(f).writerow(row)
 
 
 def checkpoint(*names):
@@ -227,7 +241,7 @@ def checkpoint(*names):
         "model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
         "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
     }
-    for name in names:
+    for name in names if master else ():
         save_checkpoint(state, os.path.join(out_dir, name))
 
 
@@ -241,7 +255,7 @@ def on_signal(signum, frame):
     if stop_signal is not None:
         raise KeyboardInterrupt
     stop_signal = signum
-    print(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to stop at once)", flush=True)
+    say(f"\n{signal.Signals(signum).name}: saving a checkpoint after this step (again to stop at once)", flush=True)
 
 
 signal.signal(signal.SIGINT, on_signal)
@@ -252,7 +266,7 @@ t_start = time.time()
 t0 = time.time()
 start_iter = iter_num
 if init_from == "resume" and iter_num >= max_iters and not eval_only:
-    print(f"the checkpoint is already at iteration {iter_num} >= max_iters={max_iters}; raise --max_iters to train on")
+    say(f"the checkpoint is already at iteration {iter_num} >= max_iters={max_iters}; raise --max_iters to train on")
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
@@ -261,9 +275,9 @@ while True:
     resumed_here = init_from == "resume" and iter_num == start_iter  # evaluated before that checkpoint was saved
     if (iter_num % eval_interval == 0 or iter_num == max_iters) and not resumed_here or eval_only:
         losses = estimate_loss()
-        print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
         log_row(iter_num, "eval", f"{losses['train']:.6f}", f"{losses['val']:.6f}", lr, f"{time.time() - t_start:.1f}")
-        if wandb_log:
+        if wandb_log and master:
             wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
         if not math.isfinite(losses["val"]):
             raise SystemExit(f"non-finite val loss at step {iter_num}; stopped without saving, the last good "
@@ -273,17 +287,23 @@ while True:
         if not eval_only and iter_num > start_iter:
             names = (["ckpt.pt"] if improved or always_save_checkpoint else []) + (["best.pt"] if improved else [])
             checkpoint(*names)
-            print(f"saved {' and '.join(names)} to {out_dir}" if names else "val loss did not improve: not saved")
+            say(f"saved {' and '.join(names)} to {out_dir}" if names else "val loss did not improve: not saved")
     if eval_only or iter_num >= max_iters:
         break
 
     # forward/backward with gradient accumulation over micro-batches
-    for micro in range(gradient_accumulation_steps):
-        X, Y = windows(train_data, train_starts(iter_num, micro), block_size, device)
+    loss_sum = torch.zeros((), device=device)
+    for m in range(local_micro_steps):
+        micro = m * world_size + rank  # this rank's share of the step's micro-batches
+        X, Y = get_batch(train_parts, random_windows(train_parts, batch_size, block_size, seed, iter_num, micro),
+                         block_size, device)
+        if ddp:  # average gradients across ranks only once, after the last micro-batch
+            model.require_backward_grad_sync = m == local_micro_steps - 1
         with ctx:
             _, loss = model(X, Y)
-            loss = loss / gradient_accumulation_steps
+            loss = loss / local_micro_steps
         scaler.scale(loss).backward()
+        loss_sum += loss.detach()
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -291,7 +311,12 @@ while True:
     scaler.update()
     optimizer.zero_grad(set_to_none=True)
 
-    lossf = loss.item() * gradient_accumulation_steps
+    if ddp:  # the mean loss over all ranks' micro-batches (and whether any rank was asked to stop)
+        dist.all_reduce(loss_sum, op=dist.ReduceOp.AVG)
+        flag = torch.tensor(stop_signal or 0, device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop_signal = int(flag) or None
+    lossf = loss_sum.item()
     if not math.isfinite(lossf):
         raise SystemExit(f"non-finite training loss at step {iter_num + 1}; stopped without saving, "
                          f"the last good checkpoint in {out_dir} is kept (try a lower learning_rate)")
@@ -301,9 +326,13 @@ while True:
         dt = (time.time() - t0) / log_interval
         t0 = time.time()
         eta = dt * (max_iters - iter_num)
-        print(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
+        say(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
               f"{tokens_per_iter / dt:,.0f} tok/s, elapsed {time.time() - t_start:.0f}s, eta {eta:.0f}s")
     if stop_signal is not None:
         checkpoint("ckpt.pt")
-        print(f"saved checkpoint at iteration {iter_num} to {out_dir}; continue with --init_from=resume", flush=True)
+        say(f"saved checkpoint at iteration {iter_num} to {out_dir}; continue with --init_from=resume", flush=True)
+        if ddp:
+            destroy_process_group()
         sys.exit(128 + stop_signal)
+if ddp:
+    destroy_process_group()
