@@ -106,31 +106,36 @@ def load_split(dataset, split, data_dir=""):
     return parts
 
 
-def _locate(parts, flat, T):
-    """Map indices into the concatenated window starts of all parts to (part, offset); a window (T inputs and
-    T targets, so T + 1 tokens) never crosses a part's end."""
-    counts = np.array([max(0, len(p) - T) for p in parts])
+def _counts(parts, T, align):
+    # window starts per part: offsets 0, align, 2*align, ... with room for T + 1 tokens (T inputs, T targets)
+    return np.array([(len(p) - T - 1) // align + 1 if len(p) > T else 0 for p in parts])
+
+
+def _locate(parts, flat, T, align=1):
+    """Map indices into the concatenated window starts of all parts to (part, offset); a window never crosses
+    a part's end."""
+    counts = _counts(parts, T, align)
     ends = np.cumsum(counts)
     which = np.searchsorted(ends, flat, side="right")
-    return [(int(w), int(f - (ends[w] - counts[w]))) for w, f in zip(which, flat, strict=True)]
+    return [(int(w), int(f - (ends[w] - counts[w])) * align) for w, f in zip(which, flat, strict=True)]
 
 
-def n_windows(parts, T):
-    return sum(max(0, len(p) - T) for p in parts)
+def n_windows(parts, T, align=1):
+    return int(_counts(parts, T, align).sum())
 
 
-def random_windows(parts, n, T, seed, it, micro):
+def random_windows(parts, n, T, seed, it, micro, align=1):
     """n random windows for one micro-batch: a pure function of (seed, iteration, micro-step), so the data order
     is deterministic, a resumed run reads exactly the batches of the uninterrupted one, and DDP ranks that take
     different micro-steps read disjoint batches. (The draw excludes the very last window, as earlier versions
     did, so that results made with them reproduce.)"""
     g = torch.Generator().manual_seed(hash((seed, it, micro)) & 0x7FFFFFFFFFFFFFFF)
-    return _locate(parts, torch.randint(n_windows(parts, T) - 1, (n,), generator=g).numpy(), T)
+    return _locate(parts, torch.randint(n_windows(parts, T, align) - 1, (n,), generator=g).numpy(), T, align)
 
 
-def even_windows(parts, n, T):
+def even_windows(parts, n, T, align=1):
     """n windows spread evenly over all the parts (a fixed evaluation set)."""
-    return _locate(parts, np.linspace(0, n_windows(parts, T) - 1, n).astype(np.int64), T)
+    return _locate(parts, np.linspace(0, n_windows(parts, T, align) - 1, n).astype(np.int64), T, align)
 
 
 def get_batch(parts, locs, T, device):

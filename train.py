@@ -45,7 +45,7 @@ log_interval = 10
 eval_iters = 20          # batches of the fixed evaluation windows
 eval_only = False
 always_save_checkpoint = True  # ckpt.pt (latest) at every eval; False: only when val loss improves. best.pt: the best
-init_from = "scratch"    # scratch | resume (continue from out_dir/ckpt.pt)
+init_from = "scratch"    # scratch | resume (continue from out_dir/ckpt.pt) | DIR or FILE of another run to fine-tune
 overwrite = False        # scratch into an out_dir that holds a checkpoint: refused unless True
 # wandb (off by default; WANDB_MODE=offline works without a network)
 wandb_log = False
@@ -57,6 +57,7 @@ data_dir = ""            # default: data/<dataset>
 gradient_accumulation_steps = 1
 batch_size = 12
 block_size = 1024
+window_align = 1         # windows start at multiples of this (e.g. one fixed-length example per window); 1 = anywhere
 # model
 n_layer = 12
 n_head = 12
@@ -108,7 +109,7 @@ def estimate_loss():
     eval_model.eval()
     out = {}
     for split, parts in (("train", train_parts), ("val", val_parts)):
-        locs, total, count = even_windows(parts, eval_iters * batch_size, block_size), 0.0, 0
+        locs, total, count = even_windows(parts, eval_iters * batch_size, block_size, window_align), 0.0, 0
         for i in range(0, len(locs), batch_size):
             X, Y = get_batch(parts, locs[i:i + batch_size], block_size, device)
             with ctx:
@@ -150,14 +151,16 @@ def say(*a, **k):
 
 
 train_parts, val_parts = load_split(dataset, "train", data_dir), load_split(dataset, "val", data_dir)
+if window_align < 1:
+    raise SystemExit(f"config error: window_align must be >= 1, got {window_align}")
 for name, parts in (("train", train_parts), ("val", val_parts)):
-    if n_windows(parts, block_size) < 2:
+    if n_windows(parts, block_size, window_align) < 2:
         raise SystemExit(f"dataset {dataset} {name} split has {sum(map(len, parts))} tokens, too few for windows of "
                          f"block_size+1={block_size + 1}; lower --block_size or prepare more data")
 meta = load_meta(dataset, data_dir)
 vocab_size = model_vocab_size(meta)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-if init_from == "scratch" and not eval_only and not overwrite and os.path.exists(ckpt_path):
+if init_from != "resume" and not eval_only and not overwrite and os.path.exists(ckpt_path):
     raise SystemExit(f"{out_dir} already holds a checkpoint of another run; continue it with --init_from=resume, "
                      "choose another --out_dir, or pass --overwrite=True to replace it")
 os.makedirs(out_dir, exist_ok=True)
@@ -183,8 +186,15 @@ try:
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     elif init_from == "scratch":
         model = GPT(GPTConfig(**model_args)).to(device)
-    else:
-        raise SystemExit(f"config error: init_from must be 'scratch' or 'resume', got {init_from!r}")
+    else:  # fine-tune: the architecture and weights of another run, a fresh optimizer and schedule from step 0
+        ckpt = load_checkpoint(init_from, device)
+        if ckpt["model_args"]["vocab_size"] != vocab_size:
+            raise SystemExit(f"vocab mismatch: {init_from} has {ckpt['model_args']['vocab_size']} tokens but dataset "
+                             f"{dataset} has {vocab_size}; fine-tune on data made with the same tokenizer")
+        model_args = dict(ckpt["model_args"], **{k: config[k] for k in RUNTIME_KEYS})
+        model = model_from_checkpoint(ckpt, device, **model_args)
+        say(f"fine-tuning {init_from} (trained {ckpt['iter_num']} iterations)")
+        ckpt = None
 except ValueError as e:
     raise SystemExit(f"config error: {e}") from None
 gptconf = model.config
@@ -295,8 +305,8 @@ while True:
     loss_sum = torch.zeros((), device=device)
     for m in range(local_micro_steps):
         micro = m * world_size + rank  # this rank's share of the step's micro-batches
-        X, Y = get_batch(train_parts, random_windows(train_parts, batch_size, block_size, seed, iter_num, micro),
-                         block_size, device)
+        locs = random_windows(train_parts, batch_size, block_size, seed, iter_num, micro, window_align)
+        X, Y = get_batch(train_parts, locs, block_size, device)
         if ddp:  # average gradients across ranks only once, after the last micro-batch
             model.require_backward_grad_sync = m == local_micro_steps - 1
         with ctx:
