@@ -91,32 +91,37 @@ def _row_n(pos_offset, Tq, like):
 CHUNK_ELEMENTS = 2**21  # score-matrix elements per chunk: measured fastest on CPU (fits in cache, no mmap churn)
 
 
-def _attn_math(q, k, v, var, p, pos_offset, chunk):
-    """Exact reference: queries in chunks of at most `chunk` rows (fewer when B*H*Tk is large), each against only
-    the keys it can see, so memory is O(chunk x Tk), never O(T^2), and a causal pass does half the work.
-    Scores and weights are fp32 (fp64 for fp64 inputs) also under bf16 autocast: the p-th power of the
-    re-weighting amplifies score errors ~p-fold."""
+def _weight_chunks(q, k, var, p, pos_offset, chunk):
+    """The attention weights (both stages) of chunks of at most `chunk` query rows (fewer when B*H*Tk is large),
+    each against only the keys it can see: yields (first row, keys seen, w of shape (B, H, rows, keys)).
+    Memory is O(chunk x Tk), never O(T^2), and a causal pass does half the work. Scores and weights are fp32
+    (fp64 for fp64 inputs); callers run it with autocast off, as the p-th power of the re-weighting amplifies
+    score errors ~p-fold."""
     B, H, Tq, d = q.shape
     rows = max(1, min(chunk, CHUNK_ELEMENTS // (B * H * k.shape[2])))
     n_all = _row_n(pos_offset, Tq, q)
     q, kt = q.to(n_all.dtype), k.to(n_all.dtype).transpose(-2, -1)
-    outs = []
+    for c0 in range(0, Tq, rows):
+        n = n_all[c0:c0 + rows]
+        tk = pos_offset + c0 + n.shape[0]  # keys beyond the chunk's last query are masked anyway: skip them
+        visible = torch.arange(tk, device=q.device).view(1, tk) <= (n - 1)  # key j visible to row i iff j <= i
+        s = (q[:, :, c0:c0 + rows] @ kt[..., :tk]) * var.scale(n, d)
+        logw = s if var.logw is None else var.logw(s, n)
+        logw = logw.masked_fill(~visible, float("-inf"))  # multiplicative mask: weight exactly 0
+        if var.normalise:
+            w = torch.softmax(logw, dim=-1)  # = w_ij / sum_j w_ij computed stably (row 0 always sees itself)
+        else:
+            w = torch.exp(logw)
+        if p > 0:
+            w = _reweight(w, n, p, pos_offset + c0)
+        yield c0, tk, w
+
+
+def _attn_math(q, k, v, var, p, pos_offset, chunk):
+    """Exact reference backend: the weights chunk by chunk, times v."""
     with torch.autocast(q.device.type, enabled=False):
-        for c0 in range(0, Tq, rows):
-            n = n_all[c0:c0 + rows]
-            tk = pos_offset + c0 + n.shape[0]  # keys beyond the chunk's last query are masked anyway: skip them
-            visible = torch.arange(tk, device=q.device).view(1, tk) <= (n - 1)  # key j visible to row i iff j <= i
-            s = (q[:, :, c0:c0 + rows] @ kt[..., :tk]) * var.scale(n, d)
-            logw = s if var.logw is None else var.logw(s, n)
-            logw = logw.masked_fill(~visible, float("-inf"))  # multiplicative mask: weight exactly 0
-            if var.normalise:
-                w = torch.softmax(logw, dim=-1)  # = w_ij / sum_j w_ij computed stably (row 0 always sees itself)
-            else:
-                w = torch.exp(logw)
-            if p > 0:
-                w = _reweight(w, n, p, pos_offset + c0)
-            outs.append(w.to(v.dtype) @ v[:, :, :tk])
-    return torch.cat(outs, dim=2)
+        return torch.cat([w.to(v.dtype) @ v[:, :, :tk] for _, tk, w in _weight_chunks(q, k, var, p, pos_offset, chunk)],
+                         dim=2)
 
 
 def _reweight(A, n, p, row0):
@@ -148,13 +153,8 @@ def _attn_sdpa(q, k, v, var, pos_offset):
 ATTN_BACKENDS = ("auto", "math", "sdpa")
 
 
-def causal_attention(q, k, v, attn, reweight_p=0.0, pos_offset=None, backend="auto", chunk=256):
-    """Causal attention of the last Tq positions over Tk keys.
-
-    q: (B, H, Tq, d), k, v: (B, H, Tk, d), after RoPE. Key j sits at absolute position j; query t at
-    pos_offset + t (default Tk - Tq: the queries are the last Tq positions), and sees keys j <= its position;
-    N = its position + 1. The same call serves a full forward (Tq = Tk) and KV-cache decoding (Tq < Tk).
-    """
+def _prepare(q, k, attn, reweight_p, pos_offset):
+    """Validate the call and apply QK-norm; returns (q, k, variant, p, pos_offset)."""
     name, p = resolve_attn(attn, reweight_p)
     var = ATTN_VARIANTS[name]
     Tq, Tk = q.shape[2], k.shape[2]
@@ -164,6 +164,17 @@ def causal_attention(q, k, v, attn, reweight_p=0.0, pos_offset=None, backend="au
     if var.qk_norm:  # in fp32 at least: a bf16 cosine is off by ~4e-3, i.e. ~0.1 in a score scaled by log(d)log(N)
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         q, k = F.normalize(q.to(acc), dim=-1), F.normalize(k.to(acc), dim=-1)
+    return q, k, var, p, pos_offset
+
+
+def causal_attention(q, k, v, attn, reweight_p=0.0, pos_offset=None, backend="auto", chunk=256):
+    """Causal attention of the last Tq positions over Tk keys.
+
+    q: (B, H, Tq, d), k, v: (B, H, Tk, d), after RoPE. Key j sits at absolute position j; query t at
+    pos_offset + t (default Tk - Tq: the queries are the last Tq positions), and sees keys j <= its position;
+    N = its position + 1. The same call serves a full forward (Tq = Tk) and KV-cache decoding (Tq < Tk).
+    """
+    q, k, var, p, pos_offset = _prepare(q, k, attn, reweight_p, pos_offset)
     if backend not in ATTN_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
     sdpa_ok = var.logw is None and var.normalise and p == 0
@@ -173,6 +184,20 @@ def causal_attention(q, k, v, attn, reweight_p=0.0, pos_offset=None, backend="au
     if backend == "sdpa" or (backend == "auto" and sdpa_ok):
         return _attn_sdpa(q, k, v, var, pos_offset)
     return _attn_math(q, k, v, var, p, pos_offset, chunk)
+
+
+@torch.no_grad()
+def attention_weights(q, k, attn, reweight_p=0.0, pos_offset=None, chunk=256):
+    """The weights causal_attention uses (after both stages), chunk by chunk, for diagnostics: yields
+    (first query row, w) with w of shape (B, H, rows, keys seen by the chunk); never a full T x T matrix."""
+    q, k, var, p, pos_offset = _prepare(q, k, attn, reweight_p, pos_offset)
+    chunks = _weight_chunks(q, k, var, p, pos_offset, chunk)
+    while True:
+        with torch.autocast(q.device.type, enabled=False):  # per chunk: the caller's autocast state stays its own
+            item = next(chunks, None)
+        if item is None:
+            return
+        yield item[0], item[2]
 
 
 # -----------------------------------------------------------------------------

@@ -1,0 +1,185 @@
+"""
+Attention diagnostics vs context length: how sharp each head's rows are, how much weight goes to the first
+token (the attention sink), and how many weights are exactly zero (LSSAR's ReLU makes rows sparse).
+
+    python diagnose.py --ckpts=out-shakespeare-char-softmax,out-shakespeare-char-lssa,out-shakespeare-char-lssar
+
+For each checkpoint and length L (1x..16x its block_size), a few validation windows of L tokens go through the
+model; in every layer the attention weights of the LAST block_size query rows (the rows that sit at ~L tokens
+of context) are computed chunk by chunk with model.attention_weights (the same code as the forward pass; never
+a full T x T matrix) and summarised per layer and head:
+  entropy  - mean over rows of -sum_j w_ij log w_ij (nats); log(N) would be uniform over N keys
+  sink     - mean weight on key 0
+  zeros    - fraction of the visible weights that are exactly 0
+  max      - mean of each row's largest weight
+Unnormalised kinds (sigmoid, relu) are summarised on their rows divided by the row sum (entropy, sink, max).
+Writes <out>.json (per layer and head) and <out>.png (means over layers and heads vs length).
+"""
+
+import json
+import os
+import sys
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+import model as model_module
+from common import load_checkpoint, load_stream, model_from_checkpoint, pick_device
+from configurator import configure
+from eval_length import eval_lengths, parse_list
+from model import attention_weights, resolve_attn
+
+# -----------------------------------------------------------------------------
+ckpts = ""
+multipliers = "1,2,4,8,16"
+lengths = ""
+windows = 4              # validation windows per length
+rows = 0                 # query rows summarised at the end of each window; 0 = the checkpoint's block_size
+out = "results/diagnostics"
+device = "auto"
+# -----------------------------------------------------------------------------
+STATS = ("entropy", "sink", "zeros", "max")
+
+
+def row_stats(w, first_row, pos_offset):
+    """Sums over rows of each statistic, per head: w (B, H, rows, keys) of the rows starting at first_row."""
+    n_rows = w.shape[2]
+    visible = (torch.arange(w.shape[3]).view(1, -1) <= torch.arange(n_rows).view(-1, 1) + pos_offset + first_row)
+    total = w.sum(-1, keepdim=True)
+    a = w / total.clamp_min(torch.finfo(w.dtype).tiny)  # rows as distributions (a no-op for normalised kinds)
+    ent = -(a * torch.log(a.clamp_min(torch.finfo(w.dtype).tiny))).sum(-1)
+    zeros = ((w == 0) & visible).sum(-1).to(w.dtype)
+    return {
+        "entropy": ent.sum((0, 2)), "sink": a[..., 0].sum((0, 2)), "max": a.amax(-1).sum((0, 2)),
+        "zeros": zeros.sum((0, 2)), "visible": visible.sum().to(w.dtype) * w.shape[0], "rows": w.shape[0] * n_rows,
+    }
+
+
+@torch.no_grad()
+def stats_at_length(model, val, L, n_windows, n_rows, dev, pbar=None):
+    """Per layer and head, the statistics of the last n_rows query rows of n_windows windows of L tokens."""
+    cfg = model.config
+    m = min(n_rows, L)
+    acc = [None] * cfg.n_layer
+    calls = iter(range(cfg.n_layer * n_windows))
+    original = model_module.causal_attention
+
+    def capture(q, k, v, *args, **kwargs):  # each layer's attention call: summarise its weights, then run as usual
+        i = next(calls) % cfg.n_layer
+        for c0, w in attention_weights(q[:, :, -m:], k, cfg.attn, cfg.reweight_p, pos_offset=L - m, chunk=cfg.attn_chunk):
+            s = row_stats(w.double().cpu(), c0, L - m)
+            acc[i] = s if acc[i] is None else {key: acc[i][key] + s[key] for key in s}
+        return original(q, k, v, *args, **kwargs)
+
+    model_module.causal_attention = capture  # CausalSelfAttention looks the function up at every call
+    try:
+        for wi in range(n_windows):
+            model(torch.from_numpy(val[wi * L:(wi + 1) * L].astype(np.int64))[None].to(dev))
+            if pbar is not None:
+                pbar.update(L)
+    finally:
+        model_module.causal_attention = original
+    return [{key: (a[key] / (a["visible"] if key == "zeros" else a["rows"])).tolist() for key in STATS} for a in acc]
+
+
+def diagnose_checkpoint(ck, lens, n_windows, n_rows, dev, pbar=None):
+    model = model_from_checkpoint(ck, dev).eval()
+    val = load_stream(ck["config"]["dataset"], "val", ck["config"].get("data_dir", ""))
+    out = {}
+    for L in lens:
+        if L * n_windows + 1 > len(val):
+            raise SystemExit(f"diagnose error: {n_windows} windows of {L} tokens need {L * n_windows + 1} validation "
+                             f"tokens, the split has {len(val)}; lower --windows or the lengths")
+        out[L] = stats_at_length(model, val, L, n_windows, n_rows, dev, pbar)
+    return out
+
+
+def diagnose(ckpt_dirs, multipliers_arg="1,2,4,8,16", lengths_arg="", n_windows=4, n_rows=0, device_arg="auto"):
+    dev = pick_device(device_arg)
+    loaded = {d: load_checkpoint(d, dev) for d in ckpt_dirs}
+    plans = {}
+    for d, ck in loaded.items():
+        margs = ck["model_args"]
+        lens = eval_lengths(margs["block_size"], lengths_arg, multipliers_arg)
+        if margs.get("pos") == "learned" and max(lens) > margs["block_size"]:
+            raise SystemExit(f"diagnose error: {d} uses learned position embeddings, which stop at block_size="
+                             f"{margs['block_size']}; use --lengths up to {margs['block_size']}")
+        plans[d] = lens
+    labels = [os.path.basename(os.path.normpath(d)).removeprefix("out-") for d in ckpt_dirs]
+    common_prefix = os.path.commonprefix(labels) if len(labels) > 1 else ""
+    common_prefix = common_prefix[:common_prefix.rfind("-") + 1]  # out-shakespeare-char-lssa -> lssa
+    runs = []
+    total = sum(sum(lens) * n_windows for lens in plans.values())
+    with tqdm(total=total, unit="tok", unit_scale=True, desc="diagnose", file=sys.stderr) as pbar:
+        for d, ck in loaded.items():
+            margs = ck["model_args"]
+            name, p = resolve_attn(margs["attn"], margs.get("reweight_p", 0.0))
+            res = diagnose_checkpoint(ck, plans[d], n_windows, n_rows or margs["block_size"], dev, pbar)
+            runs.append({"label": labels[len(runs)].removeprefix(common_prefix), "ckpt": d, "attn": name,
+                         "reweight_p": p, "block_size": margs["block_size"],
+                         "lengths": [{"length": L, "multiplier": L / margs["block_size"], "layers": res[L]}
+                                     for L in plans[d]]})
+    protocol = {"windows": n_windows, "rows": n_rows or "block_size", "data": "the first windows of val.bin",
+                "stats": "per layer and head, averaged over the last `rows` query rows of each window"}
+    return {"protocol": protocol, "runs": runs}
+
+
+def mean_stat(length_entry, key):
+    return float(np.mean([np.mean(layer[key]) for layer in length_entry["layers"]]))
+
+
+def plot(res, out_prefix):
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    titles = {"entropy": "row entropy (nats)", "sink": "weight on the first token", "zeros": "fraction of exact zeros",
+              "max": "largest weight in a row"}
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
+    for ax, key in zip(axes.flat, STATS, strict=True):
+        for i, r in enumerate(res["runs"]):
+            xs = [x["length"] for x in r["lengths"]]
+            ax.plot(xs, [mean_stat(x, key) for x in r["lengths"]], marker="o", color=f"C{i}", label=r["label"])
+        if key == "entropy":
+            xs = sorted({x["length"] for r in res["runs"] for x in r["lengths"]})
+            ax.plot(xs, np.log(xs), color="gray", linestyle="--", linewidth=1, label="uniform over all keys (log N)")
+        for bs in sorted({r["block_size"] for r in res["runs"]}):
+            ax.axvline(bs, color="gray", linestyle=":", linewidth=1)
+        ax.set_xscale("log", base=2)
+        ax.set(xlabel="context length (tokens)", title=titles[key])
+        ax.grid(alpha=0.3)
+    axes.flat[0].legend(fontsize=7)
+    fig.suptitle("Attention at the end of windows of growing length (means over layers and heads)")
+    fig.tight_layout()
+    fig.savefig(out_prefix + ".png", dpi=110)
+    plt.close(fig)
+    return out_prefix + ".png"
+
+
+def table(res):
+    lines = []
+    for key in STATS:
+        lens = sorted({x["length"] for r in res["runs"] for x in r["lengths"]})
+        lines.append(f"{key:<28}" + "".join(f"{L:>9}" for L in lens))
+        for r in res["runs"]:
+            by = {x["length"]: mean_stat(x, key) for x in r["lengths"]}
+            lines.append(f"  {r['label']:<26}" + "".join(f"{by[L]:9.4f}" if L in by else " " * 9 for L in lens))
+    return "\n".join(lines)
+
+
+def main():
+    configure(globals())
+    if not ckpts:
+        raise SystemExit("diagnose error: pass --ckpts=DIR[,DIR...] (out_dirs of trained runs)")
+    res = diagnose(parse_list(ckpts), multipliers, lengths, windows, rows, device)
+    res["command"] = "python " + " ".join(sys.argv)
+    print(table(res))
+    os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+    with open(out + ".json", "w") as f:
+        json.dump(res, f, indent=1)
+    print(f"wrote {out}.json\nwrote {plot(res, out)}")
+
+
+if __name__ == "__main__":
+    main()

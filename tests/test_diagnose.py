@@ -1,0 +1,76 @@
+"""Attention diagnostics: model.attention_weights gives exactly the weights of causal_attention (checked
+against the float64 oracle), the row statistics are right on hand-made rows, and diagnose.py runs end to end."""
+
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+from test_attention import CASE_IDS, CASES, make_qkv, oracle_weights
+from test_eval_length import make_run
+
+import model as model_module
+from conftest import ROOT
+from diagnose import diagnose, row_stats
+from model import attention_weights, causal_attention
+
+
+@pytest.mark.parametrize("attn,p", CASES, ids=CASE_IDS)
+def test_attention_weights_are_the_forward_weights(attn, p):
+    q, k, v = make_qkv(2, 3, 40, 50, 8, seed=5)
+    chunks = list(attention_weights(q, k, attn, p, pos_offset=10, chunk=7))
+    assert [c0 for c0, _ in chunks] == list(range(0, 40, 7))
+    w = torch.zeros(2, 3, 40, 50, dtype=torch.float64)
+    for c0, wc in chunks:
+        w[:, :, c0:c0 + wc.shape[2], :wc.shape[3]] = wc
+    torch.testing.assert_close(w, oracle_weights(q, k, attn, p, pos_offset=10), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w @ v, causal_attention(q, k, v, attn, p, pos_offset=10), rtol=1e-10, atol=1e-12)
+
+
+def test_row_stats_by_hand():
+    w = torch.zeros(1, 2, 2, 4, dtype=torch.float64)
+    w[0, 0, 0, :3] = 1 / 3  # head 0, row at position 2 (sees keys 0..2): uniform
+    w[0, 0, 1, :] = 0.25   # row at position 3: uniform over 4
+    w[0, 1, 0, 0] = 1.0    # head 1: all on the first token, then all on the last
+    w[0, 1, 1, 3] = 1.0
+    s = row_stats(w, first_row=0, pos_offset=2)
+    torch.testing.assert_close(s["entropy"], torch.tensor([math.log(3) + math.log(4), 0.0], dtype=torch.float64))
+    torch.testing.assert_close(s["sink"], torch.tensor([1 / 3 + 1 / 4, 1.0], dtype=torch.float64))
+    torch.testing.assert_close(s["zeros"], torch.tensor([0.0, 2 + 3], dtype=torch.float64))  # of 3 + 4 visible
+    assert s["visible"] == 7 and s["rows"] == 2
+
+
+def test_diagnose_end_to_end(tmp_path):
+    lssar, _ = make_run(tmp_path, name="lssar", attn="lssar")
+    soft, _ = make_run(tmp_path, name="soft", attn="softmax")
+    original = model_module.causal_attention
+    res = diagnose([lssar, soft], "1,4", n_windows=2)
+    assert model_module.causal_attention is original  # the capture is undone
+    r_lssar, r_soft = res["runs"]
+    assert r_lssar["label"] == "lssar" and r_soft["label"] == "soft" and r_lssar["reweight_p"] == 15
+    for r in res["runs"]:
+        assert [x["length"] for x in r["lengths"]] == [8, 32]
+        for x in r["lengths"]:
+            assert len(x["layers"]) == 2 and all(len(layer["entropy"]) == 2 for layer in x["layers"])
+            for layer in x["layers"]:
+                assert all(0 <= e <= math.log(x["length"]) + 1e-9 for e in layer["entropy"])
+                assert all(0 < m <= 1 for m in layer["max"])
+    assert all(z == 0 for x in r_soft["lengths"] for layer in x["layers"] for z in layer["zeros"])
+    assert any(z > 0 for x in r_lssar["lengths"] for layer in x["layers"] for z in layer["zeros"])
+    learned, _ = make_run(tmp_path, name="learned", pos="learned")
+    with pytest.raises(SystemExit, match="learned position embeddings"):
+        diagnose([learned], "1,2")
+
+
+def test_cli(tmp_path):
+    d, _ = make_run(tmp_path, name="run", attn="lssa")
+    out = tmp_path / "res" / "diag"
+    r = subprocess.run([sys.executable, "diagnose.py", f"--ckpts={d}", "--multipliers=1,2", "--windows=2",
+                        f"--out={out}", "--device=cpu"], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    res = json.loads((tmp_path / "res" / "diag.json").read_text())
+    assert res["command"].startswith("python diagnose.py") and len(res["runs"]) == 1
+    assert (tmp_path / "res" / "diag.png").read_bytes()[:4] == b"\x89PNG"
+    assert "entropy" in r.stdout
