@@ -27,7 +27,7 @@ from tqdm import tqdm
 import model as model_module
 from common import load_checkpoint, load_stream, model_from_checkpoint, pick_device
 from configurator import configure
-from eval_length import eval_lengths, parse_list
+from eval_length import checkpoint_lengths, parse_list
 from model import attention_weights, resolve_attn
 
 # -----------------------------------------------------------------------------
@@ -100,12 +100,7 @@ def diagnose(ckpt_dirs, multipliers_arg="1,2,4,8,16", lengths_arg="", n_windows=
     loaded = {d: load_checkpoint(d, dev) for d in ckpt_dirs}
     plans = {}
     for d, ck in loaded.items():
-        margs = ck["model_args"]
-        lens = eval_lengths(margs["block_size"], lengths_arg, multipliers_arg)
-        if margs.get("pos") == "learned" and max(lens) > margs["block_size"]:
-            raise SystemExit(f"diagnose error: {d} uses learned position embeddings, which stop at block_size="
-                             f"{margs['block_size']}; use --lengths up to {margs['block_size']}")
-        plans[d] = lens
+        plans[d] = checkpoint_lengths(d, ck["model_args"], lengths_arg, multipliers_arg)
     labels = [os.path.basename(os.path.normpath(d)).removeprefix("out-") for d in ckpt_dirs]
     common_prefix = os.path.commonprefix(labels) if len(labels) > 1 else ""
     common_prefix = common_prefix[:common_prefix.rfind("-") + 1]  # out-shakespeare-char-lssa -> lssa

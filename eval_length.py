@@ -59,6 +59,17 @@ def eval_lengths(block_size, lengths_arg="", multipliers_arg="1,2,4,8,16"):
     return sorted({int(round(block_size * m)) for m in parse_list(multipliers_arg, float)})
 
 
+def checkpoint_lengths(ckpt_dir, margs, lengths_arg="", multipliers_arg="1,2,4,8,16"):
+    """The lengths to evaluate a checkpoint at; a learned-position model asked to go past its block_size is a
+    one-line error (shared by eval_length.py, diagnose.py and eval_passkey.py)."""
+    lens = eval_lengths(margs["block_size"], lengths_arg, multipliers_arg)
+    if margs.get("pos") == "learned" and max(lens) > margs["block_size"]:
+        raise SystemExit(f"eval error: {ckpt_dir} uses learned position embeddings, which stop at block_size="
+                         f"{margs['block_size']}; evaluate it with --lengths up to {margs['block_size']} "
+                         "or train with pos='rope'")
+    return lens
+
+
 def token_budget(n_val, lens, requested=0, stride_=0):
     """Tokens scored at every length: the same prefix of val.bin at each one. Non-overlapping windows need
     the budget to be a whole number of windows of every length; it then ends 1 token early for the targets."""
@@ -137,11 +148,7 @@ def evaluate(specs, multipliers_arg="1,2,4,8,16", lengths_arg="", tokens_arg=0, 
             loaded[d] = load_checkpoint(d, dev)
         ck = loaded[d]
         cfg, margs = ck["config"], ck["model_args"]
-        lens = eval_lengths(margs["block_size"], lengths_arg, multipliers_arg)
-        if margs.get("pos") == "learned" and max(lens) > margs["block_size"]:
-            raise SystemExit(f"eval error: {d} uses learned position embeddings, which stop at block_size="
-                             f"{margs['block_size']}; evaluate it with --lengths up to {margs['block_size']} "
-                             "or train with pos='rope'")
+        lens = checkpoint_lengths(d, margs, lengths_arg, multipliers_arg)
         val = load_stream(cfg["dataset"], "val", cfg.get("data_dir", ""))
         budget = token_budget(len(val), lens, tokens_arg, stride_arg)
         top = int(val[:budget + 1].max())
