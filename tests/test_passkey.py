@@ -1,0 +1,203 @@
+"""Passkey retrieval: the template (one place, shared by the data script and the evaluation), the fine-tuning
+data made from Tiny Shakespeare, the accuracy bookkeeping on stand-in models that solve or fail the task by
+construction, and eval_passkey.py's command line on a tiny trained checkpoint."""
+
+import csv
+import json
+import os
+import pickle
+import re
+from contextlib import nullcontext
+
+import numpy as np
+import pytest
+import torch
+
+from common import get_tokenizer, save_checkpoint
+from conftest import SHARED, run
+from eval_passkey import (
+    FILLER_SENTENCE,
+    evaluate,
+    make_trials,
+    passkey_example,
+    passkey_template,
+    score,
+)
+from model import GPT, GPTConfig
+
+TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=4", "--eval_iters=1", "--eval_interval=2",
+        "--log_interval=1", "--warmup_iters=1", "--max_iters=2", "--device=cpu"]
+EXAMPLE = re.compile(r"^(.*) KEY IS ([A-Z]{5})\. (.*) KEY\? \2$", re.S)
+
+
+@pytest.fixture(scope="module")
+def meta(char_data):
+    with open(char_data / "meta.pkl", "rb") as f:
+        return pickle.load(f)
+
+
+@pytest.fixture(scope="module")
+def passkey_data(char_data, tmp_path_factory):
+    """data/passkey_char/prepare.py run on the shared Tiny Shakespeare, at block_size 32, into a temp folder."""
+    out = tmp_path_factory.mktemp("passkey_char")
+    r = run("data/passkey_char/prepare.py", "--src", str(char_data), "--out_dir", str(out), "--block_size", "32",
+            "--n_train", "300", "--n_val", "20", "--seed", "3")
+    assert "300 train and 20 val examples of 33 tokens" in r.stdout
+    return out
+
+
+def test_template_round_trip(meta):
+    tpl = passkey_template(meta)
+    encode, decode = get_tokenizer(meta)
+    assert tpl.char_level and len(tpl.alphabet) == 26 and decode(list(tpl.alphabet)) == "ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+    filler, key = encode("to be, or not to be: that is the question"), encode("QZXKV")
+    F = len(filler)
+    for depth in (0, 0.25, 0.5, 1):
+        ids = passkey_example(tpl, filler, key, depth)
+        assert len(ids) == F + tpl.fixed_len(5) and ids[-5:] == key
+        cut = round(depth * F)
+        text = decode(filler)
+        assert decode(ids) == text[:cut] + " KEY IS QZXKV. " + text[cut:] + " KEY? QZXKV"
+        assert decode(ids).index(" KEY IS ") == cut  # depth 0: the very start; 1: just before the question
+    # the fixed part is compact enough to leave room for filler at the demo's 64 tokens
+    assert tpl.fixed_len(5) == 26
+
+
+def test_trials_are_deterministic_and_shared_across_depths(meta, char_data):
+    tpl = passkey_template(meta)
+    val = np.fromfile(char_data / "val.bin", dtype=np.uint16)
+    depths = [0.0, 0.5, 1.0]
+    prompts, keys = make_trials(tpl, val, 100, depths, 4, 5, seed_=7)
+    assert prompts.shape == (12, 95) and keys.shape == (12, 5)
+    again, keys2 = make_trials(tpl, val, 100, depths, 4, 5, seed_=7)
+    assert torch.equal(again, prompts) and torch.equal(keys2, keys)
+    assert not torch.equal(make_trials(tpl, val, 100, depths, 4, 5, seed_=8)[0], prompts)
+    decode = get_tokenizer(meta)[1]
+    for t in range(4):  # trial t: the same key and filler at every depth, only the key sentence moves
+        texts = [decode(prompts[i * 4 + t].tolist() + keys[i * 4 + t].tolist()) for i in range(3)]
+        parts = [EXAMPLE.match(s).groups() for s in texts]
+        assert len({p[1] for p in parts}) == 1 and len({p[0] + p[2] for p in parts}) == 1
+        assert [len(p[0]) for p in parts] == [0, 37, 74]  # 74 filler characters at length 100
+    # the repeated-sentence filler
+    rep = make_trials(tpl, get_tokenizer(meta)[0](FILLER_SENTENCE), 64, [0.0], 2, 5, seed_=1)[0]
+    assert decode(rep[0].tolist()).startswith(" KEY IS ") and "The grass is green." in decode(rep[0].tolist())
+
+
+def test_bpe_template_keys_are_one_token_per_digit():
+    if not os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
+        pytest.skip("no GPT-2 BPE files")
+    tpl = passkey_template(None)  # no meta.pkl: GPT-2 BPE
+    encode, decode = get_tokenizer(None)
+    key = [tpl.alphabet[d] for d in (4, 7, 1, 9, 2)]
+    ids = passkey_example(tpl, encode(" Once upon a time"), key, 1.0)
+    assert decode(ids) == " Once upon a time KEY IS 4 7 1 9 2. KEY? 4 7 1 9 2"
+    assert ids[-5:] == key and encode(" KEY? 4 7 1 9 2")[-5:] == key  # the key's canonical tokenisation
+
+
+class Copier(torch.nn.Module):
+    """Solves the task by construction: after the question, the next key letter is the one at the same offset
+    after the key sentence's marker (one-hot logits). `fail_after`: wrong (the next letter of the alphabet)
+    whenever the key sentence starts past that fraction of the prompt; `wrong`: always wrong."""
+
+    def __init__(self, tpl, vocab, wrong=False, fail_after=None):
+        super().__init__()
+        self.tpl, self.vocab, self.wrong, self.fail_after = tpl, vocab, wrong, fail_after
+
+    def forward(self, idx):
+        pre, q = list(self.tpl.pre), list(self.tpl.question)
+        logits = torch.zeros(idx.shape[0], idx.shape[1], self.vocab)
+        for b, seq in enumerate(idx.tolist()):
+            qpos = max(i for i in range(len(seq)) if seq[i:i + len(q)] == q)
+            kpos = next(i for i in range(qpos) if seq[i:i + len(pre)] == pre) + len(pre)
+            nxt = seq[kpos + len(seq) - qpos - len(q)]
+            if self.wrong or (self.fail_after is not None and kpos > self.fail_after * len(seq)):
+                al = self.tpl.alphabet
+                nxt = al[(al.index(nxt) + 1) % len(al)]
+            logits[b, -1, nxt] = 1.0
+        return logits, None
+
+    def generate(self, idx, n, temperature=0):
+        for _ in range(n):
+            idx = torch.cat([idx, self(idx)[0][:, -1].argmax(-1, keepdim=True)], dim=1)
+        return idx
+
+
+def test_accuracy_of_forced_models(meta, char_data):
+    tpl = passkey_template(meta)
+    val = np.fromfile(char_data / "val.bin", dtype=np.uint16)
+    decode = get_tokenizer(meta)[1]
+    depths = [0.0, 0.25, 0.75, 1.0]
+    trials = {L: make_trials(tpl, val, L, depths, 6, 5, seed_=0) for L in (64, 128)}
+
+    def acc(model):  # batch 7: batches that cut across depths and lengths
+        res = score(model, trials, depths, 64, decode, nullcontext(), "cpu", 7)
+        return {(x["length"], x["depth"]): (x["accuracy"], x["correct"], x["trials"]) for x in res}
+
+    assert set(acc(Copier(tpl, 65)).values()) == {(1.0, 6, 6)}
+    assert set(acc(Copier(tpl, 65, wrong=True)).values()) == {(0.0, 0, 6)}
+    half = acc(Copier(tpl, 65, fail_after=0.5))  # right when the key is early in the prompt: per-depth bookkeeping
+    assert all(half[L, d][0] == (1.0 if d < 0.5 else 0.0) for L, d in half)
+    res = score(Copier(tpl, 65, wrong=True), trials, depths, 64, decode, nullcontext(), "cpu", 20)
+    assert res[0]["token_accuracy"] == 0 and len(res[0]["wrong_examples"]) == 2
+    assert res[-1]["multiplier"] == 2.0
+
+
+def test_prepare(passkey_data, char_data, meta):
+    with open(passkey_data / "meta.pkl", "rb") as f:
+        pk_meta = pickle.load(f)
+    assert {k: pk_meta[k] for k in meta} == meta and pk_meta["passkey_src"] == str(char_data)  # same vocabulary
+    decode = get_tokenizer(meta)[1]
+    for split, n in (("train", 300), ("val", 20)):
+        data = np.fromfile(passkey_data / f"{split}.bin", dtype=np.uint16)
+        src = decode(np.fromfile(char_data / f"{split}.bin", dtype=np.uint16).tolist())
+        assert len(data) == n * 33
+        cuts = []
+        for ex in data.reshape(n, 33):
+            m = EXAMPLE.match(decode(ex.tolist()))
+            assert m, decode(ex.tolist())
+            assert m.group(1) + m.group(3) in src  # filler: one contiguous window of the same split
+            cuts.append(len(m.group(1)))
+        assert min(cuts) <= 1 and max(cuts) >= 5  # random depths over the 7 filler characters
+    r = run("data/passkey_char/prepare.py", "--src", str(passkey_data / "missing"), "--out_dir",
+            str(passkey_data / "x"), check=False)
+    assert r.returncode != 0 and "python data/shakespeare_char/prepare.py" in r.stderr
+    assert len(r.stderr.strip().splitlines()) == 1 and not (passkey_data / "x").exists()
+
+
+def test_cli_on_a_tiny_finetuned_checkpoint(passkey_data, char_data, tmp_path):
+    base, ft = tmp_path / "base", tmp_path / "ft"
+    run("train.py", f"--data_dir={char_data}", f"--out_dir={base}", "--block_size=32", *TINY)
+    r = run("train.py", "config/finetune_passkey_char.py", f"--data_dir={passkey_data}", f"--init_from={base}",
+            f"--out_dir={ft}", "--block_size=32", "--window_align=33", *TINY)
+    assert "fine-tuning" in r.stdout
+    out = tmp_path / "res" / "pk"
+    r = run("eval_passkey.py", f"--ckpts={base},{ft}", "--multipliers=1,2", "--depths=0,1", "--trials=3",
+            f"--out={out}", "--device=cpu")
+    assert "passkey accuracy (%)" in r.stdout and "protocol:" in r.stdout
+    res = json.loads((tmp_path / "res" / "pk.json").read_text())
+    assert res["command"].startswith("python eval_passkey.py") and len(res["runs"]) == 2
+    # the fine-tuned run reads its filler from the dataset its passkey data was made from, not its own val.bin
+    assert res["runs"][0]["filler"] == res["runs"][1]["filler"] == f"val: {char_data}"
+    with open(tmp_path / "res" / "pk.csv") as f:
+        rows = list(csv.DictReader(f))
+    assert len(rows) == 2 * 2 * 2 and list(rows[0]) == ["ckpt", "label", "length", "multiplier", "depth",
+                                                       "accuracy", "trials"]
+    assert {r["length"] for r in rows} == {"32", "64"} and all(0 <= float(r["accuracy"]) <= 1 for r in rows)
+    assert (tmp_path / "res" / "pk.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_errors(char_data, tmp_path):
+    args = dict(block_size=32, vocab_size=65, n_layer=1, n_head=2, n_embd=16, attn="softmax", pos="learned")
+    d = tmp_path / "learned"
+    d.mkdir()
+    save_checkpoint({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "iter_num": 0,
+                     "config": {"dataset": "shakespeare_char", "data_dir": str(char_data)}}, str(d / "ckpt.pt"))
+    with pytest.raises(SystemExit, match="learned position embeddings.*block_size=32"):
+        evaluate([str(d)], "1,2", n_trials=2, device_arg="cpu")
+    assert evaluate([str(d)], "1", depths_arg="0.5", n_trials=2, device_arg="cpu")["runs"][0]["results"][0]["trials"] == 2
+    with pytest.raises(SystemExit, match="length 16 is too short for the template"):
+        evaluate([str(d)], lengths_arg="16", n_trials=2, device_arg="cpu")
+    with pytest.raises(SystemExit, match="depths must be fractions"):
+        evaluate([str(d)], "1", depths_arg="0,2", device_arg="cpu")
+    r = run("eval_passkey.py", f"--ckpts={tmp_path / 'missing'}", "--device=cpu", check=False)
+    assert r.returncode != 0 and "checkpoint not found" in r.stderr
