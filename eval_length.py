@@ -194,11 +194,17 @@ def evaluate(specs, multipliers_arg="1,2,4,8,16", lengths_arg="", tokens_arg=0, 
     return {"protocol": protocol, "runs": runs}
 
 
-def write_results(res, out_prefix, command, make_plot=True):
+def save_json(res, out_prefix, command):
+    """<out_prefix>.json with the command that made it (the folder is created); returns what was written."""
     res = dict(res, command=command)
     os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
     with open(out_prefix + ".json", "w") as f:
         json.dump(res, f, indent=1)
+    return res
+
+
+def write_results(res, out_prefix, command, make_plot=True):
+    res = save_json(res, out_prefix, command)
     with open(out_prefix + ".csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["label", "ckpt", "attn", "reweight_p", "trained_reweight_p", "block_size", "length", "multiplier",

@@ -24,7 +24,6 @@ checkpoint: context length x depth).
 """
 
 import csv
-import json
 import os
 import sys
 import time
@@ -46,7 +45,7 @@ from common import (
     pick_device,
 )
 from configurator import configure
-from eval_length import checkpoint_lengths, parse_list
+from eval_length import checkpoint_lengths, parse_list, save_json
 from model import resolve_attn
 
 # -----------------------------------------------------------------------------
@@ -256,10 +255,7 @@ def evaluate(ckpt_dirs, multipliers_arg="1,2,4,8,16", lengths_arg="", depths_arg
 
 
 def write_results(res, out_prefix, command):
-    res = dict(res, command=command)
-    os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
-    with open(out_prefix + ".json", "w") as f:
-        json.dump(res, f, indent=1)
+    res = save_json(res, out_prefix, command)
     with open(out_prefix + ".csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["ckpt", "label", "length", "multiplier", "depth", "accuracy", "trials"])
