@@ -221,7 +221,7 @@ def evaluate(ckpt_dirs, multipliers_arg="1,2,4,8,16", lengths_arg="", depths_arg
         if top >= margs["vocab_size"]:
             raise SystemExit(f"eval error: vocab mismatch: {d} has {margs['vocab_size']} tokens but its filler holds "
                              f"token id {top}; use the filler of the dataset it was trained on")
-        jobs.append(dict(ckpt=d, ck=ck, lens=lens, trials=trials_by_len, filler=filler_desc,
+        jobs.append(dict(ckpt=d, ck=ck, lens=lens, trials=trials_by_len, filler=filler_desc, decode=get_tokenizer(meta)[1],
                          label=os.path.basename(os.path.normpath(d)).removeprefix("out-"), char_level=tpl.char_level))
     runs = []
     total = sum(len(p) for j in jobs for p, _ in j["trials"].values())
@@ -230,9 +230,9 @@ def evaluate(ckpt_dirs, multipliers_arg="1,2,4,8,16", lengths_arg="", depths_arg
             ck = j.pop("ck")
             margs = ck["model_args"]
             model = model_from_checkpoint(ck, dev).eval()
-            decode = get_tokenizer(load_meta(ck["config"]["dataset"], ck["config"].get("data_dir", "")))[1]
             pbar.set_postfix_str(j["label"])
-            results = score(model, j.pop("trials"), depth_list, margs["block_size"], decode, ctx, dev, batch_size, pbar)
+            results = score(model, j.pop("trials"), depth_list, margs["block_size"], j["decode"], ctx, dev, batch_size,
+                            pbar)
             attn, p = resolve_attn(margs.get("attn", "softmax"), margs.get("reweight_p", 0.0))  # lssar -> lssa, 15
             runs.append({"label": j["label"], "ckpt": j["ckpt"], "attn": attn, "reweight_p": p,
                          "pos": margs.get("pos", "rope"),
