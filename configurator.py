@@ -60,6 +60,8 @@ def configure(g, argv=None):
                     raise _unknown(k, keys, arg)
                 g[k] = _check(k, v, g[k], arg)
         else:
+            if "=" not in arg and isinstance(g.get(arg[2:]), bool):
+                arg += "=True"  # a bare --flag switches a boolean key on
             if "=" not in arg:
                 raise SystemExit(f"config error: write overrides as --key=value, got {arg!r}")
             key, val = arg[2:].split("=", 1)

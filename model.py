@@ -34,7 +34,8 @@ def _log_d_log_n(n, d):
 def log_softplus(s):
     # log(softplus(s)) without -inf: softplus(s) underflows for s << 0, where log(softplus(s)) = s + O(e^s).
     # The clamp keeps the unused branch finite so its gradient is not NaN.
-    return torch.where(s < -30.0, s, torch.log(F.softplus(s.clamp_min(-30.0))))
+    # (threshold 40, not the default 20: softplus(s) = s is off by e^-s, 2e-9 at s = 20, 4e-18 at 40)
+    return torch.where(s < -30.0, s, torch.log(F.softplus(s.clamp_min(-30.0), threshold=40.0)))
 
 
 def _log_relu(s):
@@ -48,14 +49,16 @@ class Variant:
     scale: object   # scale(N, d) -> multiplier of q.k for a query row with N visible keys
     logw: object    # logw(s, N) -> log of the (unnormalised) weight of scaled score s; None = identity (softmax)
     normalise: bool  # l1-normalise each row (sum_j weights = 1)
+    weight: object = None  # optional weight(s, N) = exp(logw(s, N)) computed directly (the math backend's fast path)
 
 
 ATTN_VARIANTS = {
     "softmax": Variant(False, _inv_sqrt_d, None, True),
-    "lssa": Variant(True, _log_d_log_n, lambda s, n: log_softplus(s), True),
+    "lssa": Variant(True, _log_d_log_n, lambda s, n: log_softplus(s), True, lambda s, n: F.softplus(s, threshold=40.0)),
     "ssmax": Variant(True, _log_d_log_n, None, True),
-    "sigmoid": Variant(False, _inv_sqrt_d, lambda s, n: F.logsigmoid(s - torch.log(n)), False),
-    "relu": Variant(False, _inv_sqrt_d, lambda s, n: _log_relu(s) - torch.log(n), False),
+    "sigmoid": Variant(False, _inv_sqrt_d, lambda s, n: F.logsigmoid(s - torch.log(n)), False,
+                       lambda s, n: torch.sigmoid(s - torch.log(n))),
+    "relu": Variant(False, _inv_sqrt_d, lambda s, n: _log_relu(s) - torch.log(n), False, lambda s, n: torch.relu(s) / n),
 }
 ATTN_ALIASES = {"lssar": ("lssa", 15.0)}  # name -> (variant, default reweight_p)
 ATTN_KINDS = sorted(ATTN_VARIANTS) + sorted(ATTN_ALIASES)
@@ -79,6 +82,12 @@ def resolve_attn(attn, reweight_p=0.0):
 
 # -----------------------------------------------------------------------------
 # the attention function and its backends
+#
+#   sdpa  softmax and SSMax through F.scaled_dot_product_attention (flash / memory-efficient kernels)
+#   math  every variant, exact, in chunks of query rows: O(rows x T) memory in the forward AND the backward
+#         (a custom autograd function recomputes each chunk), on any device; the reference
+#   flex  torch.compile(flex_attention) with a score_mod returning the log-weights; normalised variants only
+#   auto  the fastest exact one for the kind, device and whether gradients are needed (see _pick_backend)
 
 
 def _row_n(pos_offset, Tq, like):
@@ -91,51 +100,206 @@ def _row_n(pos_offset, Tq, like):
 CHUNK_ELEMENTS = 2**21  # score-matrix elements per chunk: measured fastest on CPU (fits in cache, no mmap churn)
 
 
-def _weight_chunks(q, k, var, p, pos_offset, chunk):
-    """The attention weights (both stages) of chunks of at most `chunk` query rows (fewer when B*H*Tk is large),
-    each against only the keys it can see: yields (first row, keys seen, w of shape (B, H, rows, keys)).
-    Memory is O(chunk x Tk), never O(T^2), and a causal pass does half the work. Scores and weights are fp32
-    (fp64 for fp64 inputs); callers run it with autocast off, as the p-th power of the re-weighting amplifies
-    score errors ~p-fold."""
-    B, H, Tq, d = q.shape
-    rows = max(1, min(chunk, CHUNK_ELEMENTS // (B * H * k.shape[2])))
-    n_all = _row_n(pos_offset, Tq, q)
-    q, kt = q.to(n_all.dtype), k.to(n_all.dtype).transpose(-2, -1)
-    for c0 in range(0, Tq, rows):
+def _chunk_rows(q, k, chunk):
+    B, H, _, _ = q.shape
+    return max(1, min(chunk, CHUNK_ELEMENTS // (B * H * k.shape[2])))
+
+
+def _direct_ok(var, d, n_max, dtype):
+    """Can the math backend use var.weight (e.g. softplus) instead of exp(logw - row max)? Always for unnormalised
+    kinds; for normalised ones only when no row can underflow to all zeros: QK-norm bounds |s| <= scale(N)."""
+    if var.weight is None:
+        return False
+    if not var.normalise:
+        return True
+    bound = float(var.scale(torch.tensor([[float(n_max)]], dtype=torch.float64), d)) if var.qk_norm else math.inf
+    return bound < (80.0 if dtype != torch.float64 else 700.0)  # softplus(-80) = 1.8e-35 > fp32 tiny
+
+
+def _stage1(s, var, n, direct):
+    """Weights up to a per-row factor (normalised kinds) or exactly (unnormalised); -inf scores give 0."""
+    if direct:
+        return var.weight(s, n)
+    logw = s if var.logw is None else var.logw(s, n)
+    m = logw.detach().amax(dim=-1, keepdim=True)
+    return torch.exp(logw - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
+
+
+def _chunk_scores(q, k, var, n, first, c0):
+    """Scaled scores of query rows c0 .. (absolute positions first ..) against the keys they can see, -inf on the
+    causal triangle; returns (s, per-row scale)."""
+    r = n.shape[0]
+    scale = var.scale(n, q.shape[-1])
+    s = (q[:, :, c0:c0 + r] * scale) @ k[:, :, :first + r].transpose(-2, -1)
+    # keys before `first` are visible to every row of the chunk: only the last r keys form a causal triangle
+    s[..., first:] += _causal_bias(r, s.dtype, s.device)
+    return s, scale
+
+
+_BIAS = {}
+
+
+def _causal_bias(r, dtype, device):
+    """(r, r) with -inf above the diagonal, 0 elsewhere: adding it is ~10x faster than masked_fill_ on a strided
+    view (measured on CPU) and leaves the visible scores bit-identical."""
+    key = (r, dtype, str(device))
+    if key not in _BIAS:
+        if len(_BIAS) > 64:
+            _BIAS.clear()
+        _BIAS[key] = torch.full((r, r), float("-inf"), dtype=dtype, device=device).triu_(1)
+    return _BIAS[key]
+
+
+def _powi(u, e, inplace=False):
+    """u ** e; for a whole e up to 64 by repeated squaring (~3x faster than pow's exp(e log u) on CPU).
+    inplace=True may overwrite u."""
+    if e != int(e) or not 1 <= e <= 64:
+        return u.pow_(e) if inplace else u.pow(e)
+    e, out, sq = int(e), None, u
+    while True:
+        if e & 1:
+            out = sq.clone() if out is None else out.mul_(sq)
+        e >>= 1
+        if not e:
+            return out
+        sq = sq.mul_(sq) if inplace else sq * sq
+
+
+def _row_logsumexp(q, k, var, pos_offset, rows):
+    """log sum_j exp(logw_ij) of every query row (B, H, Tq), chunk by chunk."""
+    n_all = _row_n(pos_offset, q.shape[2], q)
+    lse = []
+    for c0 in range(0, q.shape[2], rows):
         n = n_all[c0:c0 + rows]
-        tk = pos_offset + c0 + n.shape[0]  # keys beyond the chunk's last query are masked anyway: skip them
-        visible = torch.arange(tk, device=q.device).view(1, tk) <= (n - 1)  # key j visible to row i iff j <= i
-        s = (q[:, :, c0:c0 + rows] @ kt[..., :tk]) * var.scale(n, d)
-        logw = s if var.logw is None else var.logw(s, n)
-        logw = logw.masked_fill(~visible, float("-inf"))  # multiplicative mask: weight exactly 0
-        if var.normalise:
-            w = torch.softmax(logw, dim=-1)  # = w_ij / sum_j w_ij computed stably (row 0 always sees itself)
-        else:
-            w = torch.exp(logw)
+        s, _ = _chunk_scores(q, k, var, n, pos_offset + c0, c0)
+        lse.append(torch.logsumexp(s if var.logw is None else var.logw(s, n), dim=-1))
+    return torch.cat(lse, dim=-1)
+
+
+def _chunk(q, k, var, p, n_all, pos_offset, c0, rows, direct, grad=False):
+    """Both stages for query rows c0 .. c0+rows-1 against the keys they can see (0 .. tk-1). Returns
+    (tk, s, phi, u, st): the final weights are w = u * st['f'], with u = phi (no re-weighting) or
+    u = ReLU(x / max_j x)^p, x = N_i phi_ij / S_i - O_i (re-weighting), and f a per-row factor (1, 1/S or 1/Z),
+    so the row factors are applied to the small (rows x d) outputs, not to the (rows x T) weights.
+    (x / max x)^p cannot overflow at p = 15 and leaves A' = R / sum R exact; a row with no x > 0 (exactly
+    uniform A) gets weights 0 and so a zero output. With grad=True, phi carries the graph of stage 1 from s."""
+    n = n_all[c0:c0 + rows]
+    r = n.shape[0]
+    first = pos_offset + c0
+    s, scale = _chunk_scores(q, k, var, n, first, c0)
+    if grad:
+        s.requires_grad_(True)
+    with torch.set_grad_enabled(grad):
+        phi = _stage1(s, var, n, direct)
+    u = phi.detach()
+    st = {"scale": scale, "f": torch.ones_like(n)}
+    if var.normalise:
+        S = u.sum(dim=-1, keepdim=True)
+        st["S"] = S
+        st["f"] = 1.0 / S
         if p > 0:
-            w = _reweight(w, n, p, pos_offset + c0)
-        yield c0, tk, w
+            O = (torch.arange(first, first + r, device=s.device) >= REWEIGHT_EXEMPT_ROWS).to(n.dtype).view(r, 1)
+            xm = u.amax(dim=-1, keepdim=True) * (n / S) - O  # max_j x_ij: x is increasing in phi_ij
+            inv = torch.where(xm > 0, 1.0 / xm.clamp_min(torch.finfo(n.dtype).tiny), 0.0)
+            st["a"] = a = (n / S) * inv
+            if grad:  # keep phi and u^(p-1) for the backward
+                u = torch.addcmul(-O * inv, u, a).clamp_min_(0.0)  # x / max x, then ReLU
+                st["du"] = du = _powi(u, p - 1) if p > 1 else torch.where(u > 0, u.pow(p - 1), 0.0)
+                u = u.mul_(du)  # u^p
+            else:  # the same in place (phi is not needed again): fewer large allocations
+                u = _powi(u.mul_(a).sub_(O * inv).clamp_min_(0.0), p, inplace=True)
+            st["Z"] = Z = u.sum(dim=-1, keepdim=True)
+            st["f"] = 1.0 / Z.clamp_min(torch.finfo(n.dtype).tiny)
+    return first + r, s, phi, u, st
+
+
+KEEP_ELEMENTS = 2**24  # the math backward reuses the forward's chunk tensors while they total <= this (64 MB fp32)
+
+
+def _math_forward(q, k, v, var, p, pos_offset, rows, keep=None):
+    """q, k, v in the accumulation dtype (fp32 or fp64); returns the output in that dtype. With a list `keep`,
+    the chunks are computed with stage 1's graph and appended to it for the backward."""
+    n_all = _row_n(pos_offset, q.shape[2], q)
+    direct = _direct_ok(var, q.shape[-1], pos_offset + q.shape[2], q.dtype)
+    out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=v.dtype, device=v.device)
+    for c0 in range(0, q.shape[2], rows):
+        chunk = _chunk(q, k, var, p, n_all, pos_offset, c0, rows, direct, grad=keep is not None)
+        tk, _, _, u, st = chunk
+        torch.mul(u @ v[:, :, :tk], st["f"], out=out[:, :, c0:c0 + rows])
+        if keep is not None:
+            keep.append(chunk)
+    return out
+
+
+class _MathAttention(torch.autograd.Function):
+    """The math backend with a memory-lean backward: the backward applies the derivative of stage 2
+    (normalisation, re-weighting) by hand and that of the elementwise stage 1 by autograd on each chunk.
+    Long inputs save only q, k, v and the output and recompute each chunk's weights in the backward, so training
+    memory is O(rows x T) per layer, as in the forward; short ones (chunk tensors totalling <= KEEP_ELEMENTS)
+    keep the forward's chunks instead: memory bounded by that constant, and measured ~10% faster per demo train
+    step on CPU, where softplus alone costs as much as a matmul."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, var, p, pos_offset, rows):
+        B, H, Tq, _ = q.shape
+        per_row = B * H * k.shape[2] * (2 if p == 0 else 4)  # s and phi (+ R and u^(p-1) when re-weighting)
+        ctx.kept = [] if Tq * per_row <= KEEP_ELEMENTS else None
+        out = _math_forward(q, k, v, var, p, pos_offset, rows, keep=ctx.kept)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.args = (var, p, pos_offset, rows)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        with torch.autocast(dout.device.type, enabled=False):
+            return _MathAttention._backward(ctx, dout)
+
+    @staticmethod
+    def _backward(ctx, dout):
+        q, k, v, out = ctx.saved_tensors
+        var, p, pos_offset, rows = ctx.args
+        n_all = _row_n(pos_offset, q.shape[2], q)
+        direct = _direct_ok(var, q.shape[-1], pos_offset + q.shape[2], q.dtype)
+        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
+        dout = dout.to(v.dtype)
+        delta = (dout * out).sum(dim=-1, keepdim=True)  # sum_j w_ij dL/dw_ij = dout_i . out_i (as in FlashAttention)
+        kept, ctx.kept = ctx.kept, None
+        for i, c0 in enumerate(range(0, q.shape[2], rows)):
+            if kept:
+                tk, s, phi, u, st = kept[i]
+                kept[i] = None  # free each chunk as soon as it is used
+            else:
+                tk, s, phi, u, st = _chunk(q, k, var, p, n_all, pos_offset, c0, rows, direct, grad=True)
+            sl = slice(c0, c0 + u.shape[-2])
+            do = dout[:, :, sl]
+            dv[:, :, :tk] += u.transpose(-2, -1) @ (do * st["f"])
+            g = do @ v[:, :, :tk].transpose(-2, -1)  # dL/dw
+            if var.normalise:
+                g.sub_(delta[:, :, sl])  # dL/dw_ij - sum_j w_ij dL/dw_ij: the normalisation's derivative
+                if p > 0:
+                    # through w = R / Z, R = (x / max x)^p, x = N phi / S - O, then phi / S once more
+                    g.mul_(st["du"])
+                    ph = phi.detach()
+                    m2 = (ph * g).sum(dim=-1, keepdim=True) / st["S"]
+                    g.sub_(m2).mul_(p * st["a"] / st["Z"].clamp_min(torch.finfo(q.dtype).tiny))
+                else:
+                    g.mul_(st["f"])
+            (ds,) = torch.autograd.grad(phi, s, g)
+            dq[:, :, sl] = (ds @ k[:, :, :tk]) * st["scale"]
+            dk[:, :, :tk] += ds.transpose(-2, -1) @ (q[:, :, sl] * st["scale"])
+        return dq, dk, dv, None, None, None, None
 
 
 def _attn_math(q, k, v, var, p, pos_offset, chunk):
-    """Exact reference backend: the weights chunk by chunk, times v."""
+    """Exact reference backend; q, k arrive in fp32 (fp64) from _prepare; the output comes back in v's dtype."""
+    rows = _chunk_rows(q, k, chunk)
     with torch.autocast(q.device.type, enabled=False):
-        return torch.cat([w.to(v.dtype) @ v[:, :, :tk] for _, tk, w in _weight_chunks(q, k, var, p, pos_offset, chunk)],
-                         dim=2)
-
-
-def _reweight(A, n, p, row0):
-    """Stage 2: A'_ij = R_ij / sum_j R_ij, R_ij = ReLU(N_i A_ij - O_i)^p, in log space so p = 15 cannot
-    overflow; a row whose R is all zero (exactly uniform A) gives weights 0 and so a zero output."""
-    tc = A.shape[-2]
-    rows = torch.arange(row0, row0 + tc, device=A.device).view(tc, 1)
-    offset = (rows >= REWEIGHT_EXEMPT_ROWS).to(A.dtype)
-    x = n * A - offset
-    logr = torch.where(x > 0, p * torch.log(x.clamp_min(torch.finfo(A.dtype).tiny)), float("-inf"))
-    m = logr.amax(dim=-1, keepdim=True)
-    m = torch.where(torch.isfinite(m), m, torch.zeros_like(m))  # all -inf row: keep exp() at 0, not NaN
-    r = torch.exp(logr - m)
-    return r / r.sum(dim=-1, keepdim=True).clamp_min(torch.finfo(A.dtype).tiny)
+        vv = v.to(q.dtype)
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, vv)):
+            out = _MathAttention.apply(q, k, vv, var, p, pos_offset, rows)
+        else:
+            out = _math_forward(q, k, vv, var, p, pos_offset, rows)
+    return out.to(v.dtype)
 
 
 def _attn_sdpa(q, k, v, var, pos_offset):
@@ -150,7 +314,65 @@ def _attn_sdpa(q, k, v, var, pos_offset):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
 
 
-ATTN_BACKENDS = ("auto", "math", "sdpa")
+_FLEX = {}
+
+
+def _flex_attention():
+    """torch.compile(flex_attention), built once per process; None where this torch has no flex attention.
+    dynamic=True and every changing constant (pos_offset, p) held in a tensor: measured on CPU, ~6 compiles cover
+    any mix of lengths (Tq = 1, Tq <= 128, Tk <= 128, Tq == Tk or not), below dynamo's limit of 8; Python ints or
+    floats in the closures would be guarded and recompile for every value."""
+    if "fn" not in _FLEX:
+        try:
+            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
+            _FLEX["fn"] = torch.compile(flex_attention, dynamic=True)
+            _FLEX["mask"] = create_block_mask
+        except ImportError:
+            _FLEX["fn"] = None
+    return _FLEX["fn"]
+
+
+def _flex_block_mask(Tq, Tk, off):
+    key = (Tq, Tk, int(off), str(off.device))
+    if key not in _FLEX:  # block masks are cheap to keep and slow to build (2 s at T = 2048 on CPU)
+        _FLEX[key] = _FLEX["mask"](lambda b, h, qi, kv: kv <= qi + off, None, None, Tq, Tk, device=off.device)
+    return _FLEX[key]
+
+
+def _attn_flex(q, k, v, var, p, pos_offset):
+    """flex_attention normalises exp(score_mod) over each row, so a score_mod returning the log-weights computes
+    phi / sum phi exactly. Re-weighting needs each row's log-sum log S_i first (from _row_logsumexp, chunked and
+    exact; flex on CPU cannot return it); pass 2 then scores p * log(N_i phi_ij / S_i - O_i), which flex turns
+    into R_ij / sum_j R_ij. Runs in fp32: the p-th power amplifies score errors ~p-fold."""
+    flex = _flex_attention()
+    d, dtype = q.shape[-1], q.dtype
+    off = torch.tensor(pos_offset, device=q.device)
+    pp = torch.tensor(p, dtype=dtype, device=q.device)
+    bm = _flex_block_mask(q.shape[2], k.shape[2], off)
+
+    def logw(score, qi):
+        n = (qi + off + 1).to(dtype)
+        s = score * var.scale(n, d)
+        return n, (s if var.logw is None else var.logw(s, n))
+
+    def mod1(score, b, h, qi, kv):
+        return logw(score, qi)[1]
+
+    with torch.autocast(q.device.type, enabled=False):
+        vv = v.to(dtype)
+        if p == 0:
+            return flex(q, k, vv, score_mod=mod1, block_mask=bm, scale=1.0).to(v.dtype)
+        lse = _row_logsumexp(q, k, var, pos_offset, _chunk_rows(q, k, 256))
+
+        def mod2(score, b, h, qi, kv):
+            n, lw = logw(score, qi)
+            x = n * torch.exp(lw - lse[b, h, qi]) - (qi + off >= REWEIGHT_EXEMPT_ROWS).to(dtype)
+            return torch.where(x > 0, pp * torch.log(x.clamp_min(torch.finfo(dtype).tiny)), float("-inf"))
+
+        return flex(q, k, vv, score_mod=mod2, block_mask=bm, scale=1.0).to(v.dtype)
+
+
+ATTN_BACKENDS = ("auto", "math", "sdpa", "flex")
 
 
 def _prepare(q, k, attn, reweight_p, pos_offset):
@@ -161,10 +383,40 @@ def _prepare(q, k, attn, reweight_p, pos_offset):
     pos_offset = Tk - Tq if pos_offset is None else int(pos_offset)
     if pos_offset < 0 or pos_offset + Tq > Tk:
         raise ValueError(f"pos_offset={pos_offset} with Tq={Tq} needs 0 <= pos_offset <= Tk - Tq = {Tk - Tq}")
-    if var.qk_norm:  # in fp32 at least: a bf16 cosine is off by ~4e-3, i.e. ~0.1 in a score scaled by log(d)log(N)
-        acc = torch.float64 if q.dtype == torch.float64 else torch.float32
-        q, k = F.normalize(q.to(acc), dim=-1), F.normalize(k.to(acc), dim=-1)
+    # scores in fp32 at least (fp64 for fp64 inputs), also under bf16 autocast: the p-th power of the re-weighting
+    # amplifies score errors ~p-fold, and a bf16 cosine is off by ~4e-3, i.e. ~0.1 in a score scaled by log(d)log(N)
+    acc = torch.float64 if q.dtype == torch.float64 else torch.float32
+    q, k = q.to(acc), k.to(acc)
+    if var.qk_norm:
+        q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
     return q, k, var, p, pos_offset
+
+
+def _why_not(backend, var, p, q, needs_grad):
+    """None if `backend` computes this call exactly, else the one-line reason."""
+    if backend == "sdpa" and not (var.logw is None and var.normalise and p == 0):
+        return "backend 'sdpa' computes softmax-type attention (softmax, ssmax) without re-weighting only"
+    if backend == "flex":
+        if _flex_attention() is None:
+            return "this torch has no torch.nn.attention.flex_attention (needs torch >= 2.5)"
+        if not var.normalise:
+            return "backend 'flex' normalises every row; sigmoid and relu attention are unnormalised"
+        if needs_grad and q.device.type != "cuda":
+            return f"flex_attention has no backward on {q.device.type} in this torch; train with 'math' or 'auto'"
+        if q.dtype == torch.float64 and q.device.type == "cpu":
+            return "compiled flex_attention on CPU computes float32 / bfloat16 only, not float64"
+    return None
+
+
+def _pick_backend(var, p, q, needs_grad):
+    """auto: sdpa where exact (fastest everywhere); on CUDA flex (fused, O(T) memory) for the other normalised
+    kinds, except LSSAR's training pass (its gradient through the captured row sums is unverified there); math
+    otherwise. On CPU math is faster than compiled flex (bench.py: LSSA at T = 4096, 1.9x vs 4.2x of SDPA)."""
+    if _why_not("sdpa", var, p, q, needs_grad) is None:
+        return "sdpa"
+    if q.device.type == "cuda" and _why_not("flex", var, p, q, needs_grad) is None and not (needs_grad and p > 0):
+        return "flex"
+    return "math"
 
 
 def causal_attention(q, k, v, attn, reweight_p=0.0, pos_offset=None, backend="auto", chunk=256):
@@ -174,15 +426,20 @@ def causal_attention(q, k, v, attn, reweight_p=0.0, pos_offset=None, backend="au
     pos_offset + t (default Tk - Tq: the queries are the last Tq positions), and sees keys j <= its position;
     N = its position + 1. The same call serves a full forward (Tq = Tk) and KV-cache decoding (Tq < Tk).
     """
-    q, k, var, p, pos_offset = _prepare(q, k, attn, reweight_p, pos_offset)
     if backend not in ATTN_BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
-    sdpa_ok = var.logw is None and var.normalise and p == 0
-    if backend == "sdpa" and not sdpa_ok:
-        raise NotImplementedError(f"backend 'sdpa' computes softmax-type attention only, not {attn} with "
-                                  f"reweight_p={p}; use 'math' or 'auto'")
-    if backend == "sdpa" or (backend == "auto" and sdpa_ok):
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
+    q, k, var, p, pos_offset = _prepare(q, k, attn, reweight_p, pos_offset)
+    if backend == "auto":
+        backend = _pick_backend(var, p, q, needs_grad)
+    why = _why_not(backend, var, p, q, needs_grad)
+    if why:
+        raise NotImplementedError(f"{why} (asked for {attn} with reweight_p={p}); use backend 'math' or 'auto'")
+    if backend == "sdpa":
         return _attn_sdpa(q, k, v, var, pos_offset)
+    if backend == "flex":  # (flex refuses inputs that require grad on CPU, even under no_grad: none is needed here)
+        detach = not needs_grad
+        return _attn_flex(*((t.detach() if detach else t) for t in (q, k, v)), var, p, pos_offset)
     return _attn_math(q, k, v, var, p, pos_offset, chunk)
 
 
@@ -191,13 +448,14 @@ def attention_weights(q, k, attn, reweight_p=0.0, pos_offset=None, chunk=256):
     """The weights causal_attention uses (after both stages), chunk by chunk, for diagnostics: yields
     (first query row, w) with w of shape (B, H, rows, keys seen by the chunk); never a full T x T matrix."""
     q, k, var, p, pos_offset = _prepare(q, k, attn, reweight_p, pos_offset)
-    chunks = _weight_chunks(q, k, var, p, pos_offset, chunk)
-    while True:
+    rows = _chunk_rows(q, k, chunk)
+    n_all = _row_n(pos_offset, q.shape[2], q)
+    direct = _direct_ok(var, q.shape[-1], pos_offset + q.shape[2], q.dtype)
+    for c0 in range(0, q.shape[2], rows):
         with torch.autocast(q.device.type, enabled=False):  # per chunk: the caller's autocast state stays its own
-            item = next(chunks, None)
-        if item is None:
-            return
-        yield item[0], item[2]
+            _, _, _, u, st = _chunk(q, k, var, p, n_all, pos_offset, c0, rows, direct)
+            w = u * st["f"]
+        yield c0, w
 
 
 # -----------------------------------------------------------------------------
@@ -231,7 +489,7 @@ class GPTConfig:
     reweight_p: float = 0.0     # > 0: re-weighting stage with this power (LSSAR: attn='lssa', reweight_p=15)
     pos: str = "rope"           # rope | learned | none
     rope_base: float = 10000.0
-    attn_backend: str = "auto"  # auto | math | sdpa
+    attn_backend: str = "auto"  # auto | math | sdpa | flex (see causal_attention)
     attn_chunk: int = 256       # query rows per chunk in the math backend (memory O(chunk x T))
 
     def __post_init__(self):

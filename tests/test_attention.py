@@ -240,7 +240,8 @@ def test_causality(attn, p):
 def test_row0_attends_only_to_itself(attn, p):
     q, k, v = make_qkv(2, 3, 10, 10, 16, seed=16, scale=5.0)
     out = causal_attention(q, k, v, attn, reweight_p=p)
-    assert torch.equal(out[:, :, 0], v[:, :, 0])
+    # weight exactly 1 on key 0; the math backend applies a row's 1 / sum to the output, so allow rounding
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0], rtol=1e-14, atol=0)
 
 
 @pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
@@ -264,7 +265,7 @@ def test_lssar_uniform_rows(dtype):
     out = causal_attention(q, k, v, "lssar")
     assert out.dtype == dtype
     assert not torch.isnan(out).any()
-    assert torch.equal(out[:, :, 0], v[:, :, 0])
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0], rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
     for i in (1, 2):  # O = 0: uniform weights survive, output is the mean of the visible values
         mean = v[:, :, : i + 1].double().mean(dim=2)
         torch.testing.assert_close(out[:, :, i].double(), mean, rtol=1e-6, atol=1e-6)
@@ -294,7 +295,7 @@ def test_reweighted_softmax_uniform_rows_are_zero(attn):
     v = torch.randn(B, H, T, d, generator=g, dtype=torch.float64) + 3.0
     out = causal_attention(q, k, v, attn, reweight_p=15.0)
     assert not torch.isnan(out).any()
-    assert torch.equal(out[:, :, 0], v[:, :, 0])
+    torch.testing.assert_close(out[:, :, 0], v[:, :, 0], rtol=1e-14, atol=0)
     for i in (1, 2):
         torch.testing.assert_close(out[:, :, i], v[:, :, : i + 1].mean(dim=2), rtol=1e-12, atol=1e-12)
     for i in (3, 7, 15):

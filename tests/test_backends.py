@@ -1,0 +1,236 @@
+"""Backends (math with its memory-lean backward, flex, sdpa) and `auto`, against the float64 oracle of
+test_attention.py: forward and gradients, fp32 within 1e-5 relative, bf16 within 2e-2, T = 1, 3, 127, 129,
+1000 and Tq < Tk with pos_offset. Plus bench.py --quick runs."""
+
+import json
+import math
+
+import pytest
+import torch
+
+import model
+from model import ATTN_VARIANTS, causal_attention
+from tests.conftest import run
+from tests.test_attention import CASE_IDS, CASES, make_qkv, oracle
+
+NORMALISED = [(a, p) for a, p in CASES if a in ("softmax", "lssa", "ssmax", "lssar")]
+
+
+def _rel(got, want, ref=None):
+    """Largest error relative to the largest magnitude of the reference `ref` (default: want itself). Gradients
+    are compared relative to the largest of out, dq, dk, dv: a gradient that is exactly 0 (dq of a one-token
+    row) is computed from O(1) terms that cancel, so only its absolute rounding error is meaningful."""
+    ref = want if ref is None else ref
+    return ((got.double() - want).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def _rel_all(got, want):
+    ref = torch.stack([w.abs().max() for w in want])
+    return [_rel(g, w, ref) for g, w in zip(got, want, strict=True)]
+
+
+def _grads(fn, q, k, v, go):
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v)
+    out.backward(go.to(out.dtype))
+    return out, q.grad, k.grad, v.grad
+
+
+@pytest.mark.parametrize("keep", [True, False], ids=["keep", "recompute"])
+@pytest.mark.parametrize("T", [1, 3, 127, 129, 1000])
+@pytest.mark.parametrize("attn,p", CASES, ids=CASE_IDS)
+def test_math_forward_and_grads_fp32(attn, p, T, keep, monkeypatch):
+    """The custom backward (hand-written stage 2; chunks kept from the forward or recomputed) against autograd
+    through the oracle."""
+    if not keep:
+        monkeypatch.setattr(model, "KEEP_ELEMENTS", 0)
+    B, H = (1, 1) if T == 1000 else (2, 2)
+    q, k, v = make_qkv(B, H, T, T, 32, seed=T, scale=2.0)
+    go = torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    want = _grads(lambda a, b, c: oracle(a, b, c, attn, p), q, k, v, go)
+    # chunk=50: chunk borders inside every length > 50, and the last chunk is a partial one
+    got = _grads(lambda a, b, c: causal_attention(a, b, c, attn, p, backend="math", chunk=50), q.float(), k.float(),
+                 v.float(), go)
+    # 1e-5; with re-weighting 5e-5: the p-th power amplifies fp32 score rounding ~p-fold (softmax + p=15 at
+    # T=1000: dq 1.46e-5 here, and 1.30e-5 with plain autograd through the previous log-space implementation)
+    tol = 1e-5 if p == 0 and attn != "lssar" else 5e-5
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, _rel_all(got, want), strict=True):
+        assert g.dtype == torch.float32 and torch.isfinite(g).all(), name
+        assert e < tol, (name, e)
+
+
+@pytest.mark.parametrize("attn,p", CASES, ids=CASE_IDS)
+def test_math_grads_with_pos_offset(attn, p):
+    """Tq < Tk (queries are positions off .. off+Tq-1), float64: exact to 1e-10."""
+    q, k, v = make_qkv(2, 2, 9, 40, 16, seed=3, scale=2.0)
+    go = torch.randn(2, 2, 9, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    for off in (0, 5, 31):
+        want = _grads(lambda a, b, c, off=off: oracle(a, b, c, attn, p, pos_offset=off), q, k, v, go)
+        got = _grads(lambda a, b, c, off=off: causal_attention(a, b, c, attn, p, pos_offset=off, backend="math",
+                                                                chunk=4), q, k, v, go)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("attn,p", CASES, ids=CASE_IDS)
+def test_bf16_autocast_forward_and_grads(attn, p):
+    # the oracle sees the same bf16-rounded inputs: this measures the computation, not the input rounding
+    q, k, v = (x.bfloat16().double() for x in make_qkv(1, 2, 129, 129, 32, seed=5, scale=2.0))
+    go = torch.randn(v.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want = _grads(lambda a, b, c: oracle(a, b, c, attn, p), q, k, v, go)
+
+    def fn(a, b, c):
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            return causal_attention(a, b, c, attn, p)
+
+    got = _grads(fn, *(x.bfloat16() for x in (q, k, v)), go)
+    for name, g, e in zip(("out", "dq", "dk", "dv"), got, _rel_all(got, want), strict=True):
+        assert torch.isfinite(g).all(), name
+        assert e < 2e-2, (name, e)
+
+
+def test_math_backward_saves_no_score_matrix(monkeypatch):
+    """Memory-lean training: past KEEP_ELEMENTS, what autograd keeps for the backward is O(T), not O(T^2): no
+    saved tensor has a T x T (or rows x T) score-shaped block, and the total is a few copies of q, k, v. Below
+    it, the forward's chunk tensors are kept, at most KEEP_ELEMENTS more."""
+    T, d = 512, 16
+    q, k, v = (x.float().requires_grad_() for x in make_qkv(1, 2, T, T, d, seed=6))
+
+    def saved_by(attn, p):
+        saved = []
+        with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+            out = causal_attention(q, k, v, attn, p, backend="math")
+        return out, saved
+
+    for keep in (0, 2 * 2 * T * T):  # B*H = 2: the second is enough for s, phi (p = 0), not for p > 0
+        monkeypatch.setattr(model, "KEEP_ELEMENTS", keep)
+        for attn, p in (("lssa", 0.0), ("lssar", 0.0), ("sigmoid", 0.0), ("softmax", 15.0)):
+            out, saved = saved_by(attn, p)
+            total = sum(t.numel() for t in saved)
+            kept = out.grad_fn.kept
+            assert (kept is not None) == bool(keep and p == 0 and attn != "lssar"), (keep, attn)
+            if kept is None:
+                assert total <= 12 * q.numel(), (attn, total)  # q, k, v, out, QK-norm's inputs and norms
+                assert all(t.shape[-1] != T for t in saved), [tuple(t.shape) for t in saved]
+            else:
+                assert keep and p == 0 and attn != "lssar"
+                assert total <= 12 * q.numel() + keep
+            out.sum().backward()  # the kept chunks are used once and dropped
+            assert out.grad_fn.kept is None
+
+
+def test_direct_weights_equal_exp_of_log_weights():
+    """The math backend's fast path (Variant.weight, e.g. softplus) computes exactly exp(logw)."""
+    s = torch.linspace(-60, 60, 2001, dtype=torch.float64).view(1, -1)
+    n = torch.tensor([[1.0], [7.0], [5000.0]], dtype=torch.float64)
+    for name, var in ATTN_VARIANTS.items():
+        if var.weight is None:
+            continue
+        want = torch.exp(var.logw(s, n))
+        torch.testing.assert_close(var.weight(s, n), want, rtol=1e-12, atol=1e-300, msg=name)
+
+
+def test_lssa_log_space_fallback_is_exact(monkeypatch):
+    """When QK-norm no longer bounds the scores away from softplus underflow, math falls back to
+    exp(logw - row max); force that path and compare with the oracle."""
+    monkeypatch.setattr(model, "_direct_ok", lambda *a: False)
+    q, k, v = make_qkv(2, 2, 60, 60, 16, seed=9, scale=3.0)
+    for attn, p in (("lssa", 0.0), ("lssar", 0.0)):
+        go = torch.randn(v.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+        want = _grads(lambda a, b, c, attn=attn, p=p: oracle(a, b, c, attn, p), q, k, v, go)
+        got = _grads(lambda a, b, c, attn=attn, p=p: causal_attention(a, b, c, attn, p, backend="math", chunk=16),
+                     q, k, v, go)
+        for g, w in zip(got, want, strict=True):
+            torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
+
+
+# ----------------------------------------------------------------------------------------------------
+# flex (CPU: forward only in this torch)
+# ----------------------------------------------------------------------------------------------------
+flex_ok = model._flex_attention() is not None
+
+
+@pytest.mark.skipif(not flex_ok, reason="no flex_attention in this torch")
+@pytest.mark.parametrize("T", [1, 3, 127, 129])
+@pytest.mark.parametrize("attn,p", [("softmax", 0.0), ("lssa", 0.0), ("lssar", 0.0)], ids=["softmax", "lssa", "lssar"])
+def test_flex_forward_fp32(attn, p, T):
+    q, k, v = make_qkv(1, 2, T, T, 16, seed=10 + T, scale=2.0)
+    with torch.no_grad():
+        got = causal_attention(q.float(), k.float(), v.float(), attn, p, backend="flex")
+    assert got.dtype == torch.float32 and got.shape == v.shape
+    assert _rel(got, oracle(q, k, v, attn, p)) < 1e-5
+
+
+@pytest.mark.skipif(not flex_ok, reason="no flex_attention in this torch")
+@pytest.mark.parametrize("attn,p", NORMALISED, ids=[f"{a}-p{p:g}" for a, p in NORMALISED])
+def test_flex_forward_every_normalised_kind_with_pos_offset(attn, p):
+    q, k, v = make_qkv(1, 2, 7, 131, 16, seed=11, scale=2.0)
+    with torch.no_grad():
+        for off in (None, 60):  # None: the queries are the last 7 positions
+            got = causal_attention(q.float(), k.float(), v.float(), attn, p, pos_offset=off, backend="flex")
+            assert _rel(got, oracle(q, k, v, attn, p, pos_offset=off)) < 1e-5, off
+
+
+@pytest.mark.skipif(not flex_ok, reason="no flex_attention in this torch")
+def test_flex_errors_name_the_fix():
+    q, k, v = (x.float() for x in make_qkv(1, 1, 8, 8, 16, seed=12))
+    with pytest.raises(NotImplementedError, match="unnormalised.*use backend 'math' or 'auto'"):
+        causal_attention(q, k, v, "relu", backend="flex")
+    if not torch.cuda.is_available():
+        qg = q.clone().requires_grad_()
+        with pytest.raises(NotImplementedError, match="no backward on cpu"):
+            causal_attention(qg, k, v, "lssa", backend="flex")
+    with pytest.raises(NotImplementedError, match="softmax-type"):
+        causal_attention(q, k, v, "lssa", backend="sdpa")
+    with pytest.raises(ValueError, match="choose one of auto, math, sdpa, flex"):
+        causal_attention(q, k, v, "lssa", backend="triton")
+
+
+def test_auto_picks_an_exact_backend(monkeypatch):
+    """auto: sdpa for softmax/ssmax; on CPU math for the rest; on CUDA flex except LSSAR training."""
+    picks = []
+    for name in ("_attn_sdpa", "_attn_math", "_attn_flex"):
+        real = getattr(model, name)
+        monkeypatch.setattr(model, name, lambda *a, real=real, name=name, **kw: picks.append(name) or real(*a, **kw))
+    q, k, v = (x.float() for x in make_qkv(1, 1, 8, 8, 16, seed=13))
+    for attn in ("softmax", "ssmax", "lssa", "lssar", "sigmoid", "relu"):
+        causal_attention(q, k, v, attn)
+    assert picks == ["_attn_sdpa", "_attn_sdpa"] + ["_attn_math"] * 4
+
+
+def test_pick_backend_cuda_rules(monkeypatch):
+    class FakeQ:
+        dtype = torch.float32
+
+        class device:
+            type = "cuda"
+    monkeypatch.setattr(model, "_flex_attention", lambda: object())
+    lssa, soft, relu = ATTN_VARIANTS["lssa"], ATTN_VARIANTS["softmax"], ATTN_VARIANTS["relu"]
+    assert model._pick_backend(soft, 0.0, FakeQ, needs_grad=True) == "sdpa"
+    assert model._pick_backend(lssa, 0.0, FakeQ, needs_grad=True) == "flex"
+    assert model._pick_backend(lssa, 15.0, FakeQ, needs_grad=False) == "flex"
+    assert model._pick_backend(lssa, 15.0, FakeQ, needs_grad=True) == "math"
+    assert model._pick_backend(relu, 0.0, FakeQ, needs_grad=False) == "math"
+
+
+# ----------------------------------------------------------------------------------------------------
+# bench.py
+# ----------------------------------------------------------------------------------------------------
+def test_bench_quick(tmp_path):
+    out = tmp_path / "bench"
+    r = run("bench.py", "--quick", "--lengths=16,40", "--kinds=softmax,lssar,relu", "--backends=sdpa,math",
+            "--repeats=1", "--train_len=16", "--train_batch=2", f"--out={out}", timeout=600)
+    res = json.loads((out.with_suffix(".json")).read_text())
+    assert res["meta"]["device"] == "cpu"
+    cases = res["results"]
+    timed = [c for c in cases if "seconds" in c]
+    # attn: 2 lengths x {fwd, fwd+bwd} x (softmax sdpa+math, lssar math, relu math); train: 3 kinds
+    assert len(timed) == 2 * 2 * 4 + 3
+    assert all(c["seconds"] > 0 and math.isfinite(c["time_vs_softmax_sdpa"]) for c in timed)
+    assert all(c["peak_bytes"] > 0 for c in timed if c["what"] == "train")
+    sk = [c for c in cases if "skipped" in c]
+    assert sk and all("sdpa" in c["skipped"] for c in sk)  # lssar / relu through sdpa are refused, not faked
+    ref = [c for c in timed if c["kind"] == "softmax" and c.get("backend") in ("sdpa", "auto")]
+    assert all(c["time_vs_softmax_sdpa"] == 1.0 for c in ref)
+    assert "| attn fwd | 16 | lssar | math |" in r.stdout
+    assert (tmp_path / "bench.md").exists()
