@@ -38,7 +38,7 @@ lengths = ""             # explicit context lengths instead of multipliers, e.g.
 tokens = 0               # validation-token budget per length; 0 = as many as fit whole windows of the largest length
 stride = 0               # 0: non-overlapping windows; S > 0: sliding windows scoring the last S tokens each
 reweight_p = "ckpt"      # comma list of eval-time re-weighting powers: "ckpt" = as trained, 0 = off, 15 = LSSAR
-attn_backend = ""        # override the attention backend (auto | math | sdpa); "" = the checkpoint's
+attn_backend = ""        # override the attention backend (auto | math | sdpa | flex); "" = the checkpoint's
 batch_tokens = 16384     # at most this many tokens per forward pass (bounds memory)
 position_buckets = 32    # loss-by-position buckets per length
 out = "results/eval_length"

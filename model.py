@@ -130,7 +130,7 @@ def _chunk_scores(q, k, var, n, first, c0):
     causal triangle; returns (s, per-row scale)."""
     r = n.shape[0]
     scale = var.scale(n, q.shape[-1])
-    s = (q[:, :, c0:c0 + r] * scale) @ k[:, :, :first + r].transpose(-2, -1)
+    s = (q[..., c0:c0 + r, :] * scale) @ k[..., :first + r, :].transpose(-2, -1)
     # keys before `first` are visible to every row of the chunk: only the last r keys form a causal triangle
     s[..., first:] += _causal_bias(r, s.dtype, s.device)
     return s, scale
@@ -204,7 +204,7 @@ def _chunk(q, k, var, p, n_all, pos_offset, c0, rows, direct, grad=False):
             st["a"] = a = (n / S) * inv
             if grad:  # keep phi and u^(p-1) for the backward
                 u = torch.addcmul(-O * inv, u, a).clamp_min_(0.0)  # x / max x, then ReLU
-                st["du"] = du = _powi(u, p - 1) if p > 1 else torch.where(u > 0, u.pow(p - 1), 0.0)
+                st["du"] = du = _powi(u.clone(), p - 1, inplace=True) if p > 1 else torch.where(u > 0, u.pow(p - 1), 0.0)
                 u = u.mul_(du)  # u^p
             else:  # the same in place (phi is not needed again): fewer large allocations
                 u = _powi(u.mul_(a).sub_(O * inv).clamp_min_(0.0), p, inplace=True)
@@ -216,37 +216,56 @@ def _chunk(q, k, var, p, n_all, pos_offset, c0, rows, direct, grad=False):
 KEEP_ELEMENTS = 2**24  # the math backward reuses the forward's chunk tensors while they total <= this (64 MB fp32)
 
 
-def _math_forward(q, k, v, var, p, pos_offset, rows, keep=None):
-    """q, k, v in the accumulation dtype (fp32 or fp64); returns the output in that dtype. With a list `keep`,
-    the chunks are computed with stage 1's graph and appended to it for the backward."""
-    n_all = _row_n(pos_offset, q.shape[2], q)
-    direct = _direct_ok(var, q.shape[-1], pos_offset + q.shape[2], q.dtype)
-    out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=v.dtype, device=v.device)
-    for c0 in range(0, q.shape[2], rows):
-        chunk = _chunk(q, k, var, p, n_all, pos_offset, c0, rows, direct, grad=keep is not None)
-        tk, _, _, u, st = chunk
-        torch.mul(u @ v[:, :, :tk], st["f"], out=out[:, :, c0:c0 + rows])
+def _plan(BH, Tq, Tk, chunk):
+    """The math backend's chunks over (batch x head, query rows), each with at most ~CHUNK_ELEMENTS scores: as many
+    rows as `chunk`, a quarter of Tq and the budget allow, then as many heads as fit. Rows first: every chunk
+    streams its heads' K and V once, so few rows per chunk at long T waste memory bandwidth (measured on CPU at
+    T = 16384: all 12 heads x 10 rows per chunk took 3.9x SDPA's time for LSSA, one head x 128 rows 2.7x). At most
+    a quarter of Tq: a chunk of r rows also computes the r x r / 2 masked scores above its diagonal, 1/4 more work
+    than the causal triangle at r = Tq / 4 (the demo's train step: 0.92x softmax's tokens/s vs 0.76x at r = Tq)."""
+    rows = max(1, min(chunk, max(16, -(-Tq // 4)), CHUNK_ELEMENTS // Tk))
+    heads = max(1, min(BH, CHUNK_ELEMENTS // (rows * Tk)))
+    return [(slice(h0, h0 + heads), c0) for h0 in range(0, BH, heads) for c0 in range(0, Tq, rows)], rows
+
+
+def _flat(t):
+    return t.reshape(-1, t.shape[-2], t.shape[-1])  # (B, H, T, d) -> (B*H, T, d)
+
+
+def _math_forward(q, k, v, var, p, pos_offset, chunk, keep=None):
+    """q, k, v (B, H, T, d) in the accumulation dtype (fp32 or fp64); returns the output in that dtype. With a
+    list `keep`, the chunks are computed with stage 1's graph and appended to it for the backward."""
+    Tq = q.shape[2]
+    n_all = _row_n(pos_offset, Tq, q)
+    direct = _direct_ok(var, q.shape[-1], pos_offset + Tq, q.dtype)
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    out = torch.empty(qf.shape[:-1] + vf.shape[-1:], dtype=v.dtype, device=v.device)
+    plan, rows = _plan(qf.shape[0], Tq, kf.shape[1], chunk)
+    for hs, c0 in plan:
+        ch = _chunk(qf[hs], kf[hs], var, p, n_all, pos_offset, c0, rows, direct, grad=keep is not None)
+        tk, _, _, u, st = ch
+        torch.mul(u @ vf[hs, :tk], st["f"], out=out[hs, c0:c0 + rows])
         if keep is not None:
-            keep.append(chunk)
-    return out
+            keep.append(ch)
+    return out.view(q.shape[:-1] + v.shape[-1:])
 
 
 class _MathAttention(torch.autograd.Function):
     """The math backend with a memory-lean backward: the backward applies the derivative of stage 2
     (normalisation, re-weighting) by hand and that of the elementwise stage 1 by autograd on each chunk.
     Long inputs save only q, k, v and the output and recompute each chunk's weights in the backward, so training
-    memory is O(rows x T) per layer, as in the forward; short ones (chunk tensors totalling <= KEEP_ELEMENTS)
+    memory is O(chunk x T) per layer, as in the forward; short ones (chunk tensors totalling <= KEEP_ELEMENTS)
     keep the forward's chunks instead: memory bounded by that constant, and measured ~10% faster per demo train
     step on CPU, where softplus alone costs as much as a matmul."""
 
     @staticmethod
-    def forward(ctx, q, k, v, var, p, pos_offset, rows):
+    def forward(ctx, q, k, v, var, p, pos_offset, chunk):
         B, H, Tq, _ = q.shape
         per_row = B * H * k.shape[2] * (2 if p == 0 else 4)  # s and phi (+ R and u^(p-1) when re-weighting)
         ctx.kept = [] if Tq * per_row <= KEEP_ELEMENTS else None
-        out = _math_forward(q, k, v, var, p, pos_offset, rows, keep=ctx.kept)
+        out = _math_forward(q, k, v, var, p, pos_offset, chunk, keep=ctx.kept)
         ctx.save_for_backward(q, k, v, out)
-        ctx.args = (var, p, pos_offset, rows)
+        ctx.args = (var, p, pos_offset, chunk)
         return out
 
     @staticmethod
@@ -256,26 +275,29 @@ class _MathAttention(torch.autograd.Function):
 
     @staticmethod
     def _backward(ctx, dout):
-        q, k, v, out = ctx.saved_tensors
-        var, p, pos_offset, rows = ctx.args
-        n_all = _row_n(pos_offset, q.shape[2], q)
-        direct = _direct_ok(var, q.shape[-1], pos_offset + q.shape[2], q.dtype)
+        q4, k4, v4, out = ctx.saved_tensors
+        var, p, pos_offset, chunk = ctx.args
+        Tq = q4.shape[2]
+        n_all = _row_n(pos_offset, Tq, q4)
+        direct = _direct_ok(var, q4.shape[-1], pos_offset + Tq, q4.dtype)
+        q, k, v = _flat(q4), _flat(k4), _flat(v4)
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        dout = dout.to(v.dtype)
-        delta = (dout * out).sum(dim=-1, keepdim=True)  # sum_j w_ij dL/dw_ij = dout_i . out_i (as in FlashAttention)
+        dout = _flat(dout.to(v.dtype))
+        delta = (dout * _flat(out)).sum(dim=-1, keepdim=True)  # sum_j w_ij dL/dw_ij = dout_i . out_i (FlashAttention)
         kept, ctx.kept = ctx.kept, None
-        for i, c0 in enumerate(range(0, q.shape[2], rows)):
+        plan, rows = _plan(q.shape[0], Tq, k.shape[1], chunk)
+        for i, (hs, c0) in enumerate(plan):
             if kept:
                 tk, s, phi, u, st = kept[i]
                 kept[i] = None  # free each chunk as soon as it is used
             else:
-                tk, s, phi, u, st = _chunk(q, k, var, p, n_all, pos_offset, c0, rows, direct, grad=True)
+                tk, s, phi, u, st = _chunk(q[hs], k[hs], var, p, n_all, pos_offset, c0, rows, direct, grad=True)
             sl = slice(c0, c0 + u.shape[-2])
-            do = dout[:, :, sl]
-            dv[:, :, :tk] += u.transpose(-2, -1) @ (do * st["f"])
-            g = do @ v[:, :, :tk].transpose(-2, -1)  # dL/dw
+            do = dout[hs, sl]
+            dv[hs, :tk] += u.transpose(-2, -1) @ (do * st["f"])
+            g = do @ v[hs, :tk].transpose(-2, -1)  # dL/dw
             if var.normalise:
-                g.sub_(delta[:, :, sl])  # dL/dw_ij - sum_j w_ij dL/dw_ij: the normalisation's derivative
+                g.sub_(delta[hs, sl])  # dL/dw_ij - sum_j w_ij dL/dw_ij: the normalisation's derivative
                 if p > 0:
                     # through w = R / Z, R = (x / max x)^p, x = N phi / S - O, then phi / S once more
                     g.mul_(st["du"])
@@ -285,20 +307,20 @@ class _MathAttention(torch.autograd.Function):
                 else:
                     g.mul_(st["f"])
             (ds,) = torch.autograd.grad(phi, s, g)
-            dq[:, :, sl] = (ds @ k[:, :, :tk]) * st["scale"]
-            dk[:, :, :tk] += ds.transpose(-2, -1) @ (q[:, :, sl] * st["scale"])
-        return dq, dk, dv, None, None, None, None
+            dq[hs, sl] = (ds @ k[hs, :tk]) * st["scale"]
+            dk[hs, :tk] += ds.transpose(-2, -1) @ (q[hs, sl] * st["scale"])
+        shape = q4.shape[:2]
+        return dq.view(q4.shape), dk.view(k4.shape), dv.view(*shape, *dv.shape[1:]), None, None, None, None
 
 
 def _attn_math(q, k, v, var, p, pos_offset, chunk):
     """Exact reference backend; q, k arrive in fp32 (fp64) from _prepare; the output comes back in v's dtype."""
-    rows = _chunk_rows(q, k, chunk)
     with torch.autocast(q.device.type, enabled=False):
         vv = v.to(q.dtype)
         if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, vv)):
-            out = _MathAttention.apply(q, k, vv, var, p, pos_offset, rows)
+            out = _MathAttention.apply(q, k, vv, var, p, pos_offset, chunk)
         else:
-            out = _math_forward(q, k, vv, var, p, pos_offset, rows)
+            out = _math_forward(q, k, vv, var, p, pos_offset, chunk)
     return out.to(v.dtype)
 
 

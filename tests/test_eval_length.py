@@ -157,3 +157,17 @@ def test_cli_writes_results(tmp_path):
     r = subprocess.run([sys.executable, "eval_length.py", f"--ckpts={tmp_path / 'missing'}", "--device=cpu"],
                        cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert r.returncode != 0 and "checkpoint not found" in r.stderr
+
+
+@pytest.mark.parametrize("attn", ["softmax", "lssa", "lssar"])
+def test_backends_give_the_same_losses(tmp_path, attn):
+    """eval_length's default (auto: sdpa for softmax, math for the others on CPU) and the flex backend give the
+    math backend's losses within 1e-4 at every length (issue 4's acceptance check, on a tiny model)."""
+    d, _ = make_run(tmp_path, attn=attn)
+    losses = {}
+    for be in ("math", "", "flex"):
+        res = evaluate([(d, "ckpt")], "1,2,4,16", backend_arg=be, batch_tok=64, buckets=4)
+        losses[be] = [x["loss"] for x in res["runs"][0]["results"]]
+    assert len(losses["math"]) == 4
+    for be in ("", "flex"):
+        assert np.allclose(losses[be], losses["math"], rtol=0, atol=1e-4), (be, losses)
