@@ -349,6 +349,9 @@ def _flex_attention():
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
             _FLEX["fn"] = torch.compile(flex_attention, dynamic=True)
             _FLEX["mask"] = create_block_mask
+            # each kind's score_mod is its own graph: kinds x shape classes can pass dynamo's default of 8 compiles
+            # per code object, after which flex silently falls back to an unfused O(T^2)-memory implementation
+            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
         except ImportError:
             _FLEX["fn"] = None
     return _FLEX["fn"]

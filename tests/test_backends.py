@@ -234,3 +234,19 @@ def test_bench_quick(tmp_path):
     assert all(c["time_vs_softmax_sdpa"] == 1.0 for c in ref)
     assert "| attn fwd | 16 | lssar | math |" in r.stdout
     assert (tmp_path / "bench.md").exists()
+
+
+@pytest.mark.skipif(not flex_ok, reason="no flex_attention in this torch")
+def test_flex_stays_compiled_across_kinds_and_lengths():
+    """Every normalised kind at several length classes in one process: more compiles than dynamo's default limit
+    of 8, after which flex would silently fall back to an unfused implementation that materialises T x T scores."""
+    import warnings
+
+    with warnings.catch_warnings(record=True) as caught, torch.no_grad():
+        warnings.simplefilter("always")
+        for T in (5, 100, 300):
+            for attn in ("softmax", "ssmax", "lssa", "lssar"):
+                q, k, v = (x.float() for x in make_qkv(1, 2, T, T, 16, seed=T))
+                causal_attention(q, k, v, attn, backend="flex")
+                causal_attention(q[:, :, -1:], k, v, attn, backend="flex")  # Tq = 1 against Tk keys
+    assert not [w for w in caught if "without torch.compile" in str(w.message)]
