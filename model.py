@@ -348,6 +348,9 @@ def _flex_attention():
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
             _FLEX["fn"] = torch.compile(flex_attention, dynamic=True)
+            # the re-weighting pass indexes a captured (B, H, Tq) tensor, which inductor's CPU template fails to
+            # compile with dynamic shapes ("cur_kvSplitSize7 was not declared", torch 2.13): static shapes there
+            _FLEX["static"] = torch.compile(flex_attention, dynamic=False)
             _FLEX["mask"] = create_block_mask
             # each kind's score_mod is its own graph: kinds x shape classes can pass dynamo's default of 8 compiles
             # per code object, after which flex silently falls back to an unfused O(T^2)-memory implementation
@@ -394,7 +397,8 @@ def _attn_flex(q, k, v, var, p, pos_offset):
             x = n * torch.exp(lw - lse[b, h, qi]) - (qi + off >= REWEIGHT_EXEMPT_ROWS).to(dtype)
             return torch.where(x > 0, pp * torch.log(x.clamp_min(torch.finfo(dtype).tiny)), float("-inf"))
 
-        return flex(q, k, vv, score_mod=mod2, block_mask=bm, scale=1.0).to(v.dtype)
+        flex2 = _FLEX["static"] if q.device.type == "cpu" else flex
+        return flex2(q, k, vv, score_mod=mod2, block_mask=bm, scale=1.0).to(v.dtype)
 
 
 ATTN_BACKENDS = ("auto", "math", "sdpa", "flex")

@@ -4,13 +4,16 @@ test_attention.py: forward and gradients, fp32 within 1e-5 relative, bf16 within
 
 import json
 import math
+import os
+import subprocess
+import sys
 
 import pytest
 import torch
 
 import model
 from model import ATTN_VARIANTS, causal_attention
-from tests.conftest import run
+from tests.conftest import ROOT, run
 from tests.test_attention import CASE_IDS, CASES, make_qkv, oracle
 
 NORMALISED = [(a, p) for a, p in CASES if a in ("softmax", "lssa", "ssmax", "lssar")]
@@ -250,3 +253,23 @@ def test_flex_stays_compiled_across_kinds_and_lengths():
                 causal_attention(q, k, v, attn, backend="flex")
                 causal_attention(q[:, :, -1:], k, v, attn, backend="flex")  # Tq = 1 against Tk keys
     assert not [w for w in caught if "without torch.compile" in str(w.message)]
+
+
+@pytest.mark.skipif(not flex_ok, reason="no flex_attention in this torch")
+def test_flex_lssar_in_a_fresh_process(tmp_path):
+    """LSSAR through flex as the first compile of a process (an empty inductor cache): with dynamic shapes the
+    re-weighting pass hit an inductor C++ compile error at T = 256 that a warm process hid."""
+    script = (
+        "import torch\n"
+        "from model import causal_attention\n"
+        "from tests.test_attention import make_qkv, oracle\n"
+        "q, k, v = make_qkv(1, 2, 256, 256, 16, seed=1)\n"
+        "with torch.no_grad():\n"
+        "    got = causal_attention(q.float(), k.float(), v.float(), 'lssar', backend='flex')\n"
+        "want = oracle(q, k, v, 'lssar')\n"
+        "print(((got.double() - want).abs().max() / want.abs().max()).item())\n"
+    )
+    env = dict(os.environ, TORCHINDUCTOR_CACHE_DIR=str(tmp_path / "inductor"))
+    r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert float(r.stdout.strip().splitlines()[-1]) < 1e-5
