@@ -341,20 +341,21 @@ _FLEX = {}
 
 def _flex_attention():
     """torch.compile(flex_attention), built once per process; None where this torch has no flex attention.
-    dynamic=True and every changing constant (pos_offset, p) held in a tensor: measured on CPU, ~6 compiles cover
-    any mix of lengths (Tq = 1, Tq <= 128, Tk <= 128, Tq == Tk or not), below dynamo's limit of 8; Python ints or
-    floats in the closures would be guarded and recompile for every value."""
+    Static shapes: one compile per (kind, shape), i.e. per evaluated length, never per decoding step (auto sends
+    Tq < Tk to math). dynamic=True measured fewer compiles on CPU but gave WRONG outputs (error ~1, or NaN) when two
+    sizes coincide, e.g. T = head size = 8 (duck sizing gives them one symbol; torch 2.13), and its re-weighting
+    pass failed to compile in a fresh process. Changing constants (pos_offset, p) are tensors, so they do not
+    recompile."""
     if "fn" not in _FLEX:
         try:
             from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-            _FLEX["fn"] = torch.compile(flex_attention, dynamic=True)
-            # the re-weighting pass indexes a captured (B, H, Tq) tensor, which inductor's CPU template fails to
-            # compile with dynamic shapes ("cur_kvSplitSize7 was not declared", torch 2.13): static shapes there
-            _FLEX["static"] = torch.compile(flex_attention, dynamic=False)
+            _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
             _FLEX["mask"] = create_block_mask
-            # each kind's score_mod is its own graph: kinds x shape classes can pass dynamo's default of 8 compiles
-            # per code object, after which flex silently falls back to an unfused O(T^2)-memory implementation
-            torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 64)
+            # each kind's score_mod at each shape is its own graph: past dynamo's default of 8 compiles per code
+            # object flex SILENTLY falls back to an unfused O(T^2)-memory implementation
+            cfg = torch._dynamo.config
+            cfg.cache_size_limit = max(cfg.cache_size_limit, 256)
+            cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 1024)
         except ImportError:
             _FLEX["fn"] = None
     return _FLEX["fn"]
@@ -373,6 +374,19 @@ def _attn_flex(q, k, v, var, p, pos_offset):
     exact; flex on CPU cannot return it); pass 2 then scores p * log(N_i phi_ij / S_i - O_i), which flex turns
     into R_ij / sum_j R_ij. Runs in fp32: the p-th power amplifies score errors ~p-fold."""
     flex = _flex_attention()
+    Tq, Tk = q.shape[2], k.shape[2]
+    if q.device.type == "cpu":
+        # pad both lengths to multiples of 128: compiled CPU flex gave wrong rows for some small shapes in torch
+        # 2.13 (e.g. T = 8 with batch x heads >= 8: errors ~1 or NaN); padded keys sit after every real query's
+        # position, so the causal mask hides them, and padded query rows are dropped. Also buckets compiles.
+        pq, pk = -Tq % 128, -Tk % 128
+        q, k, v = F.pad(q, (0, 0, 0, pq)), F.pad(k, (0, 0, 0, pk)), F.pad(v, (0, 0, 0, pk))
+        return _attn_flex_exact(flex, q, k, v, var, p, pos_offset, Tq, Tk)[:, :, :Tq]
+    return _attn_flex_exact(flex, q, k, v, var, p, pos_offset, Tq, Tk)
+
+
+def _attn_flex_exact(flex, q, k, v, var, p, pos_offset, Tq, Tk):
+    """_attn_flex on q, k, v that may carry padding beyond the real Tq queries and Tk keys."""
     d, dtype = q.shape[-1], q.dtype
     off = torch.tensor(pos_offset, device=q.device)
     pp = torch.tensor(p, dtype=dtype, device=q.device)
@@ -390,15 +404,16 @@ def _attn_flex(q, k, v, var, p, pos_offset):
         vv = v.to(dtype)
         if p == 0:
             return flex(q, k, vv, score_mod=mod1, block_mask=bm, scale=1.0).to(v.dtype)
-        lse = _row_logsumexp(q, k, var, pos_offset, _chunk_rows(q, k, 256))
+        qr, kr = q[:, :, :Tq], k[:, :, :Tk]
+        lse = _row_logsumexp(qr, kr, var, pos_offset, _chunk_rows(qr, kr, 256))
+        lse = F.pad(lse, (0, q.shape[2] - Tq))  # padded query rows: any finite value
 
         def mod2(score, b, h, qi, kv):
             n, lw = logw(score, qi)
             x = n * torch.exp(lw - lse[b, h, qi]) - (qi + off >= REWEIGHT_EXEMPT_ROWS).to(dtype)
             return torch.where(x > 0, pp * torch.log(x.clamp_min(torch.finfo(dtype).tiny)), float("-inf"))
 
-        flex2 = _FLEX["static"] if q.device.type == "cpu" else flex
-        return flex2(q, k, vv, score_mod=mod2, block_mask=bm, scale=1.0).to(v.dtype)
+        return flex(q, k, vv, score_mod=mod2, block_mask=bm, scale=1.0).to(v.dtype)
 
 
 ATTN_BACKENDS = ("auto", "math", "sdpa", "flex")
@@ -437,13 +452,14 @@ def _why_not(backend, var, p, q, needs_grad):
     return None
 
 
-def _pick_backend(var, p, q, needs_grad):
+def _pick_backend(var, p, q, needs_grad, full=True):
     """auto: sdpa where exact (fastest everywhere); on CUDA flex (fused, O(T) memory) for the other normalised
-    kinds, except LSSAR's training pass (its gradient through the captured row sums is unverified there); math
-    otherwise. On CPU math is faster than compiled flex (bench.py: LSSA at T = 4096, 1.9x vs 4.2x of SDPA)."""
+    kinds in full passes (`full`: Tq = Tk; decoding stays on math, no compile per generated token), except
+    LSSAR's training pass (its gradient through the captured row sums is unverified there); math otherwise.
+    On CPU math is faster than compiled flex (bench.py at T = 16384: LSSA 2.20x vs 2.98x SDPA's time)."""
     if _why_not("sdpa", var, p, q, needs_grad) is None:
         return "sdpa"
-    if q.device.type == "cuda" and _why_not("flex", var, p, q, needs_grad) is None and not (needs_grad and p > 0):
+    if q.device.type == "cuda" and full and _why_not("flex", var, p, q, needs_grad) is None and not (needs_grad and p > 0):
         return "flex"
     return "math"
 
@@ -460,7 +476,7 @@ def causal_attention(q, k, v, attn, reweight_p=0.0, pos_offset=None, backend="au
     needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
     q, k, var, p, pos_offset = _prepare(q, k, attn, reweight_p, pos_offset)
     if backend == "auto":
-        backend = _pick_backend(var, p, q, needs_grad)
+        backend = _pick_backend(var, p, q, needs_grad, full=q.shape[2] == k.shape[2])
     why = _why_not(backend, var, p, q, needs_grad)
     if why:
         raise NotImplementedError(f"{why} (asked for {attn} with reweight_p={p}); use backend 'math' or 'auto'")

@@ -20,7 +20,7 @@ max_new_tokens = 500
 temperature = 0.8        # 0 = greedy
 top_k = 200              # 0 = no top-k filtering
 reweight_p = ""          # "" = the checkpoint's; a number overrides its re-weighting power (0 switches it off)
-attn_backend = ""        # override the checkpoint's attention backend (auto | math | sdpa)
+attn_backend = ""        # override the checkpoint's attention backend (auto | math | sdpa | flex)
 seed = 1337
 device = "auto"
 dtype = "auto"

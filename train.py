@@ -68,7 +68,7 @@ attn = "softmax"         # softmax | lssa | lssar | sigmoid | relu | ssmax
 reweight_p = 0.0         # re-weighting power; 0 = off (lssar defaults to 15)
 pos = "rope"             # rope | learned | none
 rope_base = 10000.0
-attn_backend = "auto"    # auto | math | sdpa
+attn_backend = "auto"    # auto | math | sdpa | flex (auto: the fastest exact one, see model.causal_attention)
 attn_chunk = 256
 # AdamW and schedule
 learning_rate = 6e-4

@@ -154,6 +154,17 @@ flex_ok = model._flex_attention() is not None
 
 
 @pytest.mark.skipif(not flex_ok, reason="no flex_attention in this torch")
+def test_flex_when_sizes_coincide():
+    """T = head size = 8, batch 8: compiled with dynamic shapes, flex gave errors ~1 or NaN here (duck sizing)."""
+    for B, T, d in ((8, 8, 8), (16, 8, 8), (2, 16, 16)):
+        q, k, v = make_qkv(B, 2, T, T, d, seed=B)
+        with torch.no_grad():
+            for attn in ("softmax", "lssa"):
+                got = causal_attention(q.float(), k.float(), v.float(), attn, backend="flex")
+                assert _rel(got, oracle(q, k, v, attn)) < 1e-5, (B, T, d, attn)
+
+
+@pytest.mark.skipif(not flex_ok, reason="no flex_attention in this torch")
 @pytest.mark.parametrize("T", [1, 3, 127, 129])
 @pytest.mark.parametrize("attn,p", [("softmax", 0.0), ("lssa", 0.0), ("lssar", 0.0)], ids=["softmax", "lssa", "lssar"])
 def test_flex_forward_fp32(attn, p, T):
@@ -214,6 +225,7 @@ def test_pick_backend_cuda_rules(monkeypatch):
     assert model._pick_backend(lssa, 15.0, FakeQ, needs_grad=False) == "flex"
     assert model._pick_backend(lssa, 15.0, FakeQ, needs_grad=True) == "math"
     assert model._pick_backend(relu, 0.0, FakeQ, needs_grad=False) == "math"
+    assert model._pick_backend(lssa, 0.0, FakeQ, needs_grad=False, full=False) == "math"  # KV-cache decoding
 
 
 # ----------------------------------------------------------------------------------------------------
