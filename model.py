@@ -84,8 +84,8 @@ def resolve_attn(attn, reweight_p=0.0):
 # the attention function and its backends
 #
 #   sdpa  softmax and SSMax through F.scaled_dot_product_attention (flash / memory-efficient kernels)
-#   math  every variant, exact, in chunks of query rows: O(rows x T) memory in the forward AND the backward
-#         (a custom autograd function recomputes each chunk), on any device; the reference
+#   math  every variant, exact, in chunks of (heads x query rows): O(chunk x T) memory in the forward AND the
+#         backward (a custom autograd function recomputes each chunk past a budget), on any device; the reference
 #   flex  torch.compile(flex_attention) with a score_mod returning the log-weights; normalised variants only
 #   auto  the fastest exact one for the kind, device and whether gradients are needed (see _pick_backend)
 
@@ -165,15 +165,18 @@ def _powi(u, e, inplace=False):
         sq = sq.mul_(sq) if inplace else sq * sq
 
 
-def _row_logsumexp(q, k, var, pos_offset, rows):
-    """log sum_j exp(logw_ij) of every query row (B, H, Tq), chunk by chunk."""
-    n_all = _row_n(pos_offset, q.shape[2], q)
-    lse = []
-    for c0 in range(0, q.shape[2], rows):
+def _row_logsumexp(q, k, var, pos_offset, chunk=256):
+    """log sum_j exp(logw_ij) of every query row (B, H, Tq), over the math backend's chunks (_plan)."""
+    Tq = q.shape[2]
+    n_all = _row_n(pos_offset, Tq, q)
+    qf, kf = _flat(q), _flat(k)
+    lse = torch.empty(qf.shape[:-1], dtype=q.dtype, device=q.device)
+    plan, rows = _plan(qf.shape[0], Tq, kf.shape[1], chunk)
+    for hs, c0 in plan:
         n = n_all[c0:c0 + rows]
-        s, _ = _chunk_scores(q, k, var, n, pos_offset + c0, c0)
-        lse.append(torch.logsumexp(s if var.logw is None else var.logw(s, n), dim=-1))
-    return torch.cat(lse, dim=-1)
+        s, _ = _chunk_scores(qf[hs], kf[hs], var, n, pos_offset + c0, c0)
+        lse[hs, c0:c0 + n.shape[0]] = torch.logsumexp(s if var.logw is None else var.logw(s, n), dim=-1)
+    return lse.view(q.shape[:-1])
 
 
 def _chunk(q, k, var, p, n_all, pos_offset, c0, rows, direct, grad=False):
@@ -405,7 +408,7 @@ def _attn_flex_exact(flex, q, k, v, var, p, pos_offset, Tq, Tk):
         if p == 0:
             return flex(q, k, vv, score_mod=mod1, block_mask=bm, scale=1.0).to(v.dtype)
         qr, kr = q[:, :, :Tq], k[:, :, :Tk]
-        lse = _row_logsumexp(qr, kr, var, pos_offset, _chunk_rows(qr, kr, 256))
+        lse = _row_logsumexp(qr, kr, var, pos_offset)
         lse = F.pad(lse, (0, q.shape[2] - Tq))  # padded query rows: any finite value
 
         def mod2(score, b, h, qi, kv):
