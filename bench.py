@@ -31,7 +31,7 @@ import torch
 
 from common import pick_device
 from configurator import configure
-from model import GPT, GPTConfig, causal_attention
+from model import ATTN_BACKENDS, ATTN_KINDS, GPT, GPTConfig, causal_attention
 
 # -----------------------------------------------------------------------------
 kinds = "softmax,ssmax,lssa,lssar,sigmoid,relu"
@@ -164,15 +164,16 @@ def time_cases(cases, dev, dt, label):
     runs = []
     for c in cases:
         try:
-            runs.append(build(c, dev, dt))
+            run = build(c, dev, dt)
             t0 = time.perf_counter()
-            runs[-1]()
+            run()
             _sync(dev)
             c["first_s"] = time.perf_counter() - t0
-        except (NotImplementedError, ValueError) as e:
+        except (NotImplementedError, ValueError) as e:  # a backend that cannot compute this kind exactly
             c["skipped"] = str(e).split(" (asked")[0]
-            runs[-1] = None
+            run = None
             print(f"  {label} {c['kind']:8s} {c.get('backend', 'auto'):5s}: skipped ({c['skipped']})")
+        runs.append(run)
     times = [[c["first_s"]] if c["what"] == "eval" and "first_s" in c else [] for c in cases]
     for _ in range(repeats if not all(c["what"] == "eval" for c in cases) else 0):
         for i, run in enumerate(runs):
@@ -254,6 +255,11 @@ def main():
         warm = case.get("backend") == "flex" or case["what"] == "train"  # compiles / optimizer state come first
         print(json.dumps({"peak_bytes": peak_memory_here(build(case, dev, dt), dev, warm)}))
         return
+    for key, allowed in (("kinds", ATTN_KINDS), ("eval_kinds", ATTN_KINDS), ("train_kinds", ATTN_KINDS),
+                         ("backends", ATTN_BACKENDS)):
+        bad = [x for x in parse_list(globals()[key]) if x not in allowed]
+        if bad:
+            raise SystemExit(f"bench error: unknown {key} {', '.join(bad)}; choose from {', '.join(allowed)}")
     path = out or os.path.join("results", "bench", f"bench_{dev.split(':')[0]}{'_quick' if quick else ''}")
     cases = plan(dev)
     print(f"bench: {len(cases)} cases on {dev} ({dt}), best of {repeats}; results -> {path}.json")

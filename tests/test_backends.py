@@ -249,6 +249,9 @@ def test_bench_quick(tmp_path):
     assert all(c["time_vs_softmax_sdpa"] == 1.0 for c in ref)
     assert "| attn fwd | 16 | lssar | math |" in r.stdout
     assert (tmp_path / "bench.md").exists()
+    bad = run("bench.py", "--kinds=softmax,lsar", f"--out={tmp_path / 'bad'}", check=False)
+    assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("bench error: unknown kinds lsar")
+    assert not (tmp_path / "bad.json").exists()
 
 
 @pytest.mark.skipif(not flex_ok, reason="no flex_attention in this torch")
