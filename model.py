@@ -105,15 +105,17 @@ def _chunk_rows(q, k, chunk):
     return max(1, min(chunk, CHUNK_ELEMENTS // (B * H * k.shape[2])))
 
 
-def _direct_ok(var, d, n_max, dtype):
-    """Can the math backend use var.weight (e.g. softplus) instead of exp(logw - row max)? Always for unnormalised
-    kinds; for normalised ones only when no row can underflow to all zeros: QK-norm bounds |s| <= scale(N)."""
+def _direct_ok(var, q, pos_offset):
+    """Can the math backend use var.weight (e.g. softplus) instead of exp(logw - row max) for queries q (B, H, Tq, d)
+    at pos_offset? Always for unnormalised kinds; for normalised ones only when no row can underflow to all zeros:
+    QK-norm bounds |s| <= scale(N) with N at most pos_offset + Tq."""
     if var.weight is None:
         return False
     if not var.normalise:
         return True
-    bound = float(var.scale(torch.tensor([[float(n_max)]], dtype=torch.float64), d)) if var.qk_norm else math.inf
-    return bound < (80.0 if dtype != torch.float64 else 700.0)  # softplus(-80) = 1.8e-35 > fp32 tiny
+    n_max = torch.tensor([[float(pos_offset + q.shape[2])]], dtype=torch.float64)
+    bound = float(var.scale(n_max, q.shape[-1])) if var.qk_norm else math.inf
+    return bound < (80.0 if q.dtype != torch.float64 else 700.0)  # softplus(-80) = 1.8e-35 > fp32 tiny
 
 
 def _stage1(s, var, n, direct):
@@ -240,7 +242,7 @@ def _math_forward(q, k, v, var, p, pos_offset, chunk, keep=None):
     list `keep`, the chunks are computed with stage 1's graph and appended to it for the backward."""
     Tq = q.shape[2]
     n_all = _row_n(pos_offset, Tq, q)
-    direct = _direct_ok(var, q.shape[-1], pos_offset + Tq, q.dtype)
+    direct = _direct_ok(var, q, pos_offset)
     qf, kf, vf = _flat(q), _flat(k), _flat(v)
     out = torch.empty(qf.shape[:-1] + vf.shape[-1:], dtype=v.dtype, device=v.device)
     plan, rows = _plan(qf.shape[0], Tq, kf.shape[1], chunk)
@@ -282,7 +284,7 @@ class _MathAttention(torch.autograd.Function):
         var, p, pos_offset, chunk = ctx.args
         Tq = q4.shape[2]
         n_all = _row_n(pos_offset, Tq, q4)
-        direct = _direct_ok(var, q4.shape[-1], pos_offset + Tq, q4.dtype)
+        direct = _direct_ok(var, q4, pos_offset)
         q, k, v = _flat(q4), _flat(k4), _flat(v4)
         dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
         dout = _flat(dout.to(v.dtype))
@@ -498,7 +500,7 @@ def attention_weights(q, k, attn, reweight_p=0.0, pos_offset=None, chunk=256):
     q, k, var, p, pos_offset = _prepare(q, k, attn, reweight_p, pos_offset)
     rows = _chunk_rows(q, k, chunk)
     n_all = _row_n(pos_offset, q.shape[2], q)
-    direct = _direct_ok(var, q.shape[-1], pos_offset + q.shape[2], q.dtype)
+    direct = _direct_ok(var, q, pos_offset)
     for c0 in range(0, q.shape[2], rows):
         with torch.autocast(q.device.type, enabled=False):  # per chunk: the caller's autocast state stays its own
             _, _, _, u, st = _chunk(q, k, var, p, n_all, pos_offset, c0, rows, direct)
