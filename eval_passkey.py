@@ -3,6 +3,7 @@ Passkey retrieval at 1x..16x the training context: can the model still find one 
 
     python eval_passkey.py --ckpts=out-passkey-char-softmax,out-passkey-char-lssar
     python eval_passkey.py --ckpts=... --lengths=64,96,128 --depths=0,0.5,1 --trials=50 --filler=repeat
+    python eval_passkey.py --ckpts=out-passkey-char-lssa --reweight_p=ckpt,15   # re-weighting at eval only
 
 The task (one template, used by data/passkey_char/prepare.py for fine-tuning and here for evaluation):
 
@@ -56,6 +57,7 @@ depths = "0,0.25,0.5,0.75,1"  # where the key sentence sits in the filler (0 = s
 trials = 20              # prompts per length x depth
 seed = 1337
 key_len = 5              # key tokens (letters for char-level models, digits for BPE)
+reweight_p = "ckpt"      # comma list of eval-time re-weighting powers: "ckpt" = as trained, 0 = off, 15 = LSSAR
 filler = "val"           # val (the checkpoint's validation data) | repeat (one sentence) | DIR (DIR/val.bin)
 batch = 20               # prompts per forward pass
 out = "results/passkey"
@@ -198,9 +200,10 @@ def filler_source(cfg, meta, filler_arg):
 
 
 def evaluate(ckpt_dirs, multipliers_arg="1,2,4,8,16", lengths_arg="", depths_arg="0,0.25,0.5,0.75,1", n_trials=20,
-             seed_=1337, n_key=5, filler_arg="val", batch_size=20, device_arg="auto", dtype_arg="auto"):
-    """Passkey accuracy of each checkpoint at every length x depth; returns the results dict write_results()
-    saves. Fails before evaluating anything when a checkpoint or a length cannot work."""
+             seed_=1337, n_key=5, filler_arg="val", batch_size=20, device_arg="auto", dtype_arg="auto", p_arg="ckpt"):
+    """Passkey accuracy of each checkpoint (at each eval-time reweight_p of p_arg: "ckpt" = as trained, or
+    numbers) at every length x depth; returns the results dict write_results() saves. Fails before evaluating
+    anything when a checkpoint or a length cannot work."""
     dev = pick_device(device_arg)
     ctx, dt = autocast_ctx(dev, dtype_arg)
     depth_list = parse_list(depths_arg, float)
@@ -208,10 +211,16 @@ def evaluate(ckpt_dirs, multipliers_arg="1,2,4,8,16", lengths_arg="", depths_arg
         raise SystemExit(f"passkey error: depths must be fractions in [0, 1], got {depths_arg!r}")
     if n_trials < 1 or n_key < 1 or batch_size < 1:
         raise SystemExit("passkey error: trials, key_len and batch must be >= 1")
-    jobs = []
-    for d in ckpt_dirs:
-        ck = load_checkpoint(d, dev)
+    jobs, loaded = [], {}
+    for d, p in [(d, p) for d in ckpt_dirs for p in parse_list(p_arg)]:
+        ck = loaded[d] = loaded.get(d) or load_checkpoint(d, dev)
         cfg, margs = ck["config"], ck["model_args"]
+        overrides = {} if p == "ckpt" else {"reweight_p": float(p)}
+        try:
+            attn, trained_p = resolve_attn(margs.get("attn", "softmax"), margs.get("reweight_p", 0.0))  # lssar -> lssa, 15
+            attn, eff_p = resolve_attn(attn, overrides.get("reweight_p", trained_p))
+        except ValueError as e:
+            raise SystemExit(f"eval error: {d}: {e}") from None
         lens = checkpoint_lengths(d, margs, lengths_arg, multipliers_arg)
         meta = load_meta(cfg["dataset"], cfg.get("data_dir", ""))
         tpl = passkey_template(meta)
@@ -221,21 +230,22 @@ def evaluate(ckpt_dirs, multipliers_arg="1,2,4,8,16", lengths_arg="", depths_arg
         if top >= margs["vocab_size"]:
             raise SystemExit(f"eval error: vocab mismatch: {d} has {margs['vocab_size']} tokens but its filler holds "
                              f"token id {top}; use the filler of the dataset it was trained on")
+        label = os.path.basename(os.path.normpath(d)).removeprefix("out-") + ("" if p == "ckpt" else f" (eval p={eff_p:g})")
         jobs.append(dict(ckpt=d, ck=ck, lens=lens, trials=trials_by_len, filler=filler_desc, decode=get_tokenizer(meta)[1],
-                         label=os.path.basename(os.path.normpath(d)).removeprefix("out-"), char_level=tpl.char_level))
+                         label=label, char_level=tpl.char_level, overrides=overrides, attn=attn, reweight_p=eff_p,
+                         trained_reweight_p=trained_p))
     runs = []
     total = sum(len(p) for j in jobs for p, _ in j["trials"].values())
     with tqdm(total=total, unit="prompt", desc="eval_passkey", file=sys.stderr) as pbar:
         for j in jobs:
             ck = j.pop("ck")
             margs = ck["model_args"]
-            model = model_from_checkpoint(ck, dev).eval()
+            model = model_from_checkpoint(ck, dev, **j["overrides"]).eval()
             pbar.set_postfix_str(j["label"])
             results = score(model, j.pop("trials"), depth_list, margs["block_size"], j["decode"], ctx, dev, batch_size,
                             pbar)
-            attn, p = resolve_attn(margs.get("attn", "softmax"), margs.get("reweight_p", 0.0))  # lssar -> lssa, 15
-            runs.append({"label": j["label"], "ckpt": j["ckpt"], "attn": attn, "reweight_p": p,
-                         "pos": margs.get("pos", "rope"),
+            runs.append({"label": j["label"], "ckpt": j["ckpt"], "attn": j["attn"], "reweight_p": j["reweight_p"],
+                         "trained_reweight_p": j["trained_reweight_p"], "pos": margs.get("pos", "rope"),
                          "block_size": margs["block_size"], "dataset": ck["config"]["dataset"],
                          "iter_num": ck["iter_num"], "filler": j["filler"], "results": results})
             del model
@@ -330,7 +340,8 @@ def main():
     configure(globals())
     if not ckpts:
         raise SystemExit("eval error: pass --ckpts=DIR[,DIR...] (out_dirs of trained runs)")
-    res = evaluate(parse_list(ckpts), multipliers, lengths, depths, trials, seed, key_len, filler, batch, device, dtype)
+    res = evaluate(parse_list(ckpts), multipliers, lengths, depths, trials, seed, key_len, filler, batch, device, dtype,
+                   reweight_p)
     print(table(res))
     for p in write_results(res, out, "python " + " ".join(sys.argv)):
         print(f"wrote {p}")

@@ -47,6 +47,8 @@ eval_only = False
 always_save_checkpoint = True  # ckpt.pt (latest) at every eval; False: only when val loss improves. best.pt: the best
 init_from = "scratch"    # scratch | resume (continue from out_dir/ckpt.pt) | DIR or FILE of another run to fine-tune
 overwrite = False        # scratch into an out_dir that holds a checkpoint: refused unless True
+finetune_reweight_p = -1.0  # fine-tuning only: train with this re-weighting power instead of the init model's
+                            # (-1 = keep it; 15 turns an LSSA run into LSSAR, 0 switches re-weighting off)
 # wandb (off by default; WANDB_MODE=offline works without a network)
 wandb_log = False
 wandb_project = "softplus-attention"
@@ -153,6 +155,9 @@ def say(*a, **k):
 train_parts, val_parts = load_split(dataset, "train", data_dir), load_split(dataset, "val", data_dir)
 if window_align < 1:
     raise SystemExit(f"config error: window_align must be >= 1, got {window_align}")
+if finetune_reweight_p >= 0 and init_from in ("scratch", "resume"):
+    raise SystemExit(f"config error: finetune_reweight_p applies when fine-tuning (--init_from=DIR of another run); "
+                     f"with init_from={init_from} set --reweight_p instead")
 for name, parts in (("train", train_parts), ("val", val_parts)):
     if n_windows(parts, block_size, window_align) < 2:
         raise SystemExit(f"dataset {dataset} {name} split has {sum(map(len, parts))} tokens, too few for windows of "
@@ -192,6 +197,9 @@ try:
             raise SystemExit(f"vocab mismatch: {init_from} has {ckpt['model_args']['vocab_size']} tokens but dataset "
                              f"{dataset} has {vocab_size}; fine-tune on data made with the same tokenizer")
         model_args = dict(ckpt["model_args"], **{k: config[k] for k in RUNTIME_KEYS})
+        if finetune_reweight_p >= 0:  # p has no parameters: the same weights, trained with another second stage
+            model_args["attn"], model_args["reweight_p"] = resolve_attn(model_args["attn"], model_args.get("reweight_p", 0.0))
+            model_args["reweight_p"] = float(finetune_reweight_p)
         model = model_from_checkpoint(ckpt, device, **model_args)
         say(f"fine-tuning {init_from} (trained {ckpt['iter_num']} iterations)")
         ckpt = None

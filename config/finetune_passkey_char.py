@@ -1,14 +1,19 @@
-# Fine-tune a CPU-demo checkpoint on passkey retrieval (the template in eval_passkey.py), at its training context:
+# Fine-tune a CPU-demo checkpoint on passkey retrieval (the template in eval_passkey.py), at its training context.
+# Stage 1 (this file), then stage 2 (config/finetune_passkey_char_stage2.py, 1,000 more steps); see README:
 #   python data/passkey_char/prepare.py
-#   python train.py config/finetune_passkey_char.py --init_from=out-shakespeare-char-lssar --out_dir=out-passkey-char-lssar
-#   python eval_passkey.py --ckpts=out-passkey-char-softmax,out-passkey-char-lssa,out-passkey-char-lssar
+#   python train.py config/finetune_passkey_char.py --init_from=out-shakespeare-char-lssa --out_dir=out-passkey-char-lssa-s1
+#   python train.py config/finetune_passkey_char.py --init_from=out-shakespeare-char-lssar --finetune_reweight_p=0 \
+#       --out_dir=out-passkey-char-lssar-s1    # LSSAR: stage 1 with the re-weighting off (why: below)
 # The architecture and weights come from --init_from; this file sets only the data and the schedule.
 # Why 2,500 steps: the demo models cannot copy a key at first (0% at 1x), and the copy circuit appears in a
 # sudden transition, not gradually (key-token accuracy ~20% -> ~100% within 100-200 steps), after ~700-1,500
 # steps for LSSA and ~1,500 for softmax at this learning rate and batch; a shorter or lower-LR schedule stops
-# on the plateau before it. LSSAR (p = 15) never left it: 0% at 1x after this recipe, after a 3,000-step run at the
-# same learning rate, and when trained from scratch on this data for 2,500 steps.
-# About 6-9 minutes per model on 2 CPU cores (softmax ~150, LSSA ~180, LSSAR ~210 ms/step).
+# on the plateau before it.
+# Why LSSAR's stage 1 runs with p = 0: with p = 15 it never left the plateau (0% at 1x after this recipe, after a
+# 3,000-step run, and trained from scratch on this data): at the answer the key letter's weight after the
+# re-weighting is ~1e-15, so no gradient reaches the connection that would find it. With p = 0 (plain LSSA on
+# the LSSAR-trained weights) it learns the copy like LSSA does; stage 2 then switches p = 15 back on.
+# About 6-9 minutes per model on 2 CPU cores (softmax ~150, LSSA ~160-180 ms/step).
 out_dir = "out-passkey-char"
 eval_interval = 500
 eval_iters = 4

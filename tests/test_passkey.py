@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 import torch
 
-from common import get_tokenizer, save_checkpoint
+import eval_passkey
+from common import get_tokenizer, model_from_checkpoint, save_checkpoint
 from conftest import SHARED, run
 from eval_passkey import (
     FILLER_SENTENCE,
@@ -165,28 +166,37 @@ def test_prepare(passkey_data, char_data, meta):
 
 
 def test_cli_on_a_tiny_finetuned_checkpoint(passkey_data, char_data, tmp_path):
+    """An LSSA base run fine-tuned on passkey data with the re-weighting switched on (--finetune_reweight_p=15),
+    then both evaluated as trained and with an eval-time p (--reweight_p=ckpt,0)."""
     base, ft = tmp_path / "base", tmp_path / "ft"
-    run("train.py", f"--data_dir={char_data}", f"--out_dir={base}", "--block_size=32", *TINY)
+    run("train.py", f"--data_dir={char_data}", f"--out_dir={base}", "--block_size=32", "--attn=lssa", *TINY)
     r = run("train.py", "config/finetune_passkey_char.py", f"--data_dir={passkey_data}", f"--init_from={base}",
-            f"--out_dir={ft}", "--block_size=32", "--window_align=33", *TINY)
-    assert "fine-tuning" in r.stdout
+            f"--out_dir={ft}", "--block_size=32", "--window_align=33", "--finetune_reweight_p=15", *TINY)
+    assert "fine-tuning" in r.stdout and "attention lssa reweight_p=15" in r.stdout
+    margs = torch.load(ft / "ckpt.pt", weights_only=False)["model_args"]
+    assert (margs["attn"], margs["reweight_p"]) == ("lssa", 15.0)  # what sample.py / eval_* rebuild
+    r = run("train.py", f"--data_dir={char_data}", f"--out_dir={tmp_path / 'x'}", "--finetune_reweight_p=15", *TINY,
+            check=False)
+    assert r.returncode != 0 and "set --reweight_p instead" in r.stderr and not (tmp_path / "x").exists()
     out = tmp_path / "res" / "pk"
     r = run("eval_passkey.py", f"--ckpts={base},{ft}", "--multipliers=1,2", "--depths=0,1", "--trials=3",
-            f"--out={out}", "--device=cpu")
+            "--reweight_p=ckpt,0", f"--out={out}", "--device=cpu")
     assert "passkey accuracy (%)" in r.stdout and "protocol:" in r.stdout
     res = json.loads((tmp_path / "res" / "pk.json").read_text())
-    assert res["command"].startswith("python eval_passkey.py") and len(res["runs"]) == 2
+    assert res["command"].startswith("python eval_passkey.py") and len(res["runs"]) == 4
+    assert [(x["label"], x["reweight_p"], x["trained_reweight_p"]) for x in res["runs"]] == [
+        ("base", 0, 0), ("base (eval p=0)", 0, 0), ("ft", 15, 15), ("ft (eval p=0)", 0, 15)]
     # the fine-tuned run reads its filler from the dataset its passkey data was made from, not its own val.bin
-    assert res["runs"][0]["filler"] == res["runs"][1]["filler"] == f"val: {char_data}"
+    assert {x["filler"] for x in res["runs"]} == {f"val: {char_data}"}
     with open(tmp_path / "res" / "pk.csv") as f:
         rows = list(csv.DictReader(f))
-    assert len(rows) == 2 * 2 * 2 and list(rows[0]) == ["ckpt", "label", "length", "multiplier", "depth",
+    assert len(rows) == 4 * 2 * 2 and list(rows[0]) == ["ckpt", "label", "length", "multiplier", "depth",
                                                        "accuracy", "trials"]
     assert {r["length"] for r in rows} == {"32", "64"} and all(0 <= float(r["accuracy"]) <= 1 for r in rows)
     assert (tmp_path / "res" / "pk.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_errors(char_data, tmp_path):
+def test_errors(char_data, tmp_path, monkeypatch):
     args = dict(block_size=32, vocab_size=65, n_layer=1, n_head=2, n_embd=16, attn="softmax", pos="learned")
     d = tmp_path / "learned"
     d.mkdir()
@@ -195,6 +205,13 @@ def test_errors(char_data, tmp_path):
     with pytest.raises(SystemExit, match="learned position embeddings.*block_size=32"):
         evaluate([str(d)], "1,2", n_trials=2, device_arg="cpu")
     assert evaluate([str(d)], "1", depths_arg="0.5", n_trials=2, device_arg="cpu")["runs"][0]["results"][0]["trials"] == 2
+    built = []  # the models evaluate() builds: an eval-time p reaches the attention, "ckpt" keeps the trained one
+    monkeypatch.setattr(eval_passkey, "model_from_checkpoint",
+                        lambda *a, **o: built.append(model_from_checkpoint(*a, **o)) or built[-1])
+    res = evaluate([str(d)], "1", depths_arg="0.5", n_trials=2, device_arg="cpu", p_arg="ckpt,15")
+    assert [m.config.reweight_p for m in built] == [0, 15] and res["runs"][1]["label"] == "learned (eval p=15)"
+    with pytest.raises(SystemExit, match="eval error: .*reweight_p must be >= 0"):
+        evaluate([str(d)], "1", n_trials=2, device_arg="cpu", p_arg="-1")
     with pytest.raises(SystemExit, match="length 16 is too short for the template"):
         evaluate([str(d)], lengths_arg="16", n_trials=2, device_arg="cpu")
     with pytest.raises(SystemExit, match="depths must be fractions"):

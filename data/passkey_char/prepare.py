@@ -12,7 +12,8 @@ plus 'passkey_src', which tells eval_passkey.py to take its filler from the sour
 
     python data/shakespeare_char/prepare.py        # the source, first
     python data/passkey_char/prepare.py [--src DIR] [--out_dir DIR] [--block_size 64] [--n_train N] [--seed S]
-    python train.py config/finetune_passkey_char.py --init_from=out-shakespeare-char-lssar --out_dir=out-passkey-char-lssar
+    python train.py config/finetune_passkey_char.py --init_from=out-shakespeare-char-lssa --out_dir=out-passkey-char-lssa-s1
+    (the whole two-stage recipe for softmax, LSSA and LSSAR: README, "Passkey retrieval")
 """
 import argparse
 import os
