@@ -95,6 +95,34 @@ def test_bpe_template_keys_are_one_token_per_digit():
     assert ids[-5:] == key and encode(" KEY? 4 7 1 9 2")[-5:] == key  # the key's canonical tokenisation
 
 
+def test_bpe_checkpoint_end_to_end(tmp_path):
+    """A GPT-2 BPE checkpoint (no meta.pkl) through evaluate(): filler from its BPE val.bin, digit keys; the
+    bookkeeping reaches 100% with a model that solves the task by construction, on the same BPE prompts."""
+    if not os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
+        pytest.skip("no GPT-2 BPE files")
+    encode, decode = get_tokenizer(None)
+    with open(os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")) as f:
+        text = f.read(20000)
+    d = tmp_path / "bpe"
+    d.mkdir()
+    np.asarray(encode(text), dtype=np.uint16).tofile(d / "val.bin")
+    args = dict(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=16, attn="lssar")
+    save_checkpoint({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "iter_num": 0,
+                     "config": {"dataset": "bpe", "data_dir": str(d)}}, str(d / "ckpt.pt"))
+    res = evaluate([str(d)], "1,2", depths_arg="0,1", n_trials=2, device_arg="cpu")
+    assert "digits (BPE)" in res["protocol"]["key"] and res["runs"][0]["filler"] == f"val: {d}"
+    assert [(x["length"], x["trials"]) for x in res["runs"][0]["results"]] == [(32, 2), (32, 2), (64, 2), (64, 2)]
+    for x in res["runs"][0]["results"]:  # an untrained model: wrong, and its outputs decode as BPE text
+        assert all(isinstance(w["output"], str) and len(w["key"].split()) == 5 for w in x["wrong_examples"])
+    tpl = passkey_template(None)
+    val = np.fromfile(d / "val.bin", dtype=np.uint16)
+    trials = {L: make_trials(tpl, val, L, [0.0, 1.0], 3, 5, seed_=0) for L in (32, 64)}
+    prompt = decode(trials[64][0][0].tolist())
+    assert prompt.startswith(" KEY IS ") and prompt.endswith(" KEY?") and len(trials[64][0][0]) == 59
+    got = score(Copier(tpl, 50304), trials, [0.0, 1.0], 32, decode, nullcontext(), "cpu", 4)
+    assert [x["accuracy"] for x in got] == [1.0] * 4
+
+
 class Copier(torch.nn.Module):
     """Solves the task by construction: after the question, the next key letter is the one at the same offset
     after the key sentence's marker (one-hot logits). `fail_after`: wrong (the next letter of the alphabet)
