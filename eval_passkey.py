@@ -25,6 +25,7 @@ checkpoint: context length x depth).
 """
 
 import csv
+import json
 import os
 import sys
 import time
@@ -61,6 +62,7 @@ reweight_p = "ckpt"      # comma list of eval-time re-weighting powers: "ckpt" =
 filler = "val"           # val (the checkpoint's validation data) | repeat (one sentence) | DIR (DIR/val.bin)
 batch = 20               # prompts per forward pass
 out = "results/passkey"
+replot = ""              # path to a results .json: redraw its heatmaps (and print its table) without evaluating
 device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------
@@ -310,8 +312,13 @@ def plot_results(res, out_prefix):
     import matplotlib.pyplot as plt
 
     n = len(res["runs"])
-    fig, axes = plt.subplots(1, n, figsize=(1.5 + 3.6 * n, 3.9), squeeze=False, layout="constrained")
-    for ax, r in zip(axes[0], res["runs"], strict=True):
+    cols = min(n, 3)  # rows of at most 3 heatmaps, so that a README shows them at a readable size
+    rows = -(-n // cols)
+    fig, axes = plt.subplots(rows, cols, figsize=(1.5 + 3.6 * cols, 0.4 + 3.5 * rows), squeeze=False,
+                             layout="constrained")
+    for ax in axes.flat[n:]:
+        ax.set_visible(False)
+    for ax, r in zip(axes.flat[:n], res["runs"], strict=True):
         lens, deps, acc = grid(r)
         im = ax.imshow(acc, vmin=0, vmax=1, cmap="RdYlGn", aspect="auto")
         for (i, k), a in np.ndenumerate(acc):
@@ -327,8 +334,9 @@ def plot_results(res, out_prefix):
                         va="bottom", fontsize=7)
         ax.set_title(r["label"], pad=12)
         ax.set_xlabel("context length (tokens)")
-    axes[0][0].set_ylabel("key depth (0 = start of context)")
-    fig.colorbar(im, ax=axes[0].tolist(), label="passkey accuracy", shrink=0.9)
+    for row in axes:
+        row[0].set_ylabel("key depth (0 = start of context)")
+    fig.colorbar(im, ax=axes.ravel().tolist(), label="passkey accuracy", shrink=0.9)
     fig.suptitle(f"Passkey retrieval ({res['runs'][0]['results'][0]['trials']} trials per cell, % correct)", fontsize=10)
     path = out_prefix + ".png"
     fig.savefig(path, dpi=120)
@@ -338,6 +346,15 @@ def plot_results(res, out_prefix):
 
 def main():
     configure(globals())
+    if replot:
+        try:
+            with open(replot) as f:
+                res = json.load(f)
+        except (OSError, ValueError) as e:
+            raise SystemExit(f"eval error: cannot read results {replot} ({e}); pass a .json that eval_passkey wrote") from None
+        print(table(res))
+        print(f"wrote {plot_results(res, replot.removesuffix('.json'))}")
+        return
     if not ckpts:
         raise SystemExit("eval error: pass --ckpts=DIR[,DIR...] (out_dirs of trained runs)")
     res = evaluate(parse_list(ckpts), multipliers, lengths, depths, trials, seed, key_len, filler, batch, device, dtype,

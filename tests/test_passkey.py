@@ -222,6 +222,9 @@ def test_cli_on_a_tiny_finetuned_checkpoint(passkey_data, char_data, tmp_path):
                                                        "accuracy", "trials"]
     assert {r["length"] for r in rows} == {"32", "64"} and all(0 <= float(r["accuracy"]) <= 1 for r in rows)
     assert (tmp_path / "res" / "pk.png").read_bytes()[:4] == b"\x89PNG"
+    (tmp_path / "res" / "pk.png").unlink()  # --replot redraws the heatmaps (2 rows here) from the JSON alone
+    r = run("eval_passkey.py", f"--replot={out}.json")
+    assert "ft (eval p=0)" in r.stdout and (tmp_path / "res" / "pk.png").read_bytes()[:4] == b"\x89PNG"
 
 
 def test_errors(char_data, tmp_path, monkeypatch):
