@@ -135,6 +135,19 @@ def loss_at_length(model, data, L, budget, stride_, ctx, dev, n_buckets, batch_t
     return total, count, buckets
 
 
+def eval_time_p(ckpt_dir, margs, p):
+    """What evaluating a checkpoint at eval-time re-weighting power p ("ckpt" = as trained, or a number) means:
+    (model_from_checkpoint overrides, attention variant, p in effect, trained p, run label)."""
+    overrides = {} if p == "ckpt" else {"reweight_p": float(p)}
+    try:
+        name, trained_p = resolve_attn(margs.get("attn", "softmax"), margs.get("reweight_p", 0.0))  # lssar -> lssa, 15
+        name, eff_p = resolve_attn(name, overrides.get("reweight_p", trained_p))
+    except ValueError as e:
+        raise SystemExit(f"eval error: {ckpt_dir}: {e}") from None
+    label = os.path.basename(os.path.normpath(ckpt_dir)).removeprefix("out-")
+    return overrides, name, eff_p, trained_p, label + ("" if p == "ckpt" else f" (eval p={eff_p:g})")
+
+
 def evaluate(specs, multipliers_arg="1,2,4,8,16", lengths_arg="", tokens_arg=0, stride_arg=0, backend_arg="",
              device_arg="auto", dtype_arg="auto", buckets=32, batch_tok=16384):
     """Evaluate each (checkpoint dir, eval-time reweight_p: "ckpt" = as trained, or a number) at every length;
@@ -155,17 +168,9 @@ def evaluate(specs, multipliers_arg="1,2,4,8,16", lengths_arg="", tokens_arg=0, 
         if top >= margs["vocab_size"]:
             raise SystemExit(f"eval error: vocab mismatch: {d} has {margs['vocab_size']} tokens but its validation "
                              f"data holds token id {top}; evaluate it on the dataset it was trained on")
-        overrides = {} if p == "ckpt" else {"reweight_p": float(p)}
+        overrides, name, eff_p, trained_p, label = eval_time_p(d, margs, p)
         if backend_arg:
             overrides["attn_backend"] = backend_arg
-        try:
-            name, trained_p = resolve_attn(margs["attn"], margs.get("reweight_p", 0.0))
-            name, eff_p = resolve_attn(name, overrides.get("reweight_p", trained_p))
-        except ValueError as e:
-            raise SystemExit(f"eval error: {d}: {e}") from None
-        label = os.path.basename(os.path.normpath(d)).removeprefix("out-")
-        if p != "ckpt":
-            label += f" (eval p={float(p):g})"
         jobs.append(dict(ckpt=d, ckpt_data=ck, val=val, lens=lens, budget=budget, overrides=overrides, label=label,
                          attn=name, reweight_p=eff_p, trained_reweight_p=trained_p, block_size=margs["block_size"],
                          dataset=cfg["dataset"], iter_num=ck["iter_num"]))

@@ -47,8 +47,7 @@ from common import (
     pick_device,
 )
 from configurator import configure
-from eval_length import checkpoint_lengths, parse_list, save_json
-from model import resolve_attn
+from eval_length import checkpoint_lengths, eval_time_p, parse_list, save_json
 
 # -----------------------------------------------------------------------------
 ckpts = ""               # comma-separated out_dirs (or ckpt.pt files)
@@ -217,12 +216,7 @@ def evaluate(ckpt_dirs, multipliers_arg="1,2,4,8,16", lengths_arg="", depths_arg
     for d, p in [(d, p) for d in ckpt_dirs for p in parse_list(p_arg)]:
         ck = loaded[d] = loaded.get(d) or load_checkpoint(d, dev)
         cfg, margs = ck["config"], ck["model_args"]
-        overrides = {} if p == "ckpt" else {"reweight_p": float(p)}
-        try:
-            attn, trained_p = resolve_attn(margs.get("attn", "softmax"), margs.get("reweight_p", 0.0))  # lssar -> lssa, 15
-            attn, eff_p = resolve_attn(attn, overrides.get("reweight_p", trained_p))
-        except ValueError as e:
-            raise SystemExit(f"eval error: {d}: {e}") from None
+        overrides, attn, eff_p, trained_p, label = eval_time_p(d, margs, p)
         lens = checkpoint_lengths(d, margs, lengths_arg, multipliers_arg)
         meta = load_meta(cfg["dataset"], cfg.get("data_dir", ""))
         tpl = passkey_template(meta)
@@ -232,7 +226,6 @@ def evaluate(ckpt_dirs, multipliers_arg="1,2,4,8,16", lengths_arg="", depths_arg
         if top >= margs["vocab_size"]:
             raise SystemExit(f"eval error: vocab mismatch: {d} has {margs['vocab_size']} tokens but its filler holds "
                              f"token id {top}; use the filler of the dataset it was trained on")
-        label = os.path.basename(os.path.normpath(d)).removeprefix("out-") + ("" if p == "ckpt" else f" (eval p={eff_p:g})")
         jobs.append(dict(ckpt=d, ck=ck, lens=lens, trials=trials_by_len, filler=filler_desc, decode=get_tokenizer(meta)[1],
                          label=label, char_level=tpl.char_level, overrides=overrides, attn=attn, reweight_p=eff_p,
                          trained_reweight_p=trained_p))
