@@ -29,12 +29,13 @@ import time
 
 import torch
 
-from common import pick_device
+from common import parse_list, pick_device
 from configurator import configure
-from model import ATTN_BACKENDS, ATTN_KINDS, GPT, GPTConfig, causal_attention
+from kernels import BACKENDS
+from model import GPT, AttnSpec, GPTConfig, attn_names, causal_attention
 
 # -----------------------------------------------------------------------------
-kinds = "softmax,ssmax,lssa,lssar,sigmoid,relu"
+kinds = ",".join(attn_names())  # every attention of model.py's registry
 backends = "sdpa,math,flex"
 lengths = LENGTHS = "64,256,1024,4096,16384"
 grad_max_len = 4096      # forward+backward of attention alone up to this length
@@ -55,10 +56,6 @@ dtype = "auto"           # auto: bfloat16 autocast on CUDA, float32 on CPU
 out = ""                 # default results/bench/bench_<device>[_quick]
 mem_case = ""            # internal: measure the memory of one case (JSON) in this process and print it
 # -----------------------------------------------------------------------------
-
-
-def parse_list(s, cast=str):
-    return [cast(x.strip()) for x in str(s).split(",") if x.strip()]
 
 
 def _sync(dev):
@@ -83,16 +80,17 @@ def build(case, dev, dt):
         grad = case["grad"]
         q, k, v = (torch.randn(shape, device=dev, requires_grad=grad) for _ in range(3))
         go = torch.randn(shape, device=dev)
+        spec = AttnSpec.of(kind)
 
         def run():
             with _autocast(dev, dt):
                 if grad:
-                    y = causal_attention(q, k, v, kind, backend=case["backend"])
+                    y = causal_attention(q, k, v, spec, backend=case["backend"])
                     y.backward(go)
                     q.grad = k.grad = v.grad = None
                 else:
                     with torch.no_grad():
-                        causal_attention(q, k, v, kind, backend=case["backend"])
+                        causal_attention(q, k, v, spec, backend=case["backend"])
         return run
     size = GPT2 if case["model"] == "gpt2" else DEMO
     model = GPT(GPTConfig(block_size=T, attn=kind, **size)).to(dev)
@@ -255,8 +253,8 @@ def main():
         warm = case.get("backend") == "flex" or case["what"] == "train"  # compiles / optimizer state come first
         print(json.dumps({"peak_bytes": peak_memory_here(build(case, dev, dt), dev, warm)}))
         return
-    for key, allowed in (("kinds", ATTN_KINDS), ("eval_kinds", ATTN_KINDS), ("train_kinds", ATTN_KINDS),
-                         ("backends", ATTN_BACKENDS)):
+    for key, allowed in (("kinds", attn_names()), ("eval_kinds", attn_names()), ("train_kinds", attn_names()),
+                         ("backends", BACKENDS)):
         bad = [x for x in parse_list(globals()[key]) if x not in allowed]
         if bad:
             raise SystemExit(f"bench error: unknown {key} {', '.join(bad)}; choose from {', '.join(allowed)}")

@@ -4,14 +4,16 @@ checkpoints (written atomically, read back into a model with its full config) an
 """
 
 import glob
+import math
 import os
 import pickle
 from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
 
-from model import GPT, GPTConfig, resolve_attn
+from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PREPARE_HINT = {  # how to make each dataset, for error messages
@@ -218,15 +220,33 @@ def load_checkpoint(out_dir_or_file, device="cpu"):
 
 
 def model_from_checkpoint(ckpt, device="cpu", **overrides):
-    """Rebuild the GPT a checkpoint was trained as (attention kind, p, positions, ...); keyword overrides
-    change eval-time fields such as reweight_p or attn_backend without retraining."""
-    args = dict(ckpt["model_args"])
-    if "reweight_p" in overrides:  # an override replaces the trained p, also the 15 that attn='lssar' implies
-        args["attn"], args["reweight_p"] = resolve_attn(args["attn"], args.get("reweight_p", 0.0))
-    args.update(overrides)
-    model = GPT(GPTConfig(**args))
+    """Rebuild the GPT a checkpoint was trained as (attention, p, positions, sizes: its model_args, read through
+    GPTConfig, which also resolves checkpoints stored before the canonical form, e.g. ('lssar', 0.0) -> ('lssa',
+    15.0)); keyword overrides change eval-time fields such as reweight_p or attn_backend without retraining."""
+    model = GPT(replace(GPTConfig(**ckpt["model_args"]), **overrides))
     state = ckpt["model"]
     prefix = "_orig_mod."  # torch.compile'd models save their weights under this prefix
     state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
     model.load_state_dict(state)
     return model.to(device)
+
+
+def parse_list(s, cast=str):
+    """'a,b,c' -> [cast(a), cast(b), cast(c)], blanks dropped."""
+    return [cast(x.strip()) for x in str(s).split(",") if x.strip()]
+
+
+def parse_reweight_p(value, key="reweight_p", prefix="config error"):
+    """An eval-time or fine-tuning re-weighting power: 'ckpt' (as the checkpoint was trained) or a number >= 0
+    (0 = off, 15 = LSSAR's); anything else stops with one line naming the choices."""
+    text = str(value).strip()
+    if text == "ckpt":
+        return "ckpt"
+    try:
+        p = float(text)
+    except ValueError:
+        p = math.nan
+    if not (p >= 0 and math.isfinite(p)):
+        raise SystemExit(f"{prefix}: {key} must be >= 0 (a number: 0 = off, 15 = LSSAR's) or 'ckpt' (as trained), "
+                         f"got {value!r}")
+    return p

@@ -6,8 +6,8 @@ token (the attention sink), and how many weights are exactly zero (LSSAR's ReLU 
 
 For each checkpoint and length L (1x..16x its block_size), a few validation windows of L tokens go through the
 model; in every layer the attention weights of the LAST block_size query rows (the rows that sit at ~L tokens
-of context) are computed chunk by chunk with model.attention_weights (the same code as the forward pass; never
-a full T x T matrix) and summarised per layer and head:
+of context) are handed to a model.AttentionProbe chunk by chunk during the forward pass (the math backend's
+code; never a full T x T matrix) and summarised per layer and head:
   entropy  - mean over rows of -sum_j w_ij log w_ij (nats); log(N) would be uniform over N keys
   sink     - mean weight on key 0
   zeros    - fraction of the visible weights that are exactly 0
@@ -24,11 +24,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-import model as model_module
-from common import load_checkpoint, load_stream, model_from_checkpoint, pick_device
+from common import load_checkpoint, load_stream, model_from_checkpoint, parse_list, pick_device
 from configurator import configure
-from eval_length import checkpoint_lengths, parse_list
-from model import attention_weights, resolve_attn
+from eval_length import checkpoint_lengths
+from model import AttentionProbe
 
 # -----------------------------------------------------------------------------
 ckpts = ""
@@ -42,10 +41,11 @@ device = "auto"
 STATS = ("entropy", "sink", "zeros", "max")
 
 
-def row_stats(w, first_row, pos_offset):
-    """Sums over rows of each statistic, per head: w (B, H, rows, keys) of the rows starting at first_row."""
+def row_stats(w, first):
+    """Sums over rows of each statistic, per head: w (B, H, rows, keys) of the query rows at absolute positions
+    first, first + 1, ..."""
     n_rows = w.shape[2]
-    visible = (torch.arange(w.shape[3]).view(1, -1) <= torch.arange(n_rows).view(-1, 1) + pos_offset + first_row)
+    visible = (torch.arange(w.shape[3]).view(1, -1) <= torch.arange(n_rows).view(-1, 1) + first)
     total = w.sum(-1, keepdim=True)
     a = w / total.clamp_min(torch.finfo(w.dtype).tiny)  # rows as distributions (a no-op for normalised kinds)
     ent = -(a * torch.log(a.clamp_min(torch.finfo(w.dtype).tiny))).sum(-1)
@@ -59,27 +59,17 @@ def row_stats(w, first_row, pos_offset):
 @torch.no_grad()
 def stats_at_length(model, val, L, n_windows, n_rows, dev, pbar=None):
     """Per layer and head, the statistics of the last n_rows query rows of n_windows windows of L tokens."""
-    cfg = model.config
-    m = min(n_rows, L)
-    acc = [None] * cfg.n_layer
-    calls = iter(range(cfg.n_layer * n_windows))
-    original = model_module.causal_attention
+    acc = [None] * model.config.n_layer
 
-    def capture(q, k, v, *args, **kwargs):  # each layer's attention call: summarise its weights, then run as usual
-        i = next(calls) % cfg.n_layer
-        for c0, w in attention_weights(q[:, :, -m:], k, cfg.attn, cfg.reweight_p, pos_offset=L - m, chunk=cfg.attn_chunk):
-            s = row_stats(w.double().cpu(), c0, L - m)
-            acc[i] = s if acc[i] is None else {key: acc[i][key] + s[key] for key in s}
-        return original(q, k, v, *args, **kwargs)
+    def summarise(layer, first, w):  # the probe: each layer's weights, chunk by chunk, during the forward
+        s = row_stats(w.double().cpu(), first)
+        acc[layer] = s if acc[layer] is None else {key: acc[layer][key] + s[key] for key in s}
 
-    model_module.causal_attention = capture  # CausalSelfAttention looks the function up at every call
-    try:
-        for wi in range(n_windows):
-            model(torch.from_numpy(val[wi * L:(wi + 1) * L].astype(np.int64))[None].to(dev))
-            if pbar is not None:
-                pbar.update(L)
-    finally:
-        model_module.causal_attention = original
+    probe = AttentionProbe(summarise, last_rows=n_rows)
+    for wi in range(n_windows):
+        model(torch.from_numpy(val[wi * L:(wi + 1) * L].astype(np.int64))[None].to(dev), probe=probe)
+        if pbar is not None:
+            pbar.update(L)
     return [{key: (a[key] / (a["visible"] if key == "zeros" else a["rows"])).tolist() for key in STATS} for a in acc]
 
 
@@ -92,15 +82,15 @@ def diagnose_checkpoint(ck, lens, n_windows, n_rows, dev, pbar=None):
             raise SystemExit(f"diagnose error: {n_windows} windows of {L} tokens need {L * n_windows + 1} validation "
                              f"tokens, the split has {len(val)}; lower --windows or the lengths")
         out[L] = stats_at_length(model, val, L, n_windows, n_rows, dev, pbar)
-    return out
+    return out, model.config
 
 
-def diagnose(ckpt_dirs, multipliers_arg="1,2,4,8,16", lengths_arg="", n_windows=4, n_rows=0, device_arg="auto"):
-    dev = pick_device(device_arg)
+def diagnose(ckpt_dirs, *, multipliers="1,2,4,8,16", lengths="", n_windows=4, n_rows=0, device="auto"):
+    dev = pick_device(device)
     loaded = {d: load_checkpoint(d, dev) for d in ckpt_dirs}
     plans = {}
     for d, ck in loaded.items():
-        plans[d] = checkpoint_lengths(d, ck["model_args"], lengths_arg, multipliers_arg)
+        plans[d] = checkpoint_lengths(d, ck["model_args"], lengths=lengths, multipliers=multipliers)
     labels = [os.path.basename(os.path.normpath(d)).removeprefix("out-") for d in ckpt_dirs]
     common_prefix = os.path.commonprefix(labels) if len(labels) > 1 else ""
     common_prefix = common_prefix[:common_prefix.rfind("-") + 1]  # out-shakespeare-char-lssa -> lssa
@@ -109,10 +99,9 @@ def diagnose(ckpt_dirs, multipliers_arg="1,2,4,8,16", lengths_arg="", n_windows=
     with tqdm(total=total, unit="tok", unit_scale=True, desc="diagnose", file=sys.stderr) as pbar:
         for d, ck in loaded.items():
             margs = ck["model_args"]
-            name, p = resolve_attn(margs["attn"], margs.get("reweight_p", 0.0))
-            res = diagnose_checkpoint(ck, plans[d], n_windows, n_rows or margs["block_size"], dev, pbar)
-            runs.append({"label": labels[len(runs)].removeprefix(common_prefix), "ckpt": d, "attn": name,
-                         "reweight_p": p, "block_size": margs["block_size"],
+            res, cfg = diagnose_checkpoint(ck, plans[d], n_windows, n_rows or margs["block_size"], dev, pbar)
+            runs.append({"label": labels[len(runs)].removeprefix(common_prefix), "ckpt": d, "attn": cfg.attn,
+                         "reweight_p": cfg.reweight_p, "block_size": margs["block_size"],
                          "lengths": [{"length": L, "multiplier": L / margs["block_size"], "layers": res[L]}
                                      for L in plans[d]]})
     protocol = {"windows": n_windows, "rows": n_rows or "block_size", "data": "the first windows of val.bin",
@@ -167,7 +156,7 @@ def main():
     configure(globals())
     if not ckpts:
         raise SystemExit("diagnose error: pass --ckpts=DIR[,DIR...] (out_dirs of trained runs)")
-    res = diagnose(parse_list(ckpts), multipliers, lengths, windows, rows, device)
+    res = diagnose(parse_list(ckpts), multipliers=multipliers, lengths=lengths, n_windows=windows, n_rows=rows, device=device)
     res["command"] = "python " + " ".join(sys.argv)
     print(table(res))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

@@ -22,14 +22,24 @@ import math
 import os
 import sys
 import time
+from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import autocast_ctx, load_checkpoint, load_stream, model_from_checkpoint, pick_device
+from common import (
+    autocast_ctx,
+    load_checkpoint,
+    load_stream,
+    model_from_checkpoint,
+    parse_list,
+    parse_reweight_p,
+    pick_device,
+)
 from configurator import configure
-from model import resolve_attn
+from model import GPTConfig
 
 # -----------------------------------------------------------------------------
 ckpts = ""               # comma-separated out_dirs (or ckpt.pt files)
@@ -37,8 +47,8 @@ multipliers = "1,2,4,8,16"  # x the training block_size of each checkpoint
 lengths = ""             # explicit context lengths instead of multipliers, e.g. "64,256,1024"
 tokens = 0               # validation-token budget per length; 0 = as many as fit whole windows of the largest length
 stride = 0               # 0: non-overlapping windows; S > 0: sliding windows scoring the last S tokens each
-reweight_p = "ckpt"      # comma list of eval-time re-weighting powers: "ckpt" = as trained, 0 = off, 15 = LSSAR
-attn_backend = ""        # override the attention backend (auto | math | sdpa | flex); "" = the checkpoint's
+reweight_p = "ckpt"      # comma list of eval-time re-weighting powers: ckpt = as trained, 0 = off, 15 = LSSAR
+attn_backend = ""        # override the attention backend (auto | reference | math | sdpa | flex | triton); "" = the checkpoint's
 batch_tokens = 16384     # at most this many tokens per forward pass (bounds memory)
 position_buckets = 32    # loss-by-position buckets per length
 out = "results/eval_length"
@@ -49,20 +59,16 @@ replot = ""              # path to a results .json: redraw its plots without eva
 # -----------------------------------------------------------------------------
 
 
-def parse_list(s, cast=str):
-    return [cast(x.strip()) for x in str(s).split(",") if x.strip()]
+def eval_lengths(block_size, *, lengths="", multipliers="1,2,4,8,16"):
+    if lengths:
+        return sorted(set(parse_list(lengths, int)))
+    return sorted({int(round(block_size * m)) for m in parse_list(multipliers, float)})
 
 
-def eval_lengths(block_size, lengths_arg="", multipliers_arg="1,2,4,8,16"):
-    if lengths_arg:
-        return sorted(set(parse_list(lengths_arg, int)))
-    return sorted({int(round(block_size * m)) for m in parse_list(multipliers_arg, float)})
-
-
-def checkpoint_lengths(ckpt_dir, margs, lengths_arg="", multipliers_arg="1,2,4,8,16"):
+def checkpoint_lengths(ckpt_dir, margs, *, lengths="", multipliers="1,2,4,8,16"):
     """The lengths to evaluate a checkpoint at; a learned-position model asked to go past its block_size is a
     one-line error (shared by eval_length.py, diagnose.py and eval_passkey.py)."""
-    lens = eval_lengths(margs["block_size"], lengths_arg, multipliers_arg)
+    lens = eval_lengths(margs["block_size"], lengths=lengths, multipliers=multipliers)
     if margs.get("pos") == "learned" and max(lens) > margs["block_size"]:
         raise SystemExit(f"eval error: {ckpt_dir} uses learned position embeddings, which stop at block_size="
                          f"{margs['block_size']}; evaluate it with --lengths up to {margs['block_size']} "
@@ -70,7 +76,7 @@ def checkpoint_lengths(ckpt_dir, margs, lengths_arg="", multipliers_arg="1,2,4,8
     return lens
 
 
-def token_budget(n_val, lens, requested=0, stride_=0):
+def token_budget(n_val, lens, *, requested=0, stride=0):
     """Tokens scored at every length: the same prefix of val.bin at each one. Non-overlapping windows need
     the budget to be a whole number of windows of every length; it then ends 1 token early for the targets."""
     avail = n_val - 1
@@ -81,7 +87,7 @@ def token_budget(n_val, lens, requested=0, stride_=0):
         budget = requested
     else:
         budget = avail
-    if not stride_:
+    if not stride:
         # a whole number of windows of every length; if the lengths' lcm does not fit, of the largest one
         # (shorter lengths that do not divide it then drop the last partial window: recorded as their tokens)
         lcm = math.lcm(*lens)
@@ -94,28 +100,30 @@ def token_budget(n_val, lens, requested=0, stride_=0):
     return budget
 
 
-def window_plan(budget, L, stride_):
+def window_plan(budget, L, stride=0):
     """(start, first scored position) of each window; scored positions run to the window's end."""
-    if not stride_:
+    if not stride:
         return [(s, 0) for s in range(0, budget - L + 1, L)]
     plan, s = [(0, 0)], 0
     while s + L < budget:
-        nxt = min(s + stride_, budget - L)  # the last window ends exactly at the budget
+        nxt = min(s + stride, budget - L)  # the last window ends exactly at the budget
         plan.append((nxt, L - (nxt - s)))
         s = nxt
     return plan
 
 
 @torch.no_grad()
-def loss_at_length(model, data, L, budget, stride_, ctx, dev, n_buckets, batch_tok, pbar=None):
-    """Sum and count of the scored token losses at context length L, and the loss by position (bucketed)."""
-    plan = window_plan(budget, L, stride_)
-    B = max(1, batch_tok // L)
+def loss_at_length(model, data, L, *, budget, stride=0, ctx=None, device="cpu", buckets=32, batch_tokens=16384, pbar=None):
+    """Sum and count of the scored token losses at context length L over the first `budget` tokens of data, and
+    the loss by position (`buckets` log-spaced buckets); at most batch_tokens tokens per forward pass."""
+    plan = window_plan(budget, L, stride)
+    ctx = ctx or nullcontext()  # autocast, or nothing
+    B = max(1, batch_tokens // L)
     pos_sum, pos_cnt = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
     for i in range(0, len(plan), B):
         chunk = plan[i:i + B]
-        x = torch.stack([torch.from_numpy(data[s:s + L].astype(np.int64)) for s, _ in chunk]).to(dev)
-        y = torch.stack([torch.from_numpy(data[s + 1:s + 1 + L].astype(np.int64)) for s, _ in chunk]).to(dev)
+        x = torch.stack([torch.from_numpy(data[s:s + L].astype(np.int64)) for s, _ in chunk]).to(device)
+        y = torch.stack([torch.from_numpy(data[s + 1:s + 1 + L].astype(np.int64)) for s, _ in chunk]).to(device)
         with ctx:
             _, loss = model(x, y, reduction="none")
         loss = loss.view(len(chunk), L).double().cpu()
@@ -126,51 +134,52 @@ def loss_at_length(model, data, L, budget, stride_, ctx, dev, n_buckets, batch_t
             pbar.update(int(keep.sum()))
     total, count = pos_sum.sum().item(), int(pos_cnt.sum().item())
     # log-spaced buckets: fine near the start of the window, where the training length sits on a log axis
-    edges = np.unique(np.concatenate([[0], np.geomspace(1, L, n_buckets).round().astype(int)]))
-    buckets = []
+    edges = np.unique(np.concatenate([[0], np.geomspace(1, L, buckets).round().astype(int)]))
+    by_position = []
     for a, b in zip(edges[:-1], edges[1:], strict=True):
         c = pos_cnt[a:b].sum().item()
         if c:
-            buckets.append({"start": int(a), "end": int(b), "loss": pos_sum[a:b].sum().item() / c, "tokens": int(c)})
-    return total, count, buckets
+            by_position.append({"start": int(a), "end": int(b), "loss": pos_sum[a:b].sum().item() / c, "tokens": int(c)})
+    return total, count, by_position
 
 
 def eval_time_p(ckpt_dir, margs, p):
     """What evaluating a checkpoint at eval-time re-weighting power p ("ckpt" = as trained, or a number) means:
     (model_from_checkpoint overrides, attention variant, p in effect, trained p, run label)."""
-    overrides = {} if p == "ckpt" else {"reweight_p": float(p)}
     try:
-        name, trained_p = resolve_attn(margs.get("attn", "softmax"), margs.get("reweight_p", 0.0))  # lssar -> lssa, 15
-        name, eff_p = resolve_attn(name, overrides.get("reweight_p", trained_p))
+        trained = GPTConfig(**margs)  # canonical: ('lssar', 0.0) in an older checkpoint reads as ('lssa', 15.0)
+        overrides = {} if p == "ckpt" else {"reweight_p": parse_reweight_p(p)}
+        eff = replace(trained, **overrides)
     except ValueError as e:
         raise SystemExit(f"eval error: {ckpt_dir}: {e}") from None
     label = os.path.basename(os.path.normpath(ckpt_dir)).removeprefix("out-")
-    return overrides, name, eff_p, trained_p, label + ("" if p == "ckpt" else f" (eval p={eff_p:g})")
+    label += "" if p == "ckpt" else f" (eval p={eff.reweight_p:g})"
+    return overrides, trained.attn, eff.reweight_p, trained.reweight_p, label
 
 
-def evaluate(specs, multipliers_arg="1,2,4,8,16", lengths_arg="", tokens_arg=0, stride_arg=0, backend_arg="",
-             device_arg="auto", dtype_arg="auto", buckets=32, batch_tok=16384):
+def evaluate(specs, *, multipliers="1,2,4,8,16", lengths="", tokens=0, stride=0, backend="", device="auto",
+             dtype="auto", buckets=32, batch_tokens=16384):
     """Evaluate each (checkpoint dir, eval-time reweight_p: "ckpt" = as trained, or a number) at every length;
     returns the results dict that write_results() saves. Fails before evaluating anything when a checkpoint or
-    a length cannot work."""
-    dev = pick_device(device_arg)
-    ctx, dt = autocast_ctx(dev, dtype_arg)
+    a length cannot work. The keywords mean what the script's keys of the same names mean."""
+    dev = pick_device(device)
+    ctx, dt = autocast_ctx(dev, dtype)
     jobs, loaded = [], {}
     for d, p in specs:
         if d not in loaded:
             loaded[d] = load_checkpoint(d, dev)
         ck = loaded[d]
         cfg, margs = ck["config"], ck["model_args"]
-        lens = checkpoint_lengths(d, margs, lengths_arg, multipliers_arg)
+        lens = checkpoint_lengths(d, margs, lengths=lengths, multipliers=multipliers)
         val = load_stream(cfg["dataset"], "val", cfg.get("data_dir", ""))
-        budget = token_budget(len(val), lens, tokens_arg, stride_arg)
+        budget = token_budget(len(val), lens, requested=tokens, stride=stride)
         top = int(val[:budget + 1].max())
         if top >= margs["vocab_size"]:
             raise SystemExit(f"eval error: vocab mismatch: {d} has {margs['vocab_size']} tokens but its validation "
                              f"data holds token id {top}; evaluate it on the dataset it was trained on")
         overrides, name, eff_p, trained_p, label = eval_time_p(d, margs, p)
-        if backend_arg:
-            overrides["attn_backend"] = backend_arg
+        if backend:
+            overrides["attn_backend"] = backend
         jobs.append(dict(ckpt=d, ckpt_data=ck, val=val, lens=lens, budget=budget, overrides=overrides, label=label,
                          attn=name, reweight_p=eff_p, trained_reweight_p=trained_p, block_size=margs["block_size"],
                          dataset=cfg["dataset"], iter_num=ck["iter_num"]))
@@ -183,18 +192,18 @@ def evaluate(specs, multipliers_arg="1,2,4,8,16", lengths_arg="", tokens_arg=0, 
             for L in j["lens"]:
                 pbar.set_postfix_str(f"{j['label']} @ {L}")
                 t0 = time.time()
-                total, count, bks = loss_at_length(model, j["val"], L, j["budget"], stride_arg, ctx, dev, buckets, batch_tok,
-                                                   pbar)
+                total, count, bks = loss_at_length(model, j["val"], L, budget=j["budget"], stride=stride, ctx=ctx, device=dev,
+                                                   buckets=buckets, batch_tokens=batch_tokens, pbar=pbar)
                 results.append({"length": L, "multiplier": L / j["block_size"], "loss": total / count,
                                 "tokens": count, "seconds": round(time.time() - t0, 2), "position_buckets": bks})
             runs.append({k: j[k] for k in ("label", "ckpt", "attn", "reweight_p", "trained_reweight_p", "block_size",
                                            "dataset", "iter_num", "overrides", "budget")} | {"results": results})
             del model
     protocol = {
-        "windows": f"sliding, stride {stride_arg}" if stride_arg else "non-overlapping",
+        "windows": f"sliding, stride {stride}" if stride else "non-overlapping",
         "loss": "mean cross-entropy (nats) over every scored token",
         "data": "the first tokens of each checkpoint's val.bin, the same at every length",
-        "device": dev, "dtype": dt, "batch_tokens": batch_tok, "attn_backend": backend_arg or "checkpoint's",
+        "device": dev, "dtype": dt, "batch_tokens": batch_tokens, "attn_backend": backend or "checkpoint's",
     }
     return {"protocol": protocol, "runs": runs}
 
@@ -295,8 +304,9 @@ def main():
         return
     if not ckpts:
         raise SystemExit("eval error: pass --ckpts=DIR[,DIR...] (out_dirs of trained runs)")
-    specs = [(d, p) for d in parse_list(ckpts) for p in parse_list(reweight_p)]
-    res = evaluate(specs, multipliers, lengths, tokens, stride, attn_backend, device, dtype, position_buckets, batch_tokens)
+    specs = [(d, parse_reweight_p(p, prefix="eval error")) for d in parse_list(ckpts) for p in parse_list(reweight_p)]
+    res = evaluate(specs, multipliers=multipliers, lengths=lengths, tokens=tokens, stride=stride, backend=attn_backend,
+                   device=device, dtype=dtype, buckets=position_buckets, batch_tokens=batch_tokens)
     print(table(res))
     command = "python " + " ".join(sys.argv)
     for p in write_results(res, out, command, plot):

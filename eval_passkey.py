@@ -44,10 +44,12 @@ from common import (
     load_meta,
     load_stream,
     model_from_checkpoint,
+    parse_list,
+    parse_reweight_p,
     pick_device,
 )
 from configurator import configure
-from eval_length import checkpoint_lengths, eval_time_p, parse_list, save_json
+from eval_length import checkpoint_lengths, eval_time_p, save_json
 
 # -----------------------------------------------------------------------------
 ckpts = ""               # comma-separated out_dirs (or ckpt.pt files)
@@ -57,7 +59,7 @@ depths = "0,0.25,0.5,0.75,1"  # where the key sentence sits in the filler (0 = s
 trials = 20              # prompts per length x depth
 seed = 1337
 key_len = 5              # key tokens (letters for char-level models, digits for BPE)
-reweight_p = "ckpt"      # comma list of eval-time re-weighting powers: "ckpt" = as trained, 0 = off, 15 = LSSAR
+reweight_p = "ckpt"      # comma list of eval-time re-weighting powers: ckpt = as trained, 0 = off, 15 = LSSAR
 filler = "val"           # val (the checkpoint's validation data) | repeat (one sentence) | DIR (DIR/val.bin)
 batch = 20               # prompts per forward pass
 out = "results/passkey"
@@ -200,28 +202,28 @@ def filler_source(cfg, meta, filler_arg):
     return load_stream(os.path.basename(os.path.normpath(d)), "val", d), f"val: {_show(d)}"
 
 
-def evaluate(ckpt_dirs, multipliers_arg="1,2,4,8,16", lengths_arg="", depths_arg="0,0.25,0.5,0.75,1", n_trials=20,
-             seed_=1337, n_key=5, filler_arg="val", batch_size=20, device_arg="auto", dtype_arg="auto", p_arg="ckpt"):
-    """Passkey accuracy of each checkpoint (at each eval-time reweight_p of p_arg: "ckpt" = as trained, or
-    numbers) at every length x depth; returns the results dict write_results() saves. Fails before evaluating
-    anything when a checkpoint or a length cannot work."""
-    dev = pick_device(device_arg)
-    ctx, dt = autocast_ctx(dev, dtype_arg)
-    depth_list = parse_list(depths_arg, float)
+def evaluate(ckpt_dirs, *, multipliers="1,2,4,8,16", lengths="", depths="0,0.25,0.5,0.75,1", n_trials=20, seed=1337,
+             n_key=5, filler="val", batch_size=20, device="auto", dtype="auto", reweight_p="ckpt"):
+    """Passkey accuracy of each checkpoint (at each eval-time reweight_p of the comma list reweight_p: ckpt = as
+    trained, or numbers) at every length x depth; returns the results dict write_results() saves. Fails before
+    evaluating anything when a checkpoint or a length cannot work. Keywords as the script's keys."""
+    dev = pick_device(device)
+    ctx, dt = autocast_ctx(dev, dtype)
+    depth_list = parse_list(depths, float)
     if not depth_list or any(not 0 <= d <= 1 for d in depth_list):
-        raise SystemExit(f"passkey error: depths must be fractions in [0, 1], got {depths_arg!r}")
+        raise SystemExit(f"passkey error: depths must be fractions in [0, 1], got {depths!r}")
     if n_trials < 1 or n_key < 1 or batch_size < 1:
         raise SystemExit("passkey error: trials, key_len and batch must be >= 1")
     jobs, loaded = [], {}
-    for d, p in [(d, p) for d in ckpt_dirs for p in parse_list(p_arg)]:
+    for d, p in [(d, parse_reweight_p(p, prefix="eval error")) for d in ckpt_dirs for p in parse_list(reweight_p)]:
         ck = loaded[d] = loaded.get(d) or load_checkpoint(d, dev)
         cfg, margs = ck["config"], ck["model_args"]
         overrides, attn, eff_p, trained_p, label = eval_time_p(d, margs, p)
-        lens = checkpoint_lengths(d, margs, lengths_arg, multipliers_arg)
+        lens = checkpoint_lengths(d, margs, lengths=lengths, multipliers=multipliers)
         meta = load_meta(cfg["dataset"], cfg.get("data_dir", ""))
         tpl = passkey_template(meta)
-        data, filler_desc = filler_source(cfg, meta, filler_arg)
-        trials_by_len = {L: make_trials(tpl, data, L, depth_list, n_trials, n_key, seed_) for L in lens}
+        data, filler_desc = filler_source(cfg, meta, filler)
+        trials_by_len = {L: make_trials(tpl, data, L, depth_list, n_trials, n_key, seed) for L in lens}
         top = max(int(p.max()) for p, _ in trials_by_len.values())
         if top >= margs["vocab_size"]:
             raise SystemExit(f"eval error: vocab mismatch: {d} has {margs['vocab_size']} tokens but its filler holds "
@@ -252,9 +254,9 @@ def evaluate(ckpt_dirs, multipliers_arg="1,2,4,8,16", lengths_arg="", depths_arg
                   "uppercase letters (char-level) / space-separated digits (BPE)"),
         "length": "total tokens including the answer slot; the model reads length - key_len tokens",
         "decoding": "greedy (argmax) with a KV cache; correct = every key token matches",
-        "trials": f"{n_trials} per length x depth; trial t draws filler and key from (seed={seed_}, length, t), the "
+        "trials": f"{n_trials} per length x depth; trial t draws filler and key from (seed={seed}, length, t), the "
                   "same at every depth and for every checkpoint",
-        "filler": filler_arg, "device": dev, "dtype": dt, "batch": batch_size,
+        "filler": filler, "device": dev, "dtype": dt, "batch": batch_size,
     }
     return {"protocol": protocol, "runs": runs}
 
@@ -350,8 +352,8 @@ def main():
         return
     if not ckpts:
         raise SystemExit("eval error: pass --ckpts=DIR[,DIR...] (out_dirs of trained runs)")
-    res = evaluate(parse_list(ckpts), multipliers, lengths, depths, trials, seed, key_len, filler, batch, device, dtype,
-                   reweight_p)
+    res = evaluate(parse_list(ckpts), multipliers=multipliers, lengths=lengths, depths=depths, n_trials=trials, seed=seed,
+                   n_key=key_len, filler=filler, batch_size=batch, device=device, dtype=dtype, reweight_p=reweight_p)
     print(table(res))
     for p in write_results(res, out, "python " + " ".join(sys.argv)):
         print(f"wrote {p}")

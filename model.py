@@ -1,34 +1,57 @@
 """
 The whole GPT in one file, with a switchable attention normalisation.
 
-Attention is written in the paper's two stages (arXiv 2501.13428, see ../shared/docs/PAPER.md):
-  1. normalisation: turn the scores of query row i into weights over the keys j <= i
-     (softmax, LSSA = length-scaled softplus, sigmoid, ReLU, SSMax)
+Read top to bottom:
+  1. the attention variants (the formulas: one registry entry each) and the canonical attention spec
+  2. the re-weighting (stage 2), written once
+  3. `causal_attention`, the one entry point, and a plain reference implementation of it
+  4. RoPE, the GPT and its KV cache
+
+Attention is computed in the paper's two stages (arXiv 2501.13428; docs/attention.md):
+  1. normalisation: the scores of query row i become weights over the keys j <= i
+     (softmax, LSSA = length-scaled softplus, SSMax, sigmoid, ReLU)
   2. sharpening (optional, `reweight_p` > 0): A'_ij ~ ReLU(N_i * A_ij - O_i) ** p   (LSSAR = LSSA + this)
-Each variant below is a few lines: whether it uses QK-norm, the per-row scale of q.k, the log of its
-weight as a function of the scaled score, and whether rows are l1-normalised. `causal_attention` is the
-one entry point every path uses (training, evaluation, KV-cache decoding); backends only decide how the
-same formula is computed.
+How it is computed (chunked math, SDPA, flex, fused Triton kernels) lives in kernels/, which receives only the
+canonical spec resolved here.
 """
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
+from dataclasses import dataclass, field
 
 import torch
 import torch.nn as nn
 from torch.nn import functional as F
 
+import kernels
+
 # -----------------------------------------------------------------------------
-# attention variants: one source of truth
+# 1. attention variants: the formulas, one registry entry each
+#
+# For query row i (absolute position i, N_i = i + 1 visible keys) and key j <= i of head h, a variant defines
+#     s_ij = scale(N_i) * q_i . k_j + bias(i, j, h)      (q, k l2-normalised first when qk_norm)
+#     w_ij = f(s_ij, N_i)                                 (given as log f: `logw`; None means f = exp)
+# and whether rows are l1-normalised (A_ij = w_ij / sum_j w_ij). Learnable per-head parameters enter through
+# `scale` (applied to q in PyTorch before any backend, so autograd trains them); `bias` is fixed.
 
 
-def _inv_sqrt_d(n, d):
-    return torch.full_like(n, 1.0 / math.sqrt(d))
+def _ln(x):
+    return torch.log(x) if torch.is_tensor(x) else math.log(x)
 
 
-def _log_d_log_n(n, d):
-    # LSSA / SSMax: log(d) replaces 1/sqrt(d), log(N_i) keeps the entropy of a row from growing with length
-    return math.log(d) * torch.log(n)
+def inv_sqrt_d(n, d, params):
+    """1 / sqrt(d): the standard scale."""
+    return 1.0 / math.sqrt(d)
+
+
+def log_d_log_n(n, d, params):
+    """log(d) * log(N_i): replaces 1 / sqrt(d) and keeps a row's entropy from growing with its length."""
+    return math.log(d) * _ln(n)
+
+
+def learned_s_log_n(n, d, params):
+    """s_h * log(N_i) / sqrt(d), s_h learnable per head (SSMax as its authors define it)."""
+    return params["ssmax_s"].view(-1, 1, 1) * _ln(n) / math.sqrt(d)
 
 
 def log_softplus(s):
@@ -45,471 +68,244 @@ def _log_relu(s):
 
 @dataclass(frozen=True)
 class Variant:
-    qk_norm: bool   # l2-normalise q and k per head (q.k becomes a cosine)
-    scale: object   # scale(N, d) -> multiplier of q.k for a query row with N visible keys
-    logw: object    # logw(s, N) -> log of the (unnormalised) weight of scaled score s; None = identity (softmax)
-    normalise: bool  # l1-normalise each row (sum_j weights = 1)
-    weight: object = None  # optional weight(s, N) = exp(logw(s, N)) computed directly (the math backend's fast path)
+    equation: str              # the weight of key j in row i, as written in docs/attention.md
+    qk_norm: bool              # l2-normalise q and k per head (q.k becomes a cosine)
+    scale: Callable            # scale(N, d, params) -> multiplier of q.k for rows with N visible keys
+    logw: Callable | None      # logw(s, N) -> log of the unnormalised weight; None = identity (softmax-type)
+    normalise: bool            # l1-normalise each row (sum_j weights = 1)
+    weight: Callable | None = None  # the same weight computed directly, = exp(logw) (a faster path)
+    bias: Callable | None = None    # bias(i, j, h, H) -> fixed additive score term (positions, head)
+    params: dict = field(default_factory=dict)  # name -> init(n_head, block_size): learnable per-head tensors
+    demo: bool | str = True    # part of the CPU demo sweep, or the reason it is not
 
 
-ATTN_VARIANTS = {
-    "softmax": Variant(False, _inv_sqrt_d, None, True),
-    "lssa": Variant(True, _log_d_log_n, lambda s, n: log_softplus(s), True, lambda s, n: F.softplus(s, threshold=40.0)),
-    "ssmax": Variant(True, _log_d_log_n, None, True),
-    "sigmoid": Variant(False, _inv_sqrt_d, lambda s, n: F.logsigmoid(s - torch.log(n)), False,
-                       lambda s, n: torch.sigmoid(s - torch.log(n))),
-    "relu": Variant(False, _inv_sqrt_d, lambda s, n: _log_relu(s) - torch.log(n), False, lambda s, n: torch.relu(s) / n),
+VARIANTS = {
+    "softmax": Variant("exp(q.k / sqrt(d)), l1-normalised", False, inv_sqrt_d, None, True),
+    "lssa": Variant("softplus(log(d) log(N_i) cos(q, k)), l1-normalised", True, log_d_log_n,
+                    lambda s, n: log_softplus(s), True, lambda s, n: F.softplus(s, threshold=40.0)),
+    "ssmax": Variant("exp(log(d) log(N_i) cos(q, k)), l1-normalised", True, log_d_log_n, None, True),
+    "sigmoid": Variant("sigmoid(q.k / sqrt(d) - log(N_i))", False, inv_sqrt_d,
+                       lambda s, n: F.logsigmoid(s - torch.log(n)), False, lambda s, n: torch.sigmoid(s - torch.log(n))),
+    "relu": Variant("ReLU(q.k / sqrt(d)) / N_i", False, inv_sqrt_d, lambda s, n: _log_relu(s) - torch.log(n), False,
+                    lambda s, n: torch.relu(s) / n),
 }
-ATTN_ALIASES = {"lssar": ("lssa", 15.0)}  # name -> (variant, default reweight_p)
-ATTN_KINDS = sorted(ATTN_VARIANTS) + sorted(ATTN_ALIASES)
+ATTN_ALIASES = {"lssar": ("lssa", 15.0)}  # shorthand -> (variant, reweight_p it implies)
 REWEIGHT_EXEMPT_ROWS = 3  # rows i = 0, 1, 2 use offset O_i = 0 "to avoid early instability"
 
 
-def resolve_attn(attn, reweight_p=0.0):
-    """Map (attn, reweight_p) to (variant name, p); validates both with errors that name the fix."""
+def attn_names():
+    """Every name `attn` accepts: each variant followed by its shorthands (lssa, lssar, ...)."""
+    return [a for v in VARIANTS for a in (v, *(s for s, (base, _) in ATTN_ALIASES.items() if base == v))]
+
+
+def demo_runs():
+    """The CPU demo sweep's runs: every variant and shorthand, except variants that opt out (demo = reason)."""
+    return [a for a in attn_names() if VARIANTS[ATTN_ALIASES.get(a, (a,))[0]].demo is True]
+
+
+def canonical_attn(attn, reweight_p=0.0):
+    """(attn, reweight_p) as written in a config, on a command line or in a checkpoint -> (variant, p): the one
+    place shorthands are resolved. 'lssar' is 'lssa' with p = 15 unless p says otherwise (checkpoints made
+    before the canonical form stored ('lssar', 0.0)). Errors name the fix."""
     if attn in ATTN_ALIASES:
         attn, default_p = ATTN_ALIASES[attn]
         reweight_p = reweight_p or default_p
-    if attn not in ATTN_VARIANTS:
-        raise ValueError(f"unknown attn={attn!r}; choose one of {', '.join(ATTN_KINDS)}")
-    reweight_p = float(reweight_p)
-    if not reweight_p >= 0:
-        raise ValueError(f"reweight_p must be >= 0 (0 turns re-weighting off), got {reweight_p}")
-    if reweight_p > 0 and not ATTN_VARIANTS[attn].normalise:
-        raise ValueError(f"reweight_p > 0 needs l1-normalised weights (softmax, lssa, ssmax); {attn} is unnormalised")
-    return attn, reweight_p
+    if attn not in VARIANTS:
+        raise ValueError(f"unknown attn={attn!r}; choose one of {', '.join(attn_names())}")
+    if isinstance(reweight_p, bool) or not isinstance(reweight_p, (int, float)) or not reweight_p >= 0:
+        raise ValueError(f"reweight_p must be >= 0 (a number; 0 turns re-weighting off), got {reweight_p!r}")
+    if reweight_p > 0 and not VARIANTS[attn].normalise:
+        normalised = ", ".join(k for k, v in VARIANTS.items() if v.normalise)
+        raise ValueError(f"reweight_p > 0 needs l1-normalised weights ({normalised}); {attn} is unnormalised")
+    return attn, float(reweight_p)
+
+
+@dataclass(frozen=True)
+class AttnSpec:
+    """What the attention is, resolved once (GPTConfig builds it): every backend receives only this."""
+    kind: str                # a key of VARIANTS
+    reweight_p: float = 0.0  # stage 2's power; 0 = off
+
+    def __post_init__(self):
+        if (self.kind, self.reweight_p) != canonical_attn(self.kind, self.reweight_p):
+            raise ValueError(f"AttnSpec needs a canonical (variant, p), got ({self.kind!r}, {self.reweight_p!r})")
+
+    @property
+    def variant(self):
+        return VARIANTS[self.kind]
+
+    def key(self):
+        """The spec as a string (custom ops take strings, not objects; an f-string, which torch.compile traces);
+        from_key inverts it."""
+        return f"{self.kind}|{self.reweight_p!r}"
+
+    @staticmethod
+    def from_key(key):
+        kind, p = key.split("|")
+        return AttnSpec(kind, float(p))
+
+    @staticmethod
+    def of(attn, reweight_p=0.0):
+        return AttnSpec(*canonical_attn(attn, reweight_p))
 
 
 # -----------------------------------------------------------------------------
-# the attention function and its backends
-#
-#   sdpa  softmax and SSMax through F.scaled_dot_product_attention (flash / memory-efficient kernels)
-#   math  every variant, exact, in chunks of (heads x query rows): O(chunk x T) memory in the forward AND the
-#         backward (a custom autograd function recomputes each chunk past a budget), on any device; the reference
-#   flex  torch.compile(flex_attention) with a score_mod returning the log-weights; normalised variants only
-#   auto  the fastest exact one for the kind, device and whether gradients are needed (see _pick_backend)
+# 2. the re-weighting (stage 2), written once: the reference, the math backend's forward and backward, and flex's
+# second pass call these; the Triton kernels compute the same two equations per tile.
 
 
-def _row_n(pos_offset, Tq, like):
-    # N_i = absolute position + 1 of each query row, shaped to broadcast over (B, H, Tq, Tk); the weights are
-    # computed in fp32 at least (fp64 when the inputs are fp64), also under bf16 autocast
-    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.arange(pos_offset + 1, pos_offset + Tq + 1, device=like.device, dtype=dtype).view(Tq, 1)
+def reweight_offset(pos, dtype):
+    """O_i for absolute query positions pos: 0 for the first REWEIGHT_EXEMPT_ROWS rows, 1 after."""
+    return (pos >= REWEIGHT_EXEMPT_ROWS).to(dtype)
 
 
-CHUNK_ELEMENTS = 2**21  # score-matrix elements per chunk: measured fastest on CPU (fits in cache, no mmap churn)
-
-
-def _chunk_rows(q, k, chunk):
-    B, H, _, _ = q.shape
-    return max(1, min(chunk, CHUNK_ELEMENTS // (B * H * k.shape[2])))
-
-
-def _direct_ok(var, q, pos_offset):
-    """Can the math backend use var.weight (e.g. softplus) instead of exp(logw - row max) for queries q (B, H, Tq, d)
-    at pos_offset? Always for unnormalised kinds; for normalised ones only when no row can underflow to all zeros:
-    QK-norm bounds |s| <= scale(N) with N at most pos_offset + Tq."""
-    if var.weight is None:
-        return False
-    if not var.normalise:
-        return True
-    n_max = torch.tensor([[float(pos_offset + q.shape[2])]], dtype=torch.float64)
-    bound = float(var.scale(n_max, q.shape[-1])) if var.qk_norm else math.inf
-    return bound < (80.0 if q.dtype != torch.float64 else 700.0)  # softplus(-80) = 1.8e-35 > fp32 tiny
-
-
-def _stage1(s, var, n, direct):
-    """Weights up to a per-row factor (normalised kinds) or exactly (unnormalised); -inf scores give 0."""
-    if direct:
-        return var.weight(s, n)
-    logw = s if var.logw is None else var.logw(s, n)
-    m = logw.detach().amax(dim=-1, keepdim=True)
-    return torch.exp(logw - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
-
-
-def _chunk_scores(q, k, var, n, first, c0):
-    """Scaled scores of query rows c0 .. (absolute positions first ..) against the keys they can see, -inf on the
-    causal triangle; returns (s, per-row scale)."""
-    r = n.shape[0]
-    scale = var.scale(n, q.shape[-1])
-    s = (q[..., c0:c0 + r, :] * scale) @ k[..., :first + r, :].transpose(-2, -1)
-    # keys before `first` are visible to every row of the chunk: only the last r keys form a causal triangle
-    s[..., first:] += _causal_bias(r, s.dtype, s.device)
-    return s, scale
-
-
-_BIAS = {}
-
-
-def _causal_bias(r, dtype, device):
-    """(r, r) with -inf above the diagonal, 0 elsewhere: adding it is ~10x faster than masked_fill_ on a strided
-    view (measured on CPU) and leaves the visible scores bit-identical."""
-    key = (r, dtype, str(device))
-    if key not in _BIAS:
-        if len(_BIAS) > 64:
-            _BIAS.clear()
-        _BIAS[key] = torch.full((r, r), float("-inf"), dtype=dtype, device=device).triu_(1)
-    return _BIAS[key]
+def reweight_arg(A, n, O, out=None):
+    """x_ij = N_i A_ij - O_i: positive exactly for the weights above the row's uniform weight 1 / N_i (O = 1)."""
+    return torch.addcmul(-O, A, n, out=out)
 
 
 def _powi(u, e, inplace=False):
     """u ** e; for a whole e up to 64 by repeated squaring (~3x faster than pow's exp(e log u) on CPU).
-    inplace=True may overwrite u."""
+    inplace=True may overwrite u; inplace=False is out of place throughout (safe under autograd)."""
     if e != int(e) or not 1 <= e <= 64:
         return u.pow_(e) if inplace else u.pow(e)
     e, out, sq = int(e), None, u
     while True:
         if e & 1:
-            out = sq.clone() if out is None else out.mul_(sq)
+            out = (sq.clone() if inplace else sq) if out is None else (out.mul_(sq) if inplace else out * sq)
         e >>= 1
         if not e:
             return out
         sq = sq.mul_(sq) if inplace else sq * sq
 
 
-def _row_logsumexp(q, k, var, pos_offset, chunk=256):
-    """log sum_j exp(logw_ij) of every query row (B, H, Tq), over the math backend's chunks (_plan)."""
-    Tq = q.shape[2]
-    n_all = _row_n(pos_offset, Tq, q)
-    qf, kf = _flat(q), _flat(k)
-    lse = torch.empty(qf.shape[:-1], dtype=q.dtype, device=q.device)
-    plan, rows = _plan(qf.shape[0], Tq, kf.shape[1], chunk)
-    for hs, c0 in plan:
-        n = n_all[c0:c0 + rows]
-        s, _ = _chunk_scores(qf[hs], kf[hs], var, n, pos_offset + c0, c0)
-        lse[hs, c0:c0 + n.shape[0]] = torch.logsumexp(s if var.logw is None else var.logw(s, n), dim=-1)
-    return lse.view(q.shape[:-1])
+def reweight(phi, S, n, O, p, inplace=False):
+    """Stage 2 from stage-1 weights phi (..., rows, keys) with row sums S (..., rows, 1), N_i = n, offsets O:
+        R_ij = ReLU(x_ij) ** p,  x_ij = N_i phi_ij / S_i - O_i,  final weights R_ij / sum_j R_ij.
+    Computed as u_ij = ReLU(x_ij) / max_j x_ij and R' = u ** p: the same ratio R' / sum R' without overflow
+    (x reaches N_i, and x ** 15 overflows fp32 past ~370). Returns (R', Z = sum_j R', aux): a row with no
+    x > 0 (an exactly uniform row with O = 1) gets R' = 0, Z = 0 and a zero output. inplace=True overwrites phi
+    (forward only, aux None); otherwise aux = (a, u^(p-1)) for reweight_grad, a = N_i / (S_i max_j x_ij).
+    Differentiable by autograd when phi requires grad (the reference backend); in-place inside otherwise."""
+    r = n / S
+    xm = reweight_arg(phi.amax(dim=-1, keepdim=True), r, O)  # max_j x_ij: x is increasing in phi_ij
+    inv = torch.where(xm > 0, 1.0 / xm.clamp_min(torch.finfo(xm.dtype).tiny), 0.0)
+    a = r * inv
+    if inplace:  # u = x / max x, written over phi
+        u = reweight_arg(phi, a, O * inv, out=phi).clamp_min_(0.0)
+        R = _powi(u, p, inplace=True)
+        return R, R.sum(dim=-1, keepdim=True), None
+    tracked = torch.is_grad_enabled() and phi.requires_grad
+    u = reweight_arg(phi, a, O * inv)
+    u = u.clamp_min(0.0) if tracked else u.clamp_min_(0.0)
+    if p > 1:
+        du = _powi(u, p - 1) if tracked else _powi(u.clone(), p - 1, inplace=True)
+    else:  # u^(p-1) with 0 where u = 0 (ReLU passes no gradient there)
+        du = torch.where(u > 0, u.pow(p - 1), 0.0)
+    R = u * du if tracked else u.mul_(du)
+    return R, R.sum(dim=-1, keepdim=True), (a, du)
 
 
-def _chunk(q, k, var, p, n_all, pos_offset, c0, rows, direct, grad=False):
-    """Both stages for query rows c0 .. c0+rows-1 against the keys they can see (0 .. tk-1). Returns
-    (tk, s, phi, u, st): the final weights are w = u * st['f'], with u = phi (no re-weighting) or
-    u = ReLU(x / max_j x)^p, x = N_i phi_ij / S_i - O_i (re-weighting), and f a per-row factor (1, 1/S or 1/Z),
-    so the row factors are applied to the small (rows x d) outputs, not to the (rows x T) weights.
-    (x / max x)^p cannot overflow at p = 15 and leaves A' = R / sum R exact; a row with no x > 0 (exactly
-    uniform A) gets weights 0 and so a zero output. With grad=True, phi carries the graph of stage 1 from s."""
-    n = n_all[c0:c0 + rows]
-    r = n.shape[0]
-    first = pos_offset + c0
-    s, scale = _chunk_scores(q, k, var, n, first, c0)
-    if grad:
-        s.requires_grad_(True)
-    with torch.set_grad_enabled(grad):
-        phi = _stage1(s, var, n, direct)
-    u = phi.detach()
-    st = {"scale": scale, "f": torch.ones_like(n)}
-    if var.normalise:
-        S = u.sum(dim=-1, keepdim=True)
-        st["S"] = S
-        st["f"] = 1.0 / S
-        if p > 0:
-            O = (torch.arange(first, first + r, device=s.device) >= REWEIGHT_EXEMPT_ROWS).to(n.dtype).view(r, 1)
-            xm = u.amax(dim=-1, keepdim=True) * (n / S) - O  # max_j x_ij: x is increasing in phi_ij
-            inv = torch.where(xm > 0, 1.0 / xm.clamp_min(torch.finfo(n.dtype).tiny), 0.0)
-            st["a"] = a = (n / S) * inv
-            if grad:  # keep phi and u^(p-1) for the backward
-                u = torch.addcmul(-O * inv, u, a).clamp_min_(0.0)  # x / max x, then ReLU
-                st["du"] = du = _powi(u.clone(), p - 1, inplace=True) if p > 1 else torch.where(u > 0, u.pow(p - 1), 0.0)
-                u = u.mul_(du)  # u^p
-            else:  # the same in place (phi is not needed again): fewer large allocations
-                u = _powi(u.mul_(a).sub_(O * inv).clamp_min_(0.0), p, inplace=True)
-            st["Z"] = Z = u.sum(dim=-1, keepdim=True)
-            st["f"] = 1.0 / Z.clamp_min(torch.finfo(n.dtype).tiny)
-    return first + r, s, phi, u, st
+def reweight_grad(g, phi, S, Z, aux, p):
+    """dL/dphi through stage 2, from g_ij = Z_i dL/dR'_ij (= dout_i . v_j - dout_i . out_i): the derivative of
+    R' / Z through u ** p, x = N phi / S - O and S = sum_j phi (max_j x cancels in R' / Z). Overwrites g."""
+    a, du = aux
+    g.mul_(du)
+    m = (phi * g).sum(dim=-1, keepdim=True) / S
+    return g.sub_(m).mul_(p * a / Z.clamp_min(torch.finfo(Z.dtype).tiny))
 
 
-KEEP_ELEMENTS = 2**24  # the math backward reuses the forward's chunk tensors while they total <= this (64 MB fp32)
+def stage1(s, var, n, direct):
+    """Stage-1 weights of scaled scores s (-inf where masked): exact for unnormalised kinds, up to a per-row
+    factor for normalised ones (exp(logw - row max): no overflow). direct uses var.weight (see kernels)."""
+    if direct or (not var.normalise and var.weight is not None):
+        return var.weight(s, n)
+    logw = s if var.logw is None else var.logw(s, n)
+    if not var.normalise:
+        return torch.exp(logw)
+    m = logw.detach().amax(dim=-1, keepdim=True)
+    return torch.exp(logw - torch.where(torch.isfinite(m), m, torch.zeros_like(m)))
 
 
-def _plan(BH, Tq, Tk, chunk):
-    """The math backend's chunks over (batch x head, query rows), each with at most ~CHUNK_ELEMENTS scores: as many
-    rows as `chunk`, a quarter of Tq and the budget allow, then as many heads as fit. Rows first: every chunk
-    streams its heads' K and V once, so few rows per chunk at long T waste memory bandwidth (measured on CPU at
-    T = 16384: all 12 heads x 10 rows per chunk took 3.9x SDPA's time for LSSA, one head x 128 rows 2.7x). At most
-    a quarter of Tq: a chunk of r rows also computes the r x r / 2 masked scores above its diagonal, 1/4 more work
-    than the causal triangle at r = Tq / 4 (the demo's train step: 0.92x softmax's tokens/s vs 0.76x at r = Tq)."""
-    rows = max(1, min(chunk, max(16, -(-Tq // 4)), CHUNK_ELEMENTS // Tk))
-    heads = max(1, min(BH, CHUNK_ELEMENTS // (rows * Tk)))
-    return [(slice(h0, h0 + heads), c0) for h0 in range(0, BH, heads) for c0 in range(0, Tq, rows)], rows
+# -----------------------------------------------------------------------------
+# 3. the attention function
 
 
-def _flat(t):
-    return t.reshape(-1, t.shape[-2], t.shape[-1])  # (B, H, T, d) -> (B*H, T, d)
+def row_n(pos_offset, Tq, like):
+    """N_i = absolute position + 1 of each query row, (Tq, 1); fp32 at least (fp64 for fp64 inputs)."""
+    dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
+    return torch.arange(pos_offset + 1, pos_offset + Tq + 1, device=like.device, dtype=dtype).view(Tq, 1)
 
 
-def _math_forward(q, k, v, var, p, pos_offset, chunk, keep=None):
-    """q, k, v (B, H, T, d) in the accumulation dtype (fp32 or fp64); returns the output in that dtype. With a
-    list `keep`, the chunks are computed with stage 1's graph and appended to it for the backward."""
-    Tq = q.shape[2]
-    n_all = _row_n(pos_offset, Tq, q)
-    direct = _direct_ok(var, q, pos_offset)
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
-    out = torch.empty(qf.shape[:-1] + vf.shape[-1:], dtype=v.dtype, device=v.device)
-    plan, rows = _plan(qf.shape[0], Tq, kf.shape[1], chunk)
-    for hs, c0 in plan:
-        ch = _chunk(qf[hs], kf[hs], var, p, n_all, pos_offset, c0, rows, direct, grad=keep is not None)
-        tk, _, _, u, st = ch
-        torch.mul(u @ vf[hs, :tk], st["f"], out=out[hs, c0:c0 + rows])
-        if keep is not None:
-            keep.append(ch)
-    return out.view(q.shape[:-1] + v.shape[-1:])
-
-
-class _MathAttention(torch.autograd.Function):
-    """The math backend with a memory-lean backward: the backward applies the derivative of stage 2
-    (normalisation, re-weighting) by hand and that of the elementwise stage 1 by autograd on each chunk.
-    Long inputs save only q, k, v and the output and recompute each chunk's weights in the backward, so training
-    memory is O(chunk x T) per layer, as in the forward; short ones (chunk tensors totalling <= KEEP_ELEMENTS)
-    keep the forward's chunks instead: memory bounded by that constant, and measured ~10% faster per demo train
-    step on CPU, where softplus alone costs as much as a matmul."""
-
-    @staticmethod
-    def forward(ctx, q, k, v, var, p, pos_offset, chunk):
-        B, H, Tq, _ = q.shape
-        per_row = B * H * k.shape[2] * (2 if p == 0 else 4)  # s and phi (+ R and u^(p-1) when re-weighting)
-        ctx.kept = [] if Tq * per_row <= KEEP_ELEMENTS else None
-        out = _math_forward(q, k, v, var, p, pos_offset, chunk, keep=ctx.kept)
-        ctx.save_for_backward(q, k, v, out)
-        ctx.args = (var, p, pos_offset, chunk)
-        return out
-
-    @staticmethod
-    def backward(ctx, dout):
-        with torch.autocast(dout.device.type, enabled=False):
-            return _MathAttention._backward(ctx, dout)
-
-    @staticmethod
-    def _backward(ctx, dout):
-        q4, k4, v4, out = ctx.saved_tensors
-        var, p, pos_offset, chunk = ctx.args
-        Tq = q4.shape[2]
-        n_all = _row_n(pos_offset, Tq, q4)
-        direct = _direct_ok(var, q4, pos_offset)
-        q, k, v = _flat(q4), _flat(k4), _flat(v4)
-        dq, dk, dv = torch.empty_like(q), torch.zeros_like(k), torch.zeros_like(v)
-        dout = _flat(dout.to(v.dtype))
-        delta = (dout * _flat(out)).sum(dim=-1, keepdim=True)  # sum_j w_ij dL/dw_ij = dout_i . out_i (FlashAttention)
-        kept, ctx.kept = ctx.kept, None
-        plan, rows = _plan(q.shape[0], Tq, k.shape[1], chunk)
-        for i, (hs, c0) in enumerate(plan):
-            if kept:
-                tk, s, phi, u, st = kept[i]
-                kept[i] = None  # free each chunk as soon as it is used
-            else:
-                tk, s, phi, u, st = _chunk(q[hs], k[hs], var, p, n_all, pos_offset, c0, rows, direct, grad=True)
-            sl = slice(c0, c0 + u.shape[-2])
-            do = dout[hs, sl]
-            dv[hs, :tk] += u.transpose(-2, -1) @ (do * st["f"])
-            g = do @ v[hs, :tk].transpose(-2, -1)  # dL/dw
-            if var.normalise:
-                g.sub_(delta[hs, sl])  # dL/dw_ij - sum_j w_ij dL/dw_ij: the normalisation's derivative
-                if p > 0:
-                    # through w = R / Z, R = (x / max x)^p, x = N phi / S - O, then phi / S once more
-                    g.mul_(st["du"])
-                    ph = phi.detach()
-                    m2 = (ph * g).sum(dim=-1, keepdim=True) / st["S"]
-                    g.sub_(m2).mul_(p * st["a"] / st["Z"].clamp_min(torch.finfo(q.dtype).tiny))
-                else:
-                    g.mul_(st["f"])
-            (ds,) = torch.autograd.grad(phi, s, g)
-            dq[hs, sl] = (ds @ k[hs, :tk]) * st["scale"]
-            dk[hs, :tk] += ds.transpose(-2, -1) @ (q[hs, sl] * st["scale"])
-        shape = q4.shape[:2]
-        return dq.view(q4.shape), dk.view(k4.shape), dv.view(*shape, *dv.shape[1:]), None, None, None, None
-
-
-def _attn_math(q, k, v, var, p, pos_offset, chunk):
-    """Exact reference backend; q, k arrive in fp32 (fp64) from _prepare; the output comes back in v's dtype."""
-    with torch.autocast(q.device.type, enabled=False):
-        vv = v.to(q.dtype)
-        if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, vv)):
-            out = _MathAttention.apply(q, k, vv, var, p, pos_offset, chunk)
-        else:
-            out = _math_forward(q, k, vv, var, p, pos_offset, chunk)
-    return out.to(v.dtype)
-
-
-def _attn_sdpa(q, k, v, var, pos_offset):
-    """Normalised, identity-logw variants (softmax, ssmax): the per-row scale folds into q, so
-    F.scaled_dot_product_attention (flash / memory-efficient kernels) computes them exactly."""
-    Tq, Tk, d = q.shape[2], k.shape[2], q.shape[3]
-    n = _row_n(pos_offset, Tq, q)
-    q, k = (q * var.scale(n, d)).to(v.dtype), k.to(v.dtype)  # SDPA wants one dtype (bf16 under autocast)
-    if Tq == Tk:
-        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
-    mask = torch.arange(Tk, device=q.device).view(1, Tk) <= (n - 1).to(torch.long)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)
-
-
-_FLEX = {}
-
-
-def _flex_attention():
-    """torch.compile(flex_attention), built once per process; None where this torch has no flex attention.
-    Static shapes: one compile per (kind, shape), i.e. per evaluated length, never per decoding step (auto sends
-    Tq < Tk to math). dynamic=True measured fewer compiles on CPU but gave WRONG outputs (error ~1, or NaN) when two
-    sizes coincide, e.g. T = head size = 8 (duck sizing gives them one symbol; torch 2.13), and its re-weighting
-    pass failed to compile in a fresh process. Changing constants (pos_offset, p) are tensors, so they do not
-    recompile."""
-    if "fn" not in _FLEX:
-        try:
-            from torch.nn.attention.flex_attention import create_block_mask, flex_attention
-            _FLEX["fn"] = torch.compile(flex_attention, dynamic=False)
-            _FLEX["mask"] = create_block_mask
-            # each kind's score_mod at each shape is its own graph: past dynamo's default of 8 compiles per code
-            # object flex SILENTLY falls back to an unfused O(T^2)-memory implementation
-            cfg = torch._dynamo.config
-            cfg.cache_size_limit = max(cfg.cache_size_limit, 256)
-            cfg.accumulated_cache_size_limit = max(cfg.accumulated_cache_size_limit, 1024)
-        except ImportError:
-            _FLEX["fn"] = None
-    return _FLEX["fn"]
-
-
-def _flex_block_mask(Tq, Tk, off):
-    key = (Tq, Tk, int(off), str(off.device))
-    if key not in _FLEX:  # block masks are cheap to keep and slow to build (2 s at T = 2048 on CPU)
-        _FLEX[key] = _FLEX["mask"](lambda b, h, qi, kv: kv <= qi + off, None, None, Tq, Tk, device=off.device)
-    return _FLEX[key]
-
-
-def _attn_flex(q, k, v, var, p, pos_offset):
-    """flex_attention normalises exp(score_mod) over each row, so a score_mod returning the log-weights computes
-    phi / sum phi exactly. Re-weighting needs each row's log-sum log S_i first (from _row_logsumexp, chunked and
-    exact; flex on CPU cannot return it); pass 2 then scores p * log(N_i phi_ij / S_i - O_i), which flex turns
-    into R_ij / sum_j R_ij. Runs in fp32: the p-th power amplifies score errors ~p-fold."""
-    flex = _flex_attention()
-    Tq, Tk = q.shape[2], k.shape[2]
-    if q.device.type == "cpu":
-        # pad both lengths to multiples of 128: compiled CPU flex gave wrong rows for some small shapes in torch
-        # 2.13 (e.g. T = 8 with batch x heads >= 8: errors ~1 or NaN); padded keys sit after every real query's
-        # position, so the causal mask hides them, and padded query rows are dropped. Also buckets compiles.
-        pq, pk = -Tq % 128, -Tk % 128
-        q, k, v = F.pad(q, (0, 0, 0, pq)), F.pad(k, (0, 0, 0, pk)), F.pad(v, (0, 0, 0, pk))
-        return _attn_flex_exact(flex, q, k, v, var, p, pos_offset, Tq, Tk)[:, :, :Tq]
-    return _attn_flex_exact(flex, q, k, v, var, p, pos_offset, Tq, Tk)
-
-
-def _attn_flex_exact(flex, q, k, v, var, p, pos_offset, Tq, Tk):
-    """_attn_flex on q, k, v that may carry padding beyond the real Tq queries and Tk keys."""
-    d, dtype = q.shape[-1], q.dtype
-    off = torch.tensor(pos_offset, device=q.device)
-    pp = torch.tensor(p, dtype=dtype, device=q.device)
-    bm = _flex_block_mask(q.shape[2], k.shape[2], off)
-
-    def logw(score, qi):
-        n = (qi + off + 1).to(dtype)
-        s = score * var.scale(n, d)
-        return n, (s if var.logw is None else var.logw(s, n))
-
-    def mod1(score, b, h, qi, kv):
-        return logw(score, qi)[1]
-
-    with torch.autocast(q.device.type, enabled=False):
-        vv = v.to(dtype)
-        if p == 0:
-            return flex(q, k, vv, score_mod=mod1, block_mask=bm, scale=1.0).to(v.dtype)
-        qr, kr = q[:, :, :Tq], k[:, :, :Tk]
-        lse = _row_logsumexp(qr, kr, var, pos_offset)
-        lse = F.pad(lse, (0, q.shape[2] - Tq))  # padded query rows: any finite value
-
-        def mod2(score, b, h, qi, kv):
-            n, lw = logw(score, qi)
-            x = n * torch.exp(lw - lse[b, h, qi]) - (qi + off >= REWEIGHT_EXEMPT_ROWS).to(dtype)
-            return torch.where(x > 0, pp * torch.log(x.clamp_min(torch.finfo(dtype).tiny)), float("-inf"))
-
-        return flex(q, k, vv, score_mod=mod2, block_mask=bm, scale=1.0).to(v.dtype)
-
-
-ATTN_BACKENDS = ("auto", "math", "sdpa", "flex")
-
-
-def _prepare(q, k, attn, reweight_p, pos_offset):
-    """Validate the call and apply QK-norm; returns (q, k, variant, p, pos_offset)."""
-    name, p = resolve_attn(attn, reweight_p)
-    var = ATTN_VARIANTS[name]
-    Tq, Tk = q.shape[2], k.shape[2]
-    pos_offset = Tk - Tq if pos_offset is None else int(pos_offset)
-    if pos_offset < 0 or pos_offset + Tq > Tk:
-        raise ValueError(f"pos_offset={pos_offset} with Tq={Tq} needs 0 <= pos_offset <= Tk - Tq = {Tk - Tq}")
-    # scores in fp32 at least (fp64 for fp64 inputs), also under bf16 autocast: the p-th power of the re-weighting
-    # amplifies score errors ~p-fold, and a bf16 cosine is off by ~4e-3, i.e. ~0.1 in a score scaled by log(d)log(N)
+def prepare(q, k, spec, pos_offset, params=None):
+    """QK-norm and the per-row (per-head) scale, in fp32 at least (also under bf16 autocast: the p-th power of
+    the re-weighting amplifies score errors ~p-fold, and a bf16 cosine is off by ~4e-3, i.e. ~0.1 in a score
+    scaled by log(d) log(N)). Returns q * scale and k, so that every backend's score is plain q . k."""
+    var = spec.variant
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k = q.to(acc), k.to(acc)
     if var.qk_norm:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    return q, k, var, p, pos_offset
+    scale = var.scale(row_n(pos_offset, q.shape[2], q), q.shape[-1], params or {})
+    return q * scale, k  # (the scale is in acc's dtype, or a float)
 
 
-def _why_not(backend, var, p, q, needs_grad):
-    """None if `backend` computes this call exactly, else the one-line reason."""
-    if backend == "sdpa" and not (var.logw is None and var.normalise and p == 0):
-        return "backend 'sdpa' computes softmax-type attention (softmax, ssmax) without re-weighting only"
-    if backend == "flex":
-        if _flex_attention() is None:
-            return "this torch has no torch.nn.attention.flex_attention (needs torch >= 2.5)"
-        if not var.normalise:
-            return "backend 'flex' normalises every row; sigmoid and relu attention are unnormalised"
-        if needs_grad and q.device.type != "cuda":
-            return f"flex_attention has no backward on {q.device.type} in this torch; train with 'math' or 'auto'"
-        if q.dtype == torch.float64 and q.device.type == "cpu":
-            return "compiled flex_attention on CPU computes float32 / bfloat16 only, not float64"
-    return None
-
-
-def _pick_backend(var, p, q, needs_grad, full=True):
-    """auto: sdpa where exact (fastest everywhere); on CUDA flex (fused, O(T) memory) for the other normalised
-    kinds in full passes (`full`: Tq = Tk; decoding stays on math, no compile per generated token), except
-    LSSAR's training pass (its gradient through the captured row sums is unverified there); math otherwise.
-    On CPU math is faster than compiled flex (bench.py at T = 16384: LSSA 2.20x vs 2.98x SDPA's time)."""
-    if _why_not("sdpa", var, p, q, needs_grad) is None:
-        return "sdpa"
-    if q.device.type == "cuda" and full and _why_not("flex", var, p, q, needs_grad) is None and not (needs_grad and p > 0):
-        return "flex"
-    return "math"
-
-
-def causal_attention(q, k, v, attn, reweight_p=0.0, pos_offset=None, backend="auto", chunk=256):
-    """Causal attention of the last Tq positions over Tk keys.
+def causal_attention(q, k, v, spec, pos_offset=None, *, backend="auto", params=None, chunk=256):
+    """Causal attention of the last Tq positions over Tk keys with the attention `spec` (an AttnSpec).
 
     q: (B, H, Tq, d), k, v: (B, H, Tk, d), after RoPE. Key j sits at absolute position j; query t at
     pos_offset + t (default Tk - Tq: the queries are the last Tq positions), and sees keys j <= its position;
     N = its position + 1. The same call serves a full forward (Tq = Tk) and KV-cache decoding (Tq < Tk).
+    params: the variant's learnable per-head tensors. backend: 'reference' (below) or one of kernels.BACKENDS.
     """
-    if backend not in ATTN_BACKENDS:
-        raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v))
-    q, k, var, p, pos_offset = _prepare(q, k, attn, reweight_p, pos_offset)
-    if backend == "auto":
-        backend = _pick_backend(var, p, q, needs_grad, full=q.shape[2] == k.shape[2])
-    why = _why_not(backend, var, p, q, needs_grad)
-    if why:
-        raise NotImplementedError(f"{why} (asked for {attn} with reweight_p={p}); use backend 'math' or 'auto'")
-    if backend == "sdpa":
-        return _attn_sdpa(q, k, v, var, pos_offset)
-    if backend == "flex":  # (flex refuses inputs that require grad on CPU, even under no_grad: none is needed here)
-        detach = not needs_grad
-        return _attn_flex(*((t.detach() if detach else t) for t in (q, k, v)), var, p, pos_offset)
-    return _attn_math(q, k, v, var, p, pos_offset, chunk)
+    Tq, Tk = q.shape[2], k.shape[2]
+    pos_offset = Tk - Tq if pos_offset is None else int(pos_offset)
+    if pos_offset < 0 or pos_offset + Tq > Tk:
+        raise ValueError(f"pos_offset={pos_offset} with Tq={Tq} needs 0 <= pos_offset <= Tk - Tq = {Tk - Tq}")
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *(params or {}).values()))
+    qs, ks = prepare(q, k, spec, pos_offset, params)
+    if backend == "reference":
+        return reference_attention(qs, ks, v, spec, pos_offset)
+    return kernels.attend(qs, ks, v, spec, pos_offset, backend=backend, chunk=chunk, needs_grad=needs_grad)
+
+
+def reference_weights(qs, ks, spec, pos_offset):
+    """The final weights (B, H, Tq, Tk) of prepared qs, ks: the formulas above, plainly, with a full Tq x Tk matrix."""
+    var, (Tq, Tk) = spec.variant, (qs.shape[2], ks.shape[2])
+    n = row_n(pos_offset, Tq, qs)
+    pos, keys = n.long() - 1, torch.arange(Tk, device=qs.device)
+    s = qs @ ks.transpose(-2, -1)
+    if var.bias is not None:
+        s = s + var.bias(pos, keys, torch.arange(qs.shape[1], device=qs.device).view(-1, 1, 1), qs.shape[1])
+    s = s.masked_fill(keys > pos, float("-inf"))
+    w = stage1(s, var, n, direct=False)
+    if not var.normalise:
+        return w
+    S = w.sum(dim=-1, keepdim=True)
+    if spec.reweight_p == 0:
+        return w / S
+    R, Z, _ = reweight(w, S, n, reweight_offset(pos, n.dtype), spec.reweight_p)
+    return torch.where(Z > 0, R / Z.clamp_min(torch.finfo(Z.dtype).tiny), 0.0)
+
+
+def reference_attention(qs, ks, v, spec, pos_offset):
+    with torch.autocast(qs.device.type, enabled=False):
+        return (reference_weights(qs, ks, spec, pos_offset) @ v.to(qs.dtype)).to(v.dtype)
 
 
 @torch.no_grad()
-def attention_weights(q, k, attn, reweight_p=0.0, pos_offset=None, chunk=256):
+def attention_weights(q, k, spec, pos_offset=None, *, params=None, chunk=256):
     """The weights causal_attention uses (after both stages), chunk by chunk, for diagnostics: yields
-    (first query row, w) with w of shape (B, H, rows, keys seen by the chunk); never a full T x T matrix."""
-    q, k, var, p, pos_offset = _prepare(q, k, attn, reweight_p, pos_offset)
-    rows = _chunk_rows(q, k, chunk)
-    n_all = _row_n(pos_offset, q.shape[2], q)
-    direct = _direct_ok(var, q, pos_offset)
-    for c0 in range(0, q.shape[2], rows):
-        with torch.autocast(q.device.type, enabled=False):  # per chunk: the caller's autocast state stays its own
-            _, _, _, u, st = _chunk(q, k, var, p, n_all, pos_offset, c0, rows, direct)
-            w = u * st["f"]
-        yield c0, w
+    (absolute position of the chunk's first query row, w) with w (B, H, rows, keys seen by the chunk);
+    never a full T x T matrix."""
+    pos_offset = k.shape[2] - q.shape[2] if pos_offset is None else int(pos_offset)
+    with torch.autocast(q.device.type, enabled=False):
+        qs, ks = prepare(q, k, spec, pos_offset, params)
+        yield from kernels.weights(qs, ks, spec, pos_offset, chunk=chunk)
 
 
 # -----------------------------------------------------------------------------
-# the model
+# 4. the model
 
 
 def rope_cos_sin(T, d, base, device, offset=0):
@@ -535,34 +331,53 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True
-    attn: str = "softmax"       # softmax | lssa | lssar | sigmoid | relu | ssmax
+    attn: str = "softmax"       # a variant of VARIANTS (or a shorthand such as 'lssar', stored resolved)
     reweight_p: float = 0.0     # > 0: re-weighting stage with this power (LSSAR: attn='lssa', reweight_p=15)
     pos: str = "rope"           # rope | learned | none
     rope_base: float = 10000.0
-    attn_backend: str = "auto"  # auto | math | sdpa | flex (see causal_attention)
+    attn_backend: str = "auto"  # auto | reference | math | sdpa | flex | triton (see kernels/)
     attn_chunk: int = 256       # query rows per chunk in the math backend (memory O(chunk x T))
 
     def __post_init__(self):
-        resolve_attn(self.attn, self.reweight_p)  # fail at construction, not at the first forward
+        """Resolve the attention to its canonical form (stored so in checkpoints) and validate; errors name the fix."""
+        self.attn, self.reweight_p = canonical_attn(self.attn, self.reweight_p)
         if self.pos not in ("rope", "learned", "none"):
             raise ValueError(f"unknown pos={self.pos!r}; choose rope, learned or none")
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("RoPE needs an even head size (n_embd / n_head)")
-        if self.attn_backend not in ATTN_BACKENDS:
-            raise ValueError(f"unknown attn_backend={self.attn_backend!r}; choose one of {', '.join(ATTN_BACKENDS)}")
+        if self.attn_backend not in ("reference", *kernels.BACKENDS):
+            raise ValueError(f"unknown attn_backend={self.attn_backend!r}; choose one of "
+                             f"{', '.join(('reference', *kernels.BACKENDS))}")
+
+    @property
+    def spec(self):
+        return AttnSpec(self.attn, self.reweight_p)
+
+
+@dataclass
+class AttentionProbe:
+    """Hands attention weights to fn(layer, first_position, w) during a forward pass (diagnose.py uses it):
+    w (B, H, rows, keys) are the weights of the query rows from first_position on, chunk by chunk, for the
+    layers in `layers` (None: all) and the last `last_rows` query rows of each call (None: all)."""
+    fn: Callable
+    layers: tuple | None = None
+    last_rows: int | None = None
 
 
 class CausalSelfAttention(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
         self.c_attn = nn.Linear(config.n_embd, 3 * config.n_embd, bias=config.bias)
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
-        self.config = config
+        self.config, self.layer = config, layer
+        # the variant's learnable per-head parameters (none for most kinds)
+        self.attn_params = nn.ParameterDict({name: nn.Parameter(init(config.n_head, config.block_size))
+                                             for name, init in config.spec.variant.params.items()})
 
-    def forward(self, x, rope=None, cache=None):
+    def forward(self, x, rope=None, cache=None, probe=None):
         B, T, C = x.shape
         cfg = self.config
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -574,7 +389,12 @@ class CausalSelfAttention(nn.Module):
                 k = torch.cat([cache["k"], k], dim=2)
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        y = causal_attention(q, k, v, cfg.attn, cfg.reweight_p, backend=cfg.attn_backend, chunk=cfg.attn_chunk)
+        params = dict(self.attn_params)
+        if probe is not None and (probe.layers is None or self.layer in probe.layers):
+            m = T if probe.last_rows is None else min(probe.last_rows, T)
+            for first, w in attention_weights(q[:, :, T - m:], k, cfg.spec, params=params, chunk=cfg.attn_chunk):
+                probe.fn(self.layer, first, w)
+        y = causal_attention(q, k, v, cfg.spec, backend=cfg.attn_backend, params=params, chunk=cfg.attn_chunk)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -591,15 +411,15 @@ class MLP(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, layer=0):
         super().__init__()
         self.ln_1 = nn.LayerNorm(config.n_embd, bias=config.bias)
-        self.attn = CausalSelfAttention(config)
+        self.attn = CausalSelfAttention(config, layer)
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None):
-        x = x + self.attn(self.ln_1(x), rope, cache)
+    def forward(self, x, rope=None, cache=None, probe=None):
+        x = x + self.attn(self.ln_1(x), rope, cache, probe)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -610,7 +430,7 @@ class GPT(nn.Module):
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
-            h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
+            h=nn.ModuleList([Block(config, i) for i in range(config.n_layer)]),
             ln_f=nn.LayerNorm(config.n_embd, bias=config.bias),
         ))
         if config.pos == "learned":
@@ -636,9 +456,10 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, cache=None, reduction="mean"):
+    def forward(self, idx, targets=None, cache=None, reduction="mean", probe=None):
         """idx (B, T) -> logits (B, T, V) and, with targets, the cross-entropy loss.
-        cache: list of per-layer dicts from new_cache(); idx then holds the tokens after the cached ones."""
+        cache: list of per-layer dicts from new_cache(); idx then holds the tokens after the cached ones.
+        probe: an AttentionProbe that receives attention weights during the pass (diagnostics)."""
         B, T = idx.shape
         offset = 0 if not cache or "k" not in cache[0] else cache[0]["k"].shape[2]
         cfg = self.config
@@ -653,7 +474,7 @@ class GPT(nn.Module):
             rope = rope_cos_sin(T, cfg.n_embd // cfg.n_head, cfg.rope_base, idx.device, offset)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, None if cache is None else cache[i])
+            x = block(x, rope, None if cache is None else cache[i], probe)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
         loss = None
@@ -667,7 +488,7 @@ class GPT(nn.Module):
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
         params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]  # matmuls and embeddings decay; biases and norms do not
+        decay = [p for p in params if p.dim() >= 2]  # matmuls and embeddings decay; biases, norms, per-head scales not
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
         extra = dict(fused=True) if device_type == "cuda" else dict()

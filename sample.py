@@ -8,9 +8,17 @@ Sample from a trained checkpoint (any attention kind; its config is restored fro
 
 import torch
 
-from common import autocast_ctx, get_tokenizer, load_checkpoint, load_meta, model_from_checkpoint, model_vocab_size, pick_device
+from common import (
+    autocast_ctx,
+    get_tokenizer,
+    load_checkpoint,
+    load_meta,
+    model_from_checkpoint,
+    model_vocab_size,
+    parse_reweight_p,
+    pick_device,
+)
 from configurator import configure
-from model import resolve_attn
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
@@ -19,8 +27,8 @@ num_samples = 3
 max_new_tokens = 500
 temperature = 0.8        # 0 = greedy
 top_k = 200              # 0 = no top-k filtering
-reweight_p = ""          # "" = the checkpoint's; a number overrides its re-weighting power (0 switches it off)
-attn_backend = ""        # override the checkpoint's attention backend (auto | math | sdpa | flex)
+reweight_p = "ckpt"      # ckpt = as the checkpoint was trained; a number overrides its re-weighting power (0 = off)
+attn_backend = ""        # override the checkpoint's attention backend (auto | reference | math | sdpa | flex | triton)
 seed = 1337
 device = "auto"
 dtype = "auto"
@@ -30,13 +38,9 @@ configure(globals())
 device = pick_device(device)
 ctx, _ = autocast_ctx(device, dtype)
 torch.manual_seed(seed)
+p = parse_reweight_p(reweight_p)
 ckpt = load_checkpoint(out_dir, device)
-overrides = {}
-if reweight_p:
-    try:
-        overrides["reweight_p"] = float(reweight_p)
-    except ValueError:
-        raise SystemExit(f"config error: reweight_p must be a number, got {reweight_p!r}") from None
+overrides = {} if p == "ckpt" else {"reweight_p": p}
 if attn_backend:
     overrides["attn_backend"] = attn_backend
 try:
@@ -49,8 +53,7 @@ if meta is not None and model_vocab_size(meta) != model.config.vocab_size:
     raise SystemExit(f"vocab mismatch: data/{cfg['dataset']}/meta.pkl has {meta['vocab_size']} tokens but the "
                      f"checkpoint's model has {model.config.vocab_size}; re-run that dataset's prepare.py")
 encode, decode = get_tokenizer(meta)
-attn_name, p = resolve_attn(model.config.attn, model.config.reweight_p)
-print(f"loaded {out_dir}: attn={attn_name} reweight_p={p:g} pos={model.config.pos}, "
+print(f"loaded {out_dir}: attn={model.config.attn} reweight_p={model.config.reweight_p:g} pos={model.config.pos}, "
       f"trained {ckpt['iter_num']} iters, tokenizer {'char' if meta and 'stoi' in meta else 'BPE'}")
 
 if start.startswith("FILE:"):

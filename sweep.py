@@ -17,12 +17,13 @@ import sys
 
 from tqdm import tqdm
 
-from common import ROOT, data_dir_for, load_checkpoint
+from common import ROOT, data_dir_for, load_checkpoint, parse_list
 from configurator import configure
-from eval_length import parse_list, table, write_results
+from eval_length import table, write_results
+from model import attn_names, demo_runs
 
 # -----------------------------------------------------------------------------
-variants = "softmax,lssa,lssar,sigmoid,relu,ssmax"  # config/shakespeare_char_<variant>.py each
+variants = ",".join(demo_runs())  # every attention of model.py's registry that is in the CPU demo
 eval_reweight = "lssa"   # also evaluate these variants with re-weighting p=15 switched on at evaluation only
 eval_p = 15.0
 retrain = False
@@ -58,7 +59,7 @@ def finished(out_dir):
 
 
 def train(variant, out_dir, resume):
-    cmd = [sys.executable, "train.py", f"config/shakespeare_char_{variant}.py", f"--out_dir={out_dir}",
+    cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", f"--attn={variant}", f"--out_dir={out_dir}",
            f"--device={device}", *([f"--data_dir={data_dir}"] if data_dir else []),
            *([f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}"] if max_iters else []),
            *(["--init_from=resume"] if resume else []), *(["--overwrite=True"] if retrain else []),
@@ -85,9 +86,9 @@ def main():
     configure(globals())
     ensure_data()
     names = parse_list(variants)
-    for v in names:
-        if not os.path.exists(os.path.join(ROOT, "config", f"shakespeare_char_{v}.py")):
-            raise SystemExit(f"sweep error: no config/shakespeare_char_{v}.py for variant {v!r}")
+    bad = [v for v in names if v not in attn_names()]
+    if bad:
+        raise SystemExit(f"sweep error: unknown variants {', '.join(bad)}; choose from {', '.join(attn_names())}")
     specs = []
     for v in tqdm(names, desc="sweep: train", unit="variant", file=sys.stderr):
         out_dir = os.path.join(out_root, f"out-shakespeare-char-{v}")
@@ -100,7 +101,7 @@ def main():
         if v in parse_list(eval_reweight):
             specs.append((out_dir, eval_p))
     from eval_length import evaluate
-    res = evaluate(specs, multipliers, tokens_arg=eval_tokens, device_arg=device)
+    res = evaluate(specs, multipliers=multipliers, tokens=eval_tokens, device=device)
     for r in res["runs"]:
         r["label"] = r["label"].removeprefix("shakespeare-char-")
     print(table(res))

@@ -14,6 +14,7 @@ import os
 import signal
 import sys
 import time
+from dataclasses import asdict
 
 import torch
 import torch.distributed as dist
@@ -30,12 +31,13 @@ from common import (
     model_from_checkpoint,
     model_vocab_size,
     n_windows,
+    parse_reweight_p,
     pick_device,
     random_windows,
     save_checkpoint,
 )
 from configurator import configure
-from model import GPT, GPTConfig, resolve_attn
+from model import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -47,8 +49,8 @@ eval_only = False
 always_save_checkpoint = True  # ckpt.pt (latest) at every eval; False: only when val loss improves. best.pt: the best
 init_from = "scratch"    # scratch | resume (continue from out_dir/ckpt.pt) | DIR or FILE of another run to fine-tune
 overwrite = False        # scratch into an out_dir that holds a checkpoint: refused unless True
-finetune_reweight_p = -1.0  # fine-tuning only: train with this re-weighting power instead of the init model's
-                            # (-1 = keep it; 15 turns an LSSA run into LSSAR, 0 switches re-weighting off)
+finetune_reweight_p = "ckpt"  # fine-tuning only: ckpt = the init model's re-weighting power, or a number to train
+                              # with instead (15 turns an LSSA run into LSSAR, 0 switches re-weighting off)
 # wandb (off by default; WANDB_MODE=offline works without a network)
 wandb_log = False
 wandb_project = "softplus-attention"
@@ -66,11 +68,11 @@ n_head = 12
 n_embd = 768
 dropout = 0.0
 bias = True
-attn = "softmax"         # softmax | lssa | lssar | sigmoid | relu | ssmax
-reweight_p = 0.0         # re-weighting power; 0 = off (lssar defaults to 15)
+attn = "softmax"         # a variant of model.VARIANTS (softmax, lssa, ssmax, sigmoid, relu) or the shorthand lssar
+reweight_p = 0.0         # re-weighting power, a number >= 0; 0 = off (attn=lssar means lssa with 15)
 pos = "rope"             # rope | learned | none
 rope_base = 10000.0
-attn_backend = "auto"    # auto | math | sdpa | flex (auto: the fastest exact one, see model.causal_attention)
+attn_backend = "auto"    # auto | reference | math | sdpa | flex | triton (auto: the fastest exact one, see kernels/)
 attn_chunk = 256
 # AdamW and schedule
 learning_rate = 6e-4
@@ -155,7 +157,8 @@ def say(*a, **k):
 train_parts, val_parts = load_split(dataset, "train", data_dir), load_split(dataset, "val", data_dir)
 if window_align < 1:
     raise SystemExit(f"config error: window_align must be >= 1, got {window_align}")
-if finetune_reweight_p >= 0 and init_from in ("scratch", "resume"):
+finetune_p = parse_reweight_p(finetune_reweight_p, "finetune_reweight_p")
+if finetune_p != "ckpt" and init_from in ("scratch", "resume"):
     raise SystemExit(f"config error: finetune_reweight_p applies when fine-tuning (--init_from=DIR of another run); "
                      f"with init_from={init_from} set --reweight_p instead")
 for name, parts in (("train", train_parts), ("val", val_parts)):
@@ -168,47 +171,48 @@ ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from != "resume" and not eval_only and not overwrite and os.path.exists(ckpt_path):
     raise SystemExit(f"{out_dir} already holds a checkpoint of another run; continue it with --init_from=resume, "
                      "choose another --out_dir, or pass --overwrite=True to replace it")
-os.makedirs(out_dir, exist_ok=True)
-tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
-say(f"tokens per iteration: {tokens_per_iter:,} ({world_size} process(es) x {local_micro_steps} micro-batches x "
-    f"{batch_size} x {block_size}) | device {device} | dtype {dtype} | {sum(map(len, train_parts)):,} train tokens")
 
+
+def check_vocab(ckpt, where, fix):
+    if ckpt["model_args"]["vocab_size"] != vocab_size:
+        raise SystemExit(f"vocab mismatch: {where} has {ckpt['model_args']['vocab_size']} tokens but dataset {dataset} "
+                         f"has {vocab_size}; {fix}")
+
+
+# The model: its arguments are resolved once by GPTConfig (e.g. attn='lssar' -> 'lssa' with reweight_p=15) and
+# stored in that canonical form; resume and fine-tuning take the architecture from the checkpoint.
 iter_num, best_val_loss = 0, 1e9
-model_args = {k: config[k] for k in MODEL_KEYS}
-model_args["vocab_size"] = vocab_size
 RUNTIME_KEYS = ("dropout", "attn_backend", "attn_chunk")  # may change on resume; the rest is architecture
 try:
+    asked = GPTConfig(**{k: config[k] for k in MODEL_KEYS}, vocab_size=vocab_size)
+    runtime = {k: getattr(asked, k) for k in RUNTIME_KEYS}
     if init_from == "resume":
         ckpt = load_checkpoint(out_dir, device)
+        check_vocab(ckpt, f"the checkpoint in {out_dir}", "resume on the dataset it was trained on")
+        model = model_from_checkpoint(ckpt, device, **runtime)
         for k in MODEL_KEYS:
-            if k not in RUNTIME_KEYS and k in ckpt["model_args"] and config[k] != ckpt["model_args"][k]:
-                say(f"resume: keeping the checkpoint's {k}={ckpt['model_args'][k]!r} (config says {config[k]!r})")
-        if ckpt["model_args"]["vocab_size"] != vocab_size:
-            raise SystemExit(f"vocab mismatch: the checkpoint in {out_dir} has {ckpt['model_args']['vocab_size']} "
-                             f"tokens but dataset {dataset} has {vocab_size}; resume on the dataset it was trained on")
-        model_args = dict(ckpt["model_args"], **{k: config[k] for k in RUNTIME_KEYS})
-        model = model_from_checkpoint(ckpt, device, **model_args)
+            if getattr(model.config, k) != getattr(asked, k):
+                say(f"resume: keeping the checkpoint's {k}={getattr(model.config, k)!r} (config says {getattr(asked, k)!r})")
         iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
     elif init_from == "scratch":
-        model = GPT(GPTConfig(**model_args)).to(device)
+        model = GPT(asked).to(device)
     else:  # fine-tune: the architecture and weights of another run, a fresh optimizer and schedule from step 0
         ckpt = load_checkpoint(init_from, device)
-        if ckpt["model_args"]["vocab_size"] != vocab_size:
-            raise SystemExit(f"vocab mismatch: {init_from} has {ckpt['model_args']['vocab_size']} tokens but dataset "
-                             f"{dataset} has {vocab_size}; fine-tune on data made with the same tokenizer")
-        model_args = dict(ckpt["model_args"], **{k: config[k] for k in RUNTIME_KEYS})
-        if finetune_reweight_p >= 0:  # p has no parameters: the same weights, trained with another second stage
-            model_args["attn"], model_args["reweight_p"] = resolve_attn(model_args["attn"], model_args.get("reweight_p", 0.0))
-            model_args["reweight_p"] = float(finetune_reweight_p)
-        model = model_from_checkpoint(ckpt, device, **model_args)
+        check_vocab(ckpt, init_from, "fine-tune on data made with the same tokenizer")
+        # p has no parameters: the same weights, trained with another second stage
+        model = model_from_checkpoint(ckpt, device, **runtime, **({} if finetune_p == "ckpt" else {"reweight_p": finetune_p}))
         say(f"fine-tuning {init_from} (trained {ckpt['iter_num']} iterations)")
         ckpt = None
 except ValueError as e:
     raise SystemExit(f"config error: {e}") from None
+model_args = asdict(model.config)
 gptconf = model.config
-attn_name, attn_p = resolve_attn(gptconf.attn, gptconf.reweight_p)
-say(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention {attn_name} reweight_p={attn_p:g} "
-      f"pos={gptconf.pos} backend={gptconf.attn_backend}")
+os.makedirs(out_dir, exist_ok=True)
+tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
+say(f"tokens per iteration: {tokens_per_iter:,} ({world_size} process(es) x {local_micro_steps} micro-batches x "
+    f"{batch_size} x {block_size}) | device {device} | dtype {dtype} | {sum(map(len, train_parts)):,} train tokens")
+say(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention {gptconf.attn} reweight_p={gptconf.reweight_p:g} "
+    f"pos={gptconf.pos} backend={gptconf.attn_backend}")
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)

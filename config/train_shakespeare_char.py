@@ -1,6 +1,7 @@
 # The CPU demo: a small character-level GPT on Tiny Shakespeare, 1-3 minutes per variant on 2 CPU cores.
-# Prepare the data first: python data/shakespeare_char/prepare.py
-# The per-variant configs (config/shakespeare_char_<attn>.py) import this file and change only the attention.
+# Prepare the data first: python data/shakespeare_char/prepare.py. One attention per run, e.g.
+#   python train.py config/train_shakespeare_char.py --attn=lssar --out_dir=out-shakespeare-char-lssar
+# (sweep.py trains every variant this way, identical except the attention).
 out_dir = "out-shakespeare-char"
 eval_interval = 250
 eval_iters = 10

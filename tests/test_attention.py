@@ -1,25 +1,48 @@
 """Tests for model.causal_attention against an independent float64 oracle.
 
-The oracle below is written directly from ../shared/docs/PAPER.md (step numbers refer to that file). It
-builds the full Tq x Tk score matrix with an explicit boolean causal mask over *absolute* positions and
-does the re-weighting with a plain float64 power; it deliberately shares no code with model.py.
+The oracle below is written directly from the equations in docs/attention.md. It builds the full Tq x Tk score
+matrix with an explicit boolean causal mask over *absolute* positions and does the re-weighting with a plain
+float64 power; it deliberately shares no code with model.py. Every variant of model.VARIANTS needs its line in
+ORACLE (test_every_variant_has_an_oracle_case fails otherwise); the cases of every test come from the registry.
 """
 
-import inspect
 import math
 
 import pytest
 import torch
 import torch.nn.functional as F
 
-from model import causal_attention
+from model import VARIANTS, AttnSpec, attn_names, causal_attention
 
 
 # ----------------------------------------------------------------------------------------------------
 # Oracle
 # ----------------------------------------------------------------------------------------------------
+def _cos(q, k):
+    return (q / q.norm(dim=-1, keepdim=True)) @ (k / k.norm(dim=-1, keepdim=True)).transpose(-1, -2)
+
+
+def _dot(q, k, d, i, j, h):
+    return q @ k.transpose(-1, -2) / math.sqrt(d)
+
+
+def _log_length(q, k, d, i, j, h):
+    return math.log(d) * torch.log(i + 1) * _cos(q, k)
+
+
+# kind: (score s_ij from q, k, head size d, absolute query positions i (Tq, 1), key positions j (1, Tk) and head
+# index h (H, 1, 1); weight of key j from s and N_i = i + 1; rows l1-normalised)
+ORACLE = {
+    "softmax": (_dot, lambda s, N: torch.exp(s), True),
+    "lssa": (_log_length, lambda s, N: torch.logaddexp(s, torch.zeros_like(s)), True),  # softplus = log(1 + e^s)
+    "ssmax": (_log_length, lambda s, N: torch.exp(s), True),
+    "sigmoid": (_dot, lambda s, N: 1 / (1 + torch.exp(-(s - torch.log(N)))), False),
+    "relu": (_dot, lambda s, N: torch.relu(s) / N, False),
+}
+
+
 def oracle_weights(q, k, attn, reweight_p=0.0, pos_offset=None):
-    """Attention weights (B, H, Tq, Tk) in float64, straight from PAPER.md."""
+    """Attention weights (B, H, Tq, Tk) in float64, straight from docs/attention.md."""
     if attn == "lssar":  # LSSA with re-weighting; p = 15 is the headline setting
         attn, reweight_p = "lssa", (reweight_p or 15.0)
     q, k = q.double(), k.double()
@@ -32,32 +55,17 @@ def oracle_weights(q, k, attn, reweight_p=0.0, pos_offset=None):
     visible = j[None, :] <= i[:, None]  # (Tq, Tk): query i sees keys j <= i
     N = (i + 1)[:, None]  # (Tq, 1): number of visible keys N_i = i + 1
 
-    if attn in ("lssa", "ssmax"):
-        # step 1: QK-norm; step 2: s = log(d) * log(N_i) * (q . k), no 1/sqrt(d)
-        qn = q / q.norm(dim=-1, keepdim=True)
-        kn = k / k.norm(dim=-1, keepdim=True)
-        s = math.log(d) * torch.log(N) * (qn @ kn.transpose(-1, -2))
-    else:
-        s = (q @ k.transpose(-1, -2)) / math.sqrt(d)
-
-    if attn == "softmax" or attn == "ssmax":
-        A = torch.softmax(s.masked_fill(~visible, float("-inf")), dim=-1)
-    elif attn == "lssa":
-        # step 3: softplus(s) = log(1 + e^s), multiplicatively masked; step 4: l1-normalise rows
-        a = torch.where(visible, torch.logaddexp(s, torch.zeros_like(s)), 0.0)
-        A = a / a.sum(dim=-1, keepdim=True)
-    elif attn == "sigmoid":  # sigmoid(q.k/sqrt(d) - log N_i), not normalised
-        A = torch.where(visible, torch.sigmoid(s - torch.log(N)), 0.0)
-    elif attn == "relu":  # ReLU(q.k/sqrt(d)) / N_i, not normalised
-        A = torch.where(visible, torch.relu(s) / N, 0.0)
-    else:
-        raise AssertionError(attn)
+    scores, weight, normalised = ORACLE[attn]
+    s = scores(q, k, d, i[:, None], j[None, :], torch.arange(q.shape[1], dtype=torch.float64).view(-1, 1, 1))
+    A = torch.where(visible, weight(s, N), 0.0)  # masking is multiplicative: masked keys weigh 0
+    if normalised:
+        A = A / A.sum(dim=-1, keepdim=True)
 
     if reweight_p > 0:
-        # step 5: R = ReLU(N_i * A_ij - O_i) ** p with O_i = 0 for absolute rows 0, 1, 2 and 1 otherwise
+        # R = ReLU(N_i * A_ij - O_i) ** p with O_i = 0 for absolute rows 0, 1, 2 and 1 otherwise
         O = torch.where(i <= 2, 0.0, 1.0)[:, None]
         R = torch.where(visible, torch.relu(N * A - O) ** reweight_p, 0.0)
-        # step 6: l1-normalise again; an all-zero row gives an all-zero output row
+        # l1-normalise again; an all-zero row gives an all-zero output row
         den = R.sum(dim=-1, keepdim=True)
         A = torch.where(den > 0, R / torch.where(den > 0, den, 1.0), 0.0)
     return A
@@ -70,20 +78,16 @@ def oracle(q, k, v, attn, reweight_p=0.0, pos_offset=None):
 # ----------------------------------------------------------------------------------------------------
 # Helpers
 # ----------------------------------------------------------------------------------------------------
-# (attn, reweight_p) as passed to causal_attention; the oracle maps 'lssar' itself
-CASES = [
-    ("softmax", 0.0),
-    ("lssa", 0.0),
-    ("ssmax", 0.0),
-    ("sigmoid", 0.0),
-    ("relu", 0.0),
-    ("lssar", 0.0),  # = lssa with p = 15
-    ("lssa", 15.0),
-    ("lssa", 3.0),
-    ("softmax", 15.0),
-    ("ssmax", 15.0),
-]
+# (attn, reweight_p) as AttnSpec.of takes them, from the registry: every name `attn` accepts, then every
+# normalised variant with the re-weighting (p = 15), and LSSA with p = 3; the oracle maps 'lssar' itself
+CASES = ([(a, 0.0) for a in attn_names()] + [(a, 15.0) for a, v in VARIANTS.items() if v.normalise]
+         + [("lssa", 3.0)])
 CASE_IDS = [f"{a}-p{p:g}" for a, p in CASES]
+
+
+def test_every_variant_has_an_oracle_case():
+    missing = sorted(set(VARIANTS) - set(ORACLE))
+    assert not missing, f"variants without an oracle line in tests/test_attention.py: {missing}"
 
 
 def make_qkv(B, H, Tq, Tk, d, seed, scale=1.0, dtype=torch.float64):
@@ -129,15 +133,15 @@ def test_oracle_lssa_by_hand_loop():
 @pytest.mark.parametrize("attn,p", CASES, ids=CASE_IDS)
 def test_matches_oracle_float64(attn, p, T, scale):
     q, k, v = make_qkv(2, 3, T, T, 16, seed=1000 + T, scale=scale)
-    got = causal_attention(q, k, v, attn, reweight_p=p)
+    got = causal_attention(q, k, v, AttnSpec.of(attn, p))
     assert got.shape == (2, 3, T, 16)
     assert_close64(got, oracle(q, k, v, attn, p))
 
 
 def test_lssar_default_p_is_15_and_explicit_p_overrides():
     q, k, v = make_qkv(2, 3, 40, 40, 16, seed=7, scale=3.0)
-    assert_close64(causal_attention(q, k, v, "lssar"), oracle(q, k, v, "lssa", 15.0))
-    assert_close64(causal_attention(q, k, v, "lssar", reweight_p=3.0), oracle(q, k, v, "lssa", 3.0))
+    assert_close64(causal_attention(q, k, v, AttnSpec.of("lssar")), oracle(q, k, v, "lssa", 15.0))
+    assert_close64(causal_attention(q, k, v, AttnSpec.of("lssar", 3.0)), oracle(q, k, v, "lssa", 3.0))
     # the two settings really differ on this input (otherwise the check above would be vacuous)
     assert not torch.allclose(oracle(q, k, v, "lssa", 15.0), oracle(q, k, v, "lssa", 3.0))
 
@@ -145,7 +149,7 @@ def test_lssar_default_p_is_15_and_explicit_p_overrides():
 @pytest.mark.parametrize("attn,p", CASES, ids=CASE_IDS)
 def test_float32_in_float32_out(attn, p):
     q, k, v = make_qkv(2, 3, 33, 33, 16, seed=8, dtype=torch.float32)
-    got = causal_attention(q, k, v, attn, reweight_p=p)
+    got = causal_attention(q, k, v, AttnSpec.of(attn, p))
     assert got.dtype == torch.float32 and got.shape == (2, 3, 33, 16)
     torch.testing.assert_close(got.double(), oracle(q, k, v, attn, p), rtol=1e-4, atol=1e-4)
 
@@ -158,13 +162,13 @@ def test_float32_in_float32_out(attn, p):
 def test_queries_are_last_positions(attn, p, Tq):
     Tk = 50
     q, k, v = make_qkv(2, 3, Tk, Tk, 16, seed=11, scale=2.0)
-    full = causal_attention(q, k, v, attn, reweight_p=p)
+    full = causal_attention(q, k, v, AttnSpec.of(attn, p))
     qs = q[:, :, Tk - Tq :]
     want = oracle(qs, k, v, attn, p, pos_offset=Tk - Tq)
     torch.testing.assert_close(want, oracle(q, k, v, attn, p)[:, :, Tk - Tq :], rtol=1e-12, atol=1e-12)
     for got in (
-        causal_attention(qs, k, v, attn, reweight_p=p, pos_offset=Tk - Tq),
-        causal_attention(qs, k, v, attn, reweight_p=p),  # default pos_offset = Tk - Tq
+        causal_attention(qs, k, v, AttnSpec.of(attn, p), pos_offset=Tk - Tq),
+        causal_attention(qs, k, v, AttnSpec.of(attn, p)),  # default pos_offset = Tk - Tq
     ):
         assert got.shape == (2, 3, Tq, 16)
         assert_close64(got, want)
@@ -175,44 +179,42 @@ def test_queries_are_last_positions(attn, p, Tq):
 def test_explicit_pos_offset(attn, p):
     Tk, Tq, off = 20, 5, 3  # query t sits at absolute position 3 + t and sees keys j <= 3 + t
     q, k, v = make_qkv(2, 3, Tq, Tk, 16, seed=12, scale=2.0)
-    got = causal_attention(q, k, v, attn, reweight_p=p, pos_offset=off)
+    got = causal_attention(q, k, v, AttnSpec.of(attn, p), pos_offset=off)
     assert got.shape == (2, 3, Tq, 16)
     assert_close64(got, oracle(q, k, v, attn, p, pos_offset=off))
     # same as running on the visible prefix only (keys 0 .. off + Tq - 1), queries last
-    pre = causal_attention(q, k[:, :, : off + Tq], v[:, :, : off + Tq], attn, reweight_p=p)
+    pre = causal_attention(q, k[:, :, : off + Tq], v[:, :, : off + Tq], AttnSpec.of(attn, p))
     assert_close64(got, pre)
     # keys beyond the last query's position are invisible: changing them changes nothing
     k2, v2 = k.clone(), v.clone()
     k2[:, :, off + Tq :] = 100.0
     v2[:, :, off + Tq :] = -100.0
-    assert torch.equal(causal_attention(q, k2, v2, attn, reweight_p=p, pos_offset=off), got)
+    assert torch.equal(causal_attention(q, k2, v2, AttnSpec.of(attn, p), pos_offset=off), got)
 
 
 @pytest.mark.parametrize("attn,p", CASES, ids=CASE_IDS)
 def test_incremental_decoding_matches_full(attn, p):
     T = 12
     q, k, v = make_qkv(1, 2, T, T, 8, seed=13, scale=2.0)
-    full = causal_attention(q, k, v, attn, reweight_p=p)
+    full = causal_attention(q, k, v, AttnSpec.of(attn, p))
     for t in range(T):  # one query at a time against a growing cache, default pos_offset = t
-        step = causal_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], attn, reweight_p=p)
+        step = causal_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], AttnSpec.of(attn, p))
         assert_close64(step, full[:, :, t : t + 1])
 
 
 @pytest.mark.parametrize("attn,p", CASES, ids=CASE_IDS)
 def test_backends_and_chunking(attn, p):
-    """model.py extras beyond the core contract (backend, chunk): every code path computes the same formula,
-    also when a chunk boundary falls among the re-weighting's exempt rows 0-2."""
-    params = inspect.signature(causal_attention).parameters
-    if "backend" not in params or "chunk" not in params:
-        pytest.skip("causal_attention has no backend/chunk arguments")
+    """Every code path computes the same formula (the reference, the math backend at several chunk sizes, sdpa
+    where it applies), also when a chunk boundary falls among the re-weighting's exempt rows 0-2."""
     q, k, v = make_qkv(1, 2, 23, 40, 16, seed=25, scale=2.0)
     for off in (0, 10):
         want = oracle(q, k, v, attn, p, pos_offset=off)
         for chunk in (3, 7):  # with off = 0, chunk 3 puts a boundary exactly between rows 2 and 3
-            got = causal_attention(q, k, v, attn, reweight_p=p, pos_offset=off, backend="math", chunk=chunk)
+            got = causal_attention(q, k, v, AttnSpec.of(attn, p), pos_offset=off, backend="math", chunk=chunk)
             assert_close64(got, want)
+        assert_close64(causal_attention(q, k, v, AttnSpec.of(attn, p), pos_offset=off, backend="reference"), want)
         if attn in ("softmax", "ssmax") and p == 0:
-            assert_close64(causal_attention(q, k, v, attn, pos_offset=off, backend="sdpa"), want)
+            assert_close64(causal_attention(q, k, v, AttnSpec.of(attn), pos_offset=off, backend="sdpa"), want)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -222,13 +224,13 @@ def test_backends_and_chunking(attn, p):
 def test_causality(attn, p):
     T = 16
     q, k, v = make_qkv(2, 3, T, T, 16, seed=14, scale=2.0)
-    base = causal_attention(q, k, v, attn, reweight_p=p)
+    base = causal_attention(q, k, v, AttnSpec.of(attn, p))
     g = torch.Generator().manual_seed(15)
     for t in (0, 1, 2, 3, 8, 14):
         k2, v2 = k.clone(), v.clone()
         k2[:, :, t + 1 :] = torch.randn(k2[:, :, t + 1 :].shape, generator=g, dtype=torch.float64) * 10
         v2[:, :, t + 1 :] = torch.randn(v2[:, :, t + 1 :].shape, generator=g, dtype=torch.float64) * 10
-        out = causal_attention(q, k2, v2, attn, reweight_p=p)
+        out = causal_attention(q, k2, v2, AttnSpec.of(attn, p))
         assert torch.equal(out[:, :, : t + 1], base[:, :, : t + 1]), f"future keys leaked into rows <= {t}"
         assert not torch.equal(out[:, :, t + 1 :], base[:, :, t + 1 :])  # the change did reach later rows
 
@@ -239,7 +241,7 @@ def test_causality(attn, p):
 @pytest.mark.parametrize("attn,p", [("lssa", 0.0), ("lssar", 0.0), ("lssa", 3.0)])
 def test_row0_attends_only_to_itself(attn, p):
     q, k, v = make_qkv(2, 3, 10, 10, 16, seed=16, scale=5.0)
-    out = causal_attention(q, k, v, attn, reweight_p=p)
+    out = causal_attention(q, k, v, AttnSpec.of(attn, p))
     # weight exactly 1 on key 0; the math backend applies a row's 1 / sum to the output, so allow rounding
     torch.testing.assert_close(out[:, :, 0], v[:, :, 0], rtol=1e-14, atol=0)
 
@@ -262,7 +264,7 @@ def test_lssar_uniform_rows(dtype):
     v = torch.randn(B, H, T, d, generator=g, dtype=torch.float64) + 3.0  # clearly non-zero means
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
 
-    out = causal_attention(q, k, v, "lssar")
+    out = causal_attention(q, k, v, AttnSpec.of("lssar"))
     assert out.dtype == dtype
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out[:, :, 0], v[:, :, 0], rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
@@ -272,12 +274,13 @@ def test_lssar_uniform_rows(dtype):
         assert (out[:, :, i].abs() > 1.0).all()
     for i in (3, 7):  # N_i = 4, 8
         assert torch.equal(out[:, :, i], torch.zeros_like(out[:, :, i])), f"row {i} should be exactly 0"
-    if dtype == torch.float64:
-        assert_close64(out, oracle(q, k, v, "lssar"))
+    if dtype == torch.float64:  # the rows whose fate does not hang on one rounding (see above)
+        rows = [0, 1, 2, 3, 7, 15]
+        assert_close64(out[:, :, rows], oracle(q, k, v, "lssar")[:, :, rows])
 
     # gradients through an all-zero row are finite too
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-    causal_attention(qg, kg, vg, "lssar").sum().backward()
+    causal_attention(qg, kg, vg, AttnSpec.of("lssar")).sum().backward()
     for x in (qg, kg, vg):
         assert torch.isfinite(x.grad).all()
 
@@ -293,14 +296,15 @@ def test_reweighted_softmax_uniform_rows_are_zero(attn):
     k = torch.zeros(B, H, T, d, dtype=torch.float64)
     k[..., 0] = 2.0
     v = torch.randn(B, H, T, d, generator=g, dtype=torch.float64) + 3.0
-    out = causal_attention(q, k, v, attn, reweight_p=15.0)
+    out = causal_attention(q, k, v, AttnSpec.of(attn, 15.0))
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out[:, :, 0], v[:, :, 0], rtol=1e-14, atol=0)
     for i in (1, 2):
         torch.testing.assert_close(out[:, :, i], v[:, :, : i + 1].mean(dim=2), rtol=1e-12, atol=1e-12)
     for i in (3, 7, 15):
         assert torch.equal(out[:, :, i], torch.zeros_like(out[:, :, i])), f"row {i} should be exactly 0"
-    assert_close64(out, oracle(q, k, v, attn, 15.0))
+    rows = [0, 1, 2, 3, 7, 15]  # the rows whose fate does not hang on one rounding (exact 1 / N_i)
+    assert_close64(out[:, :, rows], oracle(q, k, v, attn, 15.0)[:, :, rows])
 
 
 def test_lssar_rows_1_2_use_zero_offset():
@@ -308,8 +312,8 @@ def test_lssar_rows_1_2_use_zero_offset():
     its two weights would survive and the output would be exactly one of v[0], v[1]. (p = 3 here: with
     p = 15 the smaller early-row weights are often < 1e-6 and the distinction would be invisible.)"""
     q, k, v = make_qkv(2, 3, 6, 6, 16, seed=19)
-    assert_close64(causal_attention(q, k, v, "lssar")[:, :, :3], oracle(q, k, v, "lssar")[:, :, :3])
-    out = causal_attention(q, k, v, "lssar", reweight_p=3.0)
+    assert_close64(causal_attention(q, k, v, AttnSpec.of("lssar"))[:, :, :3], oracle(q, k, v, "lssar")[:, :, :3])
+    out = causal_attention(q, k, v, AttnSpec.of("lssar", 3.0))
     assert_close64(out[:, :, :3], oracle(q, k, v, "lssa", 3.0)[:, :, :3])
     w = oracle_weights(q, k, "lssa", 3.0)
     assert (w[:, :, 1, :2] > 1e-3).all() and (w[:, :, 2, :3] > 1e-3).all()
@@ -345,7 +349,7 @@ def test_lssar_float32_long(T, p):
     w = oracle_weights(q[:, :, -64:], k, "lssa", pos_offset=T - 64)
     N = torch.arange(T - 63, T + 1, dtype=torch.float64)[:, None]
     assert (N * w).amax(dim=-1).median() > 370
-    got = causal_attention(q.float(), k.float(), v.float(), "lssar", reweight_p=p)
+    got = causal_attention(q.float(), k.float(), v.float(), AttnSpec.of("lssar", p))
     assert got.dtype == torch.float32 and got.shape == (B, H, T, d)
     assert torch.isfinite(got).all()
     # fp32 scores carry ~1e-6 relative error and the p-th power amplifies weight ratios by ~p, so allow
@@ -364,7 +368,7 @@ def test_grad_finite_at_length(attn, p):
     B, H, T, d = 1, 1, 1024, 64
     q, k, v = _sharp_qkv(B, H, T, d, seed=21, scale=10.0)
     q, k, v = (x.float().requires_grad_() for x in (q, k, v))
-    out = causal_attention(q, k, v, attn, reweight_p=p)
+    out = causal_attention(q, k, v, AttnSpec.of(attn, p))
     assert torch.isfinite(out).all()
     g = torch.Generator().manual_seed(22)
     (out * torch.randn(out.shape, generator=g)).sum().backward()
@@ -398,7 +402,7 @@ def test_gradcheck(attn, p):
         assert x[..., vis].abs().min() > 1e-3
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
     assert torch.autograd.gradcheck(
-        lambda a, b, c: causal_attention(a, b, c, attn, reweight_p=p),
+        lambda a, b, c: causal_attention(a, b, c, AttnSpec.of(attn, p)),
         (qg, kg, vg),
         eps=1e-6,
         atol=1e-5,
@@ -412,15 +416,15 @@ def test_gradcheck(attn, p):
 def test_errors():
     q, k, v = make_qkv(1, 1, 4, 4, 8, seed=24)
     with pytest.raises(ValueError):
-        causal_attention(q, k, v, "nope")
+        causal_attention(q, k, v, AttnSpec.of("nope"))
     with pytest.raises(ValueError):
-        causal_attention(q, k, v, "Softmax ")
+        causal_attention(q, k, v, AttnSpec.of("Softmax "))
     for attn in ("softmax", "lssa", "ssmax", "lssar"):
         with pytest.raises(ValueError):
-            causal_attention(q, k, v, attn, reweight_p=-1.0)
+            causal_attention(q, k, v, AttnSpec.of(attn, -1.0))
     for attn in ("sigmoid", "relu"):
         with pytest.raises(ValueError):
-            causal_attention(q, k, v, attn, reweight_p=15.0)
+            causal_attention(q, k, v, AttnSpec.of(attn, 15.0))
         with pytest.raises(ValueError):
-            causal_attention(q, k, v, attn, reweight_p=-1.0)
-        causal_attention(q, k, v, attn, reweight_p=0.0)  # p = 0 is fine
+            causal_attention(q, k, v, AttnSpec.of(attn, -1.0))
+        causal_attention(q, k, v, AttnSpec.of(attn, 0.0))  # p = 0 is fine

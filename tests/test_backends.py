@@ -11,12 +11,14 @@ import sys
 import pytest
 import torch
 
-import model
-from model import ATTN_VARIANTS, causal_attention
+import kernels
+import kernels.chunked
+import kernels.flex
+from model import VARIANTS, AttnSpec, causal_attention
 from tests.conftest import ROOT, run
 from tests.test_attention import CASE_IDS, CASES, make_qkv, oracle
 
-NORMALISED = [(a, p) for a, p in CASES if a in ("softmax", "lssa", "ssmax", "lssar")]
+NORMALISED = [(a, p) for a, p in CASES if AttnSpec.of(a).variant.normalise]
 
 
 def _rel(got, want, ref=None):
@@ -46,13 +48,13 @@ def test_math_forward_and_grads_fp32(attn, p, T, keep, monkeypatch):
     """The custom backward (hand-written stage 2; chunks kept from the forward or recomputed) against autograd
     through the oracle."""
     if not keep:
-        monkeypatch.setattr(model, "KEEP_ELEMENTS", 0)
+        monkeypatch.setattr(kernels.chunked, "KEEP_ELEMENTS", 0)
     B, H = (1, 1) if T == 1000 else (2, 2)
     q, k, v = make_qkv(B, H, T, T, 32, seed=T, scale=2.0)
     go = torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     want = _grads(lambda a, b, c: oracle(a, b, c, attn, p), q, k, v, go)
     # chunk=50: chunk borders inside every length > 50, and the last chunk is a partial one
-    got = _grads(lambda a, b, c: causal_attention(a, b, c, attn, p, backend="math", chunk=50), q.float(), k.float(),
+    got = _grads(lambda a, b, c: causal_attention(a, b, c, AttnSpec.of(attn, p), backend="math", chunk=50), q.float(), k.float(),
                  v.float(), go)
     # 1e-5; with re-weighting 5e-5: the p-th power amplifies fp32 score rounding ~p-fold (softmax + p=15 at
     # T=1000: dq 1.46e-5 here, and 1.30e-5 with plain autograd through the previous log-space implementation)
@@ -69,7 +71,7 @@ def test_math_grads_with_pos_offset(attn, p):
     go = torch.randn(2, 2, 9, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for off in (0, 5, 31):
         want = _grads(lambda a, b, c, off=off: oracle(a, b, c, attn, p, pos_offset=off), q, k, v, go)
-        got = _grads(lambda a, b, c, off=off: causal_attention(a, b, c, attn, p, pos_offset=off, backend="math",
+        got = _grads(lambda a, b, c, off=off: causal_attention(a, b, c, AttnSpec.of(attn, p), pos_offset=off, backend="math",
                                                                 chunk=4), q, k, v, go)
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
@@ -84,7 +86,7 @@ def test_bf16_autocast_forward_and_grads(attn, p):
 
     def fn(a, b, c):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return causal_attention(a, b, c, attn, p)
+            return causal_attention(a, b, c, AttnSpec.of(attn, p))
 
     got = _grads(fn, *(x.bfloat16() for x in (q, k, v)), go)
     for name, g, e in zip(("out", "dq", "dk", "dv"), got, _rel_all(got, want), strict=True):
@@ -102,11 +104,11 @@ def test_math_backward_saves_no_score_matrix(monkeypatch):
     def saved_by(attn, p):
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            out = causal_attention(q, k, v, attn, p, backend="math")
+            out = causal_attention(q, k, v, AttnSpec.of(attn, p), backend="math")
         return out, saved
 
     for keep in (0, 2 * 2 * T * T):  # B*H = 2: the second is enough for s, phi (p = 0), not for p > 0
-        monkeypatch.setattr(model, "KEEP_ELEMENTS", keep)
+        monkeypatch.setattr(kernels.chunked, "KEEP_ELEMENTS", keep)
         for attn, p in (("lssa", 0.0), ("lssar", 0.0), ("sigmoid", 0.0), ("softmax", 15.0)):
             out, saved = saved_by(attn, p)
             total = sum(t.numel() for t in saved)
@@ -126,7 +128,7 @@ def test_direct_weights_equal_exp_of_log_weights():
     """The math backend's fast path (Variant.weight, e.g. softplus) computes exactly exp(logw)."""
     s = torch.linspace(-60, 60, 2001, dtype=torch.float64).view(1, -1)
     n = torch.tensor([[1.0], [7.0], [5000.0]], dtype=torch.float64)
-    for name, var in ATTN_VARIANTS.items():
+    for name, var in VARIANTS.items():
         if var.weight is None:
             continue
         want = torch.exp(var.logw(s, n))
@@ -136,12 +138,12 @@ def test_direct_weights_equal_exp_of_log_weights():
 def test_lssa_log_space_fallback_is_exact(monkeypatch):
     """When QK-norm no longer bounds the scores away from softplus underflow, math falls back to
     exp(logw - row max); force that path and compare with the oracle."""
-    monkeypatch.setattr(model, "_direct_ok", lambda *a: False)
+    monkeypatch.setattr(kernels.chunked, "direct_ok", lambda *a: False)
     q, k, v = make_qkv(2, 2, 60, 60, 16, seed=9, scale=3.0)
     for attn, p in (("lssa", 0.0), ("lssar", 0.0)):
         go = torch.randn(v.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
         want = _grads(lambda a, b, c, attn=attn, p=p: oracle(a, b, c, attn, p), q, k, v, go)
-        got = _grads(lambda a, b, c, attn=attn, p=p: causal_attention(a, b, c, attn, p, backend="math", chunk=16),
+        got = _grads(lambda a, b, c, attn=attn, p=p: causal_attention(a, b, c, AttnSpec.of(attn, p), backend="math", chunk=16),
                      q, k, v, go)
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
@@ -150,7 +152,7 @@ def test_lssa_log_space_fallback_is_exact(monkeypatch):
 # ----------------------------------------------------------------------------------------------------
 # flex (CPU: forward only in this torch)
 # ----------------------------------------------------------------------------------------------------
-flex_ok = model._flex_attention() is not None
+flex_ok = kernels.flex.flex_attention() is not None
 
 
 @pytest.mark.skipif(not flex_ok, reason="no flex_attention in this torch")
@@ -160,7 +162,7 @@ def test_flex_when_sizes_coincide():
         q, k, v = make_qkv(B, 2, T, T, d, seed=B)
         with torch.no_grad():
             for attn in ("softmax", "lssa"):
-                got = causal_attention(q.float(), k.float(), v.float(), attn, backend="flex")
+                got = causal_attention(q.float(), k.float(), v.float(), AttnSpec.of(attn), backend="flex")
                 assert _rel(got, oracle(q, k, v, attn)) < 1e-5, (B, T, d, attn)
 
 
@@ -170,7 +172,7 @@ def test_flex_when_sizes_coincide():
 def test_flex_forward_fp32(attn, p, T):
     q, k, v = make_qkv(1, 2, T, T, 16, seed=10 + T, scale=2.0)
     with torch.no_grad():
-        got = causal_attention(q.float(), k.float(), v.float(), attn, p, backend="flex")
+        got = causal_attention(q.float(), k.float(), v.float(), AttnSpec.of(attn, p), backend="flex")
     assert got.dtype == torch.float32 and got.shape == v.shape
     assert _rel(got, oracle(q, k, v, attn, p)) < 1e-5
 
@@ -181,7 +183,7 @@ def test_flex_forward_every_normalised_kind_with_pos_offset(attn, p):
     q, k, v = make_qkv(1, 2, 7, 131, 16, seed=11, scale=2.0)
     with torch.no_grad():
         for off in (None, 60):  # None: the queries are the last 7 positions
-            got = causal_attention(q.float(), k.float(), v.float(), attn, p, pos_offset=off, backend="flex")
+            got = causal_attention(q.float(), k.float(), v.float(), AttnSpec.of(attn, p), pos_offset=off, backend="flex")
             assert _rel(got, oracle(q, k, v, attn, p, pos_offset=off)) < 1e-5, off
 
 
@@ -189,43 +191,66 @@ def test_flex_forward_every_normalised_kind_with_pos_offset(attn, p):
 def test_flex_errors_name_the_fix():
     q, k, v = (x.float() for x in make_qkv(1, 1, 8, 8, 16, seed=12))
     with pytest.raises(NotImplementedError, match="unnormalised.*use backend 'math' or 'auto'"):
-        causal_attention(q, k, v, "relu", backend="flex")
+        causal_attention(q, k, v, AttnSpec.of("relu"), backend="flex")
     if not torch.cuda.is_available():
         qg = q.clone().requires_grad_()
         with pytest.raises(NotImplementedError, match="no backward on cpu"):
-            causal_attention(qg, k, v, "lssa", backend="flex")
+            causal_attention(qg, k, v, AttnSpec.of("lssa"), backend="flex")
     with pytest.raises(NotImplementedError, match="softmax-type"):
-        causal_attention(q, k, v, "lssa", backend="sdpa")
-    with pytest.raises(ValueError, match="choose one of auto, math, sdpa, flex"):
-        causal_attention(q, k, v, "lssa", backend="triton")
+        causal_attention(q, k, v, AttnSpec.of("lssa"), backend="sdpa")
+    with pytest.raises(ValueError, match="choose one of reference, auto, math, sdpa, flex, triton"):
+        causal_attention(q, k, v, AttnSpec.of("lssa"), backend="flash")
 
 
 def test_auto_picks_an_exact_backend(monkeypatch):
-    """auto: sdpa for softmax/ssmax; on CPU math for the rest; on CUDA flex except LSSAR training."""
-    picks = []
-    for name in ("_attn_sdpa", "_attn_math", "_attn_flex"):
-        real = getattr(model, name)
-        monkeypatch.setattr(model, name, lambda *a, real=real, name=name, **kw: picks.append(name) or real(*a, **kw))
+    """auto on CPU: sdpa for softmax/ssmax, math for the rest."""
+    picks, real = [], kernels.backend_module
+
+    class Spy:
+        def __init__(self, name):
+            self.m, self.name = real(name), name
+
+        def supports(self, *a):
+            return self.m.supports(*a)
+
+        def attend(self, *a, **kw):
+            picks.append(self.name)
+            return self.m.attend(*a, **kw)
+
+    monkeypatch.setattr(kernels, "backend_module", Spy)
     q, k, v = (x.float() for x in make_qkv(1, 1, 8, 8, 16, seed=13))
     for attn in ("softmax", "ssmax", "lssa", "lssar", "sigmoid", "relu"):
-        causal_attention(q, k, v, attn)
-    assert picks == ["_attn_sdpa", "_attn_sdpa"] + ["_attn_math"] * 4
+        causal_attention(q, k, v, AttnSpec.of(attn))
+    assert picks == ["sdpa", "sdpa"] + ["math"] * 4
 
 
-def test_pick_backend_cuda_rules(monkeypatch):
+@pytest.mark.parametrize("triton_ok", [True, False], ids=["triton", "no-triton"])
+def test_pick_backend_cuda_rules(monkeypatch, triton_ok):
+    """auto on CUDA: sdpa where exact; the Triton kernels for the kinds they cover; else flex in full passes
+    except LSSAR-type training; math otherwise (decoding steps, unnormalised kinds)."""
     class FakeQ:
         dtype = torch.float32
 
         class device:
             type = "cuda"
-    monkeypatch.setattr(model, "_flex_attention", lambda: object())
-    lssa, soft, relu = ATTN_VARIANTS["lssa"], ATTN_VARIANTS["softmax"], ATTN_VARIANTS["relu"]
-    assert model._pick_backend(soft, 0.0, FakeQ, needs_grad=True) == "sdpa"
-    assert model._pick_backend(lssa, 0.0, FakeQ, needs_grad=True) == "flex"
-    assert model._pick_backend(lssa, 15.0, FakeQ, needs_grad=False) == "flex"
-    assert model._pick_backend(lssa, 15.0, FakeQ, needs_grad=True) == "math"
-    assert model._pick_backend(relu, 0.0, FakeQ, needs_grad=False) == "math"
-    assert model._pick_backend(lssa, 0.0, FakeQ, needs_grad=False, full=False) == "math"  # KV-cache decoding
+
+    def why_not(backend, spec, q, needs_grad):
+        if backend == "triton":
+            return None if triton_ok and spec.kind == "lssa" else "not covered"
+        if backend == "flex":
+            return None if spec.variant.normalise else "unnormalised"
+        return kernels.backend_module(backend).supports(spec, q, needs_grad)
+
+    monkeypatch.setattr(kernels, "why_not", why_not)
+    lssa, lssar, soft, relu = (AttnSpec.of(a) for a in ("lssa", "lssar", "softmax", "relu"))
+    assert kernels.pick(soft, FakeQ, needs_grad=True) == "sdpa"
+    fused = "triton" if triton_ok else "flex"
+    assert kernels.pick(lssa, FakeQ, needs_grad=True) == fused
+    assert kernels.pick(lssar, FakeQ, needs_grad=False) == fused
+    assert kernels.pick(lssar, FakeQ, needs_grad=True) == ("triton" if triton_ok else "math")
+    assert kernels.pick(AttnSpec.of("ssmax", 15.0), FakeQ, needs_grad=True) == "math"
+    assert kernels.pick(relu, FakeQ, needs_grad=False) == "math"
+    assert kernels.pick(lssa, FakeQ, needs_grad=False, full=False) == ("triton" if triton_ok else "math")  # decoding
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -265,8 +290,8 @@ def test_flex_stays_compiled_across_kinds_and_lengths():
         for T in (5, 100, 300):
             for attn in ("softmax", "ssmax", "lssa", "lssar"):
                 q, k, v = (x.float() for x in make_qkv(1, 2, T, T, 16, seed=T))
-                causal_attention(q, k, v, attn, backend="flex")
-                causal_attention(q[:, :, -1:], k, v, attn, backend="flex")  # Tq = 1 against Tk keys
+                causal_attention(q, k, v, AttnSpec.of(attn), backend="flex")
+                causal_attention(q[:, :, -1:], k, v, AttnSpec.of(attn), backend="flex")  # Tq = 1 against Tk keys
     assert not [w for w in caught if "without torch.compile" in str(w.message)]
 
 
@@ -276,11 +301,11 @@ def test_flex_lssar_in_a_fresh_process(tmp_path):
     re-weighting pass hit an inductor C++ compile error at T = 256 that a warm process hid."""
     script = (
         "import torch\n"
-        "from model import causal_attention\n"
+        "from model import AttnSpec, causal_attention\n"
         "from tests.test_attention import make_qkv, oracle\n"
         "q, k, v = make_qkv(1, 2, 256, 256, 16, seed=1)\n"
         "with torch.no_grad():\n"
-        "    got = causal_attention(q.float(), k.float(), v.float(), 'lssar', backend='flex')\n"
+        "    got = causal_attention(q.float(), k.float(), v.float(), AttnSpec.of('lssar'), backend='flex')\n"
         "want = oracle(q, k, v, 'lssar')\n"
         "print(((got.double() - want).abs().max() / want.abs().max()).item())\n"
     )

@@ -11,22 +11,21 @@ import torch
 from test_attention import CASE_IDS, CASES, make_qkv, oracle_weights
 from test_eval_length import make_run
 
-import model as model_module
 from conftest import ROOT
 from diagnose import diagnose, row_stats
-from model import attention_weights, causal_attention
+from model import GPT, AttentionProbe, AttnSpec, GPTConfig, apply_rope, attention_weights, causal_attention, rope_cos_sin
 
 
 @pytest.mark.parametrize("attn,p", CASES, ids=CASE_IDS)
 def test_attention_weights_are_the_forward_weights(attn, p):
     q, k, v = make_qkv(2, 3, 40, 50, 8, seed=5)
-    chunks = list(attention_weights(q, k, attn, p, pos_offset=10, chunk=7))
-    assert [c0 for c0, _ in chunks] == list(range(0, 40, 7))
+    chunks = list(attention_weights(q, k, AttnSpec.of(attn, p), pos_offset=10, chunk=7))
+    assert [first for first, _ in chunks] == list(range(10, 50, 7))  # absolute positions of each chunk's first row
     w = torch.zeros(2, 3, 40, 50, dtype=torch.float64)
-    for c0, wc in chunks:
-        w[:, :, c0:c0 + wc.shape[2], :wc.shape[3]] = wc
+    for first, wc in chunks:
+        w[:, :, first - 10:first - 10 + wc.shape[2], :wc.shape[3]] = wc
     torch.testing.assert_close(w, oracle_weights(q, k, attn, p, pos_offset=10), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(w @ v, causal_attention(q, k, v, attn, p, pos_offset=10), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w @ v, causal_attention(q, k, v, AttnSpec.of(attn, p), pos_offset=10), rtol=1e-10, atol=1e-12)
 
 
 def test_row_stats_by_hand():
@@ -35,7 +34,7 @@ def test_row_stats_by_hand():
     w[0, 0, 1, :] = 0.25   # row at position 3: uniform over 4
     w[0, 1, 0, 0] = 1.0    # head 1: all on the first token, then all on the last
     w[0, 1, 1, 3] = 1.0
-    s = row_stats(w, first_row=0, pos_offset=2)
+    s = row_stats(w, first=2)
     torch.testing.assert_close(s["entropy"], torch.tensor([math.log(3) + math.log(4), 0.0], dtype=torch.float64))
     torch.testing.assert_close(s["sink"], torch.tensor([1 / 3 + 1 / 4, 1.0], dtype=torch.float64))
     torch.testing.assert_close(s["zeros"], torch.tensor([0.0, 2 + 3], dtype=torch.float64))  # of 3 + 4 visible
@@ -45,9 +44,7 @@ def test_row_stats_by_hand():
 def test_diagnose_end_to_end(tmp_path):
     lssar, _ = make_run(tmp_path, name="lssar", attn="lssar")
     soft, _ = make_run(tmp_path, name="soft", attn="softmax")
-    original = model_module.causal_attention
-    res = diagnose([lssar, soft], "1,4", n_windows=2)
-    assert model_module.causal_attention is original  # the capture is undone
+    res = diagnose([lssar, soft], multipliers="1,4", n_windows=2)
     r_lssar, r_soft = res["runs"]
     assert r_lssar["label"] == "lssar" and r_soft["label"] == "soft" and r_lssar["reweight_p"] == 15
     for r in res["runs"]:
@@ -61,7 +58,7 @@ def test_diagnose_end_to_end(tmp_path):
     assert any(z > 0 for x in r_lssar["lengths"] for layer in x["layers"] for z in layer["zeros"])
     learned, _ = make_run(tmp_path, name="learned", pos="learned")
     with pytest.raises(SystemExit, match="learned position embeddings"):
-        diagnose([learned], "1,2")
+        diagnose([learned], multipliers="1,2")
 
 
 def test_cli(tmp_path):
@@ -74,3 +71,21 @@ def test_cli(tmp_path):
     assert res["command"].startswith("python diagnose.py") and len(res["runs"]) == 1
     assert (tmp_path / "res" / "diag.png").read_bytes()[:4] == b"\x89PNG"
     assert "entropy" in r.stdout
+
+
+def test_probe_sees_the_weights_of_selected_layers_and_rows():
+    """model.AttentionProbe: the weights of the chosen layers' last rows, equal to the oracle's on that layer's q, k."""
+    torch.manual_seed(0)
+    gpt = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=3, n_head=2, n_embd=16, attn="lssar")).double().eval()
+    idx = torch.randint(0, 11, (2, 20))
+    seen, qk = [], {}
+    for i, block in enumerate(gpt.transformer.h):  # the layer's q, k after RoPE, for the oracle
+        block.attn.c_attn.register_forward_hook(lambda m, a, out, i=i: qk.__setitem__(i, out))
+    probe = AttentionProbe(lambda layer, first, w: seen.append((layer, first, w)), layers=(1,), last_rows=5)
+    logits, _ = gpt(idx, probe=probe)
+    torch.testing.assert_close(logits, gpt(idx)[0], rtol=0, atol=0)  # probing changes nothing
+    assert [(layer, first) for layer, first, _ in seen] == [(1, 15)]
+    q, k, _ = qk[1].view(2, 20, 3, 2, 8).permute(2, 0, 3, 1, 4)
+    cos, sin = rope_cos_sin(20, 8, gpt.config.rope_base, "cpu")
+    q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+    torch.testing.assert_close(seen[0][2], oracle_weights(q[:, :, -5:], k, "lssar"), rtol=1e-10, atol=1e-12)

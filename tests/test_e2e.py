@@ -5,6 +5,7 @@ import csv
 import torch
 
 from conftest import run
+from model import AttnSpec, demo_runs
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4", "--eval_iters=2",
         "--eval_interval=3", "--log_interval=1", "--warmup_iters=2", "--device=cpu"]
@@ -17,22 +18,24 @@ def read_log(out):
 
 def test_train_resume_sample(char_data, tmp_path):
     out = tmp_path / "run"
-    base = ["train.py", "config/shakespeare_char_lssar.py", f"--data_dir={char_data}", f"--out_dir={out}", *TINY]
+    base = ["train.py", "config/train_shakespeare_char.py", "--attn=lssar", f"--data_dir={char_data}", f"--out_dir={out}", *TINY]
     r = run(*base, "--max_iters=6")
     assert "attention lssa reweight_p=15" in r.stdout
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
     assert ckpt["iter_num"] == 6
     # everything needed to rebuild the model travels with the checkpoint
-    assert ckpt["model_args"]["attn"] == "lssar" and ckpt["model_args"]["pos"] == "rope"
+    # in canonical form: the shorthand resolved, so what it means never depends on the code that reads it
+    assert (ckpt["model_args"]["attn"], ckpt["model_args"]["reweight_p"]) == ("lssa", 15.0)
+    assert ckpt["model_args"]["pos"] == "rope" and ckpt["config"]["attn"] == "lssar"  # config: as the user wrote it
     assert ckpt["model_args"]["vocab_size"] == 65 and ckpt["config"]["block_size"] == 32
     losses = [float(row["loss"]) for row in read_log(out) if row["kind"] == "train"]
     assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
 
     # resume: continues at iteration 6 with the checkpoint's architecture, even if the CLI says otherwise
     r = run(*base, "--max_iters=9", "--init_from=resume", "--attn=softmax")
-    assert "keeping the checkpoint's attn='lssar'" in r.stdout
+    assert "keeping the checkpoint's attn='lssa'" in r.stdout and "keeping the checkpoint's reweight_p=15.0" in r.stdout
     ckpt = torch.load(out / "ckpt.pt", weights_only=False)
-    assert ckpt["iter_num"] == 9 and ckpt["model_args"]["attn"] == "lssar"
+    assert ckpt["iter_num"] == 9 and ckpt["model_args"]["attn"] == "lssa"
     assert [int(row["iter"]) for row in read_log(out) if row["kind"] == "train"] == list(range(1, 10))
 
     r = run("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=40", "--device=cpu")
@@ -45,13 +48,15 @@ def test_train_resume_sample(char_data, tmp_path):
 
 
 def test_every_variant_trains(char_data, tmp_path):
-    # each sweep config trains a couple of steps and writes a finite loss
-    for attn in ["softmax", "lssa", "lssar", "sigmoid", "relu", "ssmax"]:
+    # each attention of the demo sweep trains a couple of steps as sweep.py runs it and writes a finite loss
+    for attn in demo_runs():
         out = tmp_path / attn
-        run("train.py", f"config/shakespeare_char_{attn}.py", f"--data_dir={char_data}", f"--out_dir={out}", *TINY,
-            "--max_iters=2", "--eval_interval=2")
+        run("train.py", "config/train_shakespeare_char.py", f"--attn={attn}", f"--data_dir={char_data}",
+            f"--out_dir={out}", *TINY, "--max_iters=2", "--eval_interval=2")
         ckpt = torch.load(out / "ckpt.pt", weights_only=False)
-        assert ckpt["model_args"]["attn"] == attn and torch.isfinite(torch.tensor(ckpt["best_val_loss"]))
+        spec = AttnSpec.of(attn)
+        assert (ckpt["model_args"]["attn"], ckpt["model_args"]["reweight_p"]) == (spec.kind, spec.reweight_p)
+        assert torch.isfinite(torch.tensor(ckpt["best_val_loss"]))
 
 
 def test_clear_errors(tmp_path):

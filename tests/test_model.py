@@ -4,10 +4,13 @@ position encodings, config validation, the configurator."""
 import pytest
 import torch
 
+from common import model_from_checkpoint
 from configurator import configure
-from model import ATTN_KINDS, GPT, GPTConfig
+from eval_length import eval_time_p
+from model import GPT, GPTConfig
+from tests.test_attention import CASES
 
-KINDS = [(a, 0.0) for a in ATTN_KINDS] + [("softmax", 15.0), ("ssmax", 15.0), ("lssa", 3.0)]
+KINDS = CASES  # every attention of the registry (and re-weighting on each normalised one)
 
 
 def tiny(attn="softmax", reweight_p=0.0, pos="rope", block_size=32, **kw):
@@ -72,7 +75,7 @@ def test_loss_reduction_sum_is_per_token_total():
     (dict(reweight_p=-1.0), "reweight_p must be >= 0"),
     (dict(attn="sigmoid", reweight_p=15.0), "unnormalised"),
     (dict(pos="alibi"), "unknown pos"),
-    (dict(attn_backend="triton"), "unknown attn_backend"),
+    (dict(attn_backend="flash"), "unknown attn_backend"),
     (dict(n_embd=30, n_head=4), "divisible"),
 ])
 def test_config_errors(bad, msg):
@@ -100,3 +103,22 @@ def test_configurator(tmp_path):
     cfg_file.write_text("atn = 'lssa'\n")
     with pytest.raises(SystemExit, match="unknown key 'atn'"):
         configure(dict(g), [str(cfg_file)])
+
+
+def test_checkpoint_in_the_old_format_means_the_same():
+    """Checkpoints written before the canonical form stored the shorthand as given: ('lssar', 0.0) meant LSSA with
+    p = 15. They load as ('lssa', 15.0), compute exactly that, and an eval-time p = 0 switches it off."""
+    old_args = dict(block_size=16, vocab_size=23, n_layer=2, n_head=2, n_embd=16, dropout=0.0, bias=True, attn="lssar",
+                    reweight_p=0.0, pos="rope", rope_base=10000.0, attn_backend="auto", attn_chunk=256)
+    torch.manual_seed(0)
+    lssar = GPT(GPTConfig(**dict(old_args, attn="lssa", reweight_p=15.0))).double().eval()
+    ckpt = {"model": lssar.state_dict(), "model_args": old_args}
+    loaded = model_from_checkpoint(ckpt).double().eval()
+    assert (loaded.config.attn, loaded.config.reweight_p) == ("lssa", 15.0)
+    idx = torch.randint(0, 23, (2, 16))
+    torch.testing.assert_close(loaded(idx)[0], lssar(idx)[0], rtol=0, atol=0)
+    off = model_from_checkpoint(ckpt, reweight_p=0.0).double().eval()
+    assert (off.config.attn, off.config.reweight_p) == ("lssa", 0.0)
+    assert not torch.allclose(off(idx)[0], lssar(idx)[0])
+    overrides, attn, p, trained_p, label = eval_time_p("out-old", old_args, 0.0)
+    assert (attn, p, trained_p, overrides) == ("lssa", 0.0, 15.0, {"reweight_p": 0.0})

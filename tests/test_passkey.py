@@ -109,7 +109,7 @@ def test_bpe_checkpoint_end_to_end(tmp_path):
     args = dict(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=16, attn="lssar")
     save_checkpoint({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "iter_num": 0,
                      "config": {"dataset": "bpe", "data_dir": str(d)}}, str(d / "ckpt.pt"))
-    res = evaluate([str(d)], "1,2", depths_arg="0,1", n_trials=2, device_arg="cpu")
+    res = evaluate([str(d)], multipliers="1,2", depths="0,1", n_trials=2, device="cpu")
     assert "digits (BPE)" in res["protocol"]["key"] and res["runs"][0]["filler"] == f"val: {d}"
     assert [(x["length"], x["trials"]) for x in res["runs"][0]["results"]] == [(32, 2), (32, 2), (64, 2), (64, 2)]
     for x in res["runs"][0]["results"]:  # an untrained model: wrong, and its outputs decode as BPE text
@@ -234,18 +234,18 @@ def test_errors(char_data, tmp_path, monkeypatch):
     save_checkpoint({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "iter_num": 0,
                      "config": {"dataset": "shakespeare_char", "data_dir": str(char_data)}}, str(d / "ckpt.pt"))
     with pytest.raises(SystemExit, match="learned position embeddings.*block_size=32"):
-        evaluate([str(d)], "1,2", n_trials=2, device_arg="cpu")
-    assert evaluate([str(d)], "1", depths_arg="0.5", n_trials=2, device_arg="cpu")["runs"][0]["results"][0]["trials"] == 2
+        evaluate([str(d)], multipliers="1,2", n_trials=2, device="cpu")
+    assert evaluate([str(d)], multipliers="1", depths="0.5", n_trials=2, device="cpu")["runs"][0]["results"][0]["trials"] == 2
     built = []  # the models evaluate() builds: an eval-time p reaches the attention, "ckpt" keeps the trained one
     monkeypatch.setattr(eval_passkey, "model_from_checkpoint",
                         lambda *a, **o: built.append(model_from_checkpoint(*a, **o)) or built[-1])
-    res = evaluate([str(d)], "1", depths_arg="0.5", n_trials=2, device_arg="cpu", p_arg="ckpt,15")
+    res = evaluate([str(d)], multipliers="1", depths="0.5", n_trials=2, device="cpu", reweight_p="ckpt,15")
     assert [m.config.reweight_p for m in built] == [0, 15] and res["runs"][1]["label"] == "learned (eval p=15)"
     with pytest.raises(SystemExit, match="eval error: .*reweight_p must be >= 0"):
-        evaluate([str(d)], "1", n_trials=2, device_arg="cpu", p_arg="-1")
+        evaluate([str(d)], multipliers="1", n_trials=2, device="cpu", reweight_p="-1")
     with pytest.raises(SystemExit, match="length 16 is too short for the template"):
-        evaluate([str(d)], lengths_arg="16", n_trials=2, device_arg="cpu")
+        evaluate([str(d)], lengths="16", n_trials=2, device="cpu")
     with pytest.raises(SystemExit, match="depths must be fractions"):
-        evaluate([str(d)], "1", depths_arg="0,2", device_arg="cpu")
+        evaluate([str(d)], multipliers="1", depths="0,2", device="cpu")
     r = run("eval_passkey.py", f"--ckpts={tmp_path / 'missing'}", "--device=cpu", check=False)
     assert r.returncode != 0 and "checkpoint not found" in r.stderr

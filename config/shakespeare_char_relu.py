@@ -1,5 +1,0 @@
-# The CPU demo with attn="relu"; everything else (model, data order, seed, schedule) as in the base config.
-from config.train_shakespeare_char import *
-
-out_dir = "out-shakespeare-char-relu"
-attn = "relu"

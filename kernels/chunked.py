@@ -1,0 +1,268 @@
+"""
+The `math` backend: every variant, any re-weighting power, forward and backward, on any device, exact.
+
+The scores are computed in chunks of (batch x head, query rows), each against only the keys its rows can see,
+with at most ~CHUNK_ELEMENTS scores per chunk, so memory is O(chunk x T) in the forward AND the backward: the
+backward saves only q, k, v and the output and recomputes each chunk (FlashAttention's recomputation idea,
+without fusion). Stage 2's derivative is applied by hand (model.reweight_grad), stage 1's (elementwise, any
+variant) by autograd on the chunk.
+
+Forward and backward are torch.library custom ops under torch.compile (opaque calls: no graph break, nothing
+traced inside; the spec reaches them as a string, AttnSpec.key) and an autograd Function in eager mode (below).
+"""
+
+import torch
+
+from model import AttnSpec, reweight, reweight_grad, reweight_offset, row_n, stage1
+
+CHUNK_ELEMENTS = 2**21  # score-matrix elements per chunk: measured fastest on CPU (fits in cache, no mmap churn)
+
+
+def plan(BH, Tq, Tk, chunk, all_heads=False):
+    """The chunks over (batch x head, query rows), each with at most ~CHUNK_ELEMENTS scores: as many rows as
+    `chunk`, a quarter of Tq and the budget allow, then as many heads as fit (all of them with all_heads: the
+    diagnostics' chunks are whole (B, H) blocks). Rows first: every chunk streams its heads' K and V once, so few
+    rows per chunk at long T waste memory bandwidth (measured on CPU at T = 16384: all 12 heads x 10 rows per chunk
+    took 3.9x SDPA's time for LSSA, one head x 128 rows 2.7x). At most a quarter of Tq: a chunk of r rows also
+    computes the r x r / 2 masked scores above its diagonal, 1/4 more work than the causal triangle at r = Tq / 4
+    (the demo's train step: 0.92x softmax's tokens/s vs 0.76x at r = Tq). Returns ([(head slice, first row)], rows)."""
+    if all_heads:
+        rows = max(1, min(chunk, CHUNK_ELEMENTS // (BH * Tk)))
+        return [(slice(0, BH), c0) for c0 in range(0, Tq, rows)], rows
+    rows = max(1, min(chunk, max(16, -(-Tq // 4)), CHUNK_ELEMENTS // Tk))
+    heads = max(1, min(BH, CHUNK_ELEMENTS // (rows * Tk)))
+    return [(slice(h0, h0 + heads), c0) for h0 in range(0, BH, heads) for c0 in range(0, Tq, rows)], rows
+
+
+def direct_ok(spec, n_max, d, dtype):
+    """Can stage 1 use var.weight (e.g. softplus) instead of exp(logw - row max)? Always for unnormalised kinds;
+    for normalised ones only when no row can underflow to all zeros: QK-norm bounds |s| <= scale(N) (a bias
+    such as ALiBi is 0 on the diagonal). Decided from Python numbers only (no tensor is read: compile-friendly)."""
+    var = spec.variant
+    if var.weight is None or not var.normalise:
+        return var.weight is not None
+    if not var.qk_norm or var.params:
+        return False
+    bound = abs(var.scale(float(n_max), d, {}))
+    return bound < (80.0 if dtype != torch.float64 else 700.0)  # softplus(-80) = 1.8e-35 > fp32 tiny
+
+
+_BIAS = {}
+
+
+def causal_bias(r, dtype, device):
+    """(r, r) with -inf above the diagonal, 0 elsewhere: adding it is ~10x faster than masked_fill_ on a strided
+    view (measured on CPU) and leaves the visible scores bit-identical."""
+    key = (r, dtype, str(device))
+    if key not in _BIAS:
+        if len(_BIAS) > 64:
+            _BIAS.clear()
+        _BIAS[key] = torch.full((r, r), float("-inf"), dtype=dtype, device=device).triu_(1)
+    return _BIAS[key]
+
+
+def chunk_scores(q, k, spec, first, c0, r, hs, H):
+    """Scores of query rows c0 .. c0+r-1 (absolute positions first ..) of the flat heads hs against the keys they
+    can see, -inf on the causal triangle: (heads, r, first + r)."""
+    s = q[hs, c0:c0 + r] @ k[hs, :first + r].transpose(-2, -1)
+    # keys before `first` are visible to every row of the chunk: only the last r keys form a causal triangle
+    s[..., first:] += causal_bias(r, s.dtype, s.device)
+    if spec.variant.bias is not None:
+        pos = torch.arange(first, first + r, device=s.device).view(r, 1)
+        heads = (torch.arange(hs.start, hs.stop, device=s.device) % H).view(-1, 1, 1)
+        s = s + spec.variant.bias(pos, torch.arange(first + r, device=s.device), heads, H)
+    return s
+
+
+def stage1_vjp(s, var, n, direct, functional):
+    """Stage 1's weights phi of scores s and a function mapping dL/dphi to dL/ds. Autograd on the chunk, or
+    (functional=True: inside a custom op, where autograd records nothing) torch.func.vjp."""
+    if functional:
+        return torch.func.vjp(lambda x: stage1(x, var, n, direct), s)
+    with torch.enable_grad():
+        s.requires_grad_(True)
+        phi = stage1(s, var, n, direct)
+    return phi.detach(), lambda g: torch.autograd.grad(phi, s, g)
+
+
+def chunk_weights(q, k, spec, n_all, pos_offset, c0, rows, hs, H, direct, grad=False, functional=False):
+    """Both stages for query rows c0 .. c0+rows-1 of flat heads hs. Returns (tk, R, st, vjp): the final weights
+    are R * st['f'] with a per-row factor f (1, 1/S or 1/Z), so the row factors are applied to the small
+    (rows x d) outputs, not to the (rows x T) weights. With grad=True, vjp maps dL/dphi to dL/ds (stage 1) and
+    st holds what stage 2's derivative needs."""
+    var, p = spec.variant, spec.reweight_p
+    n = n_all[c0:c0 + rows]
+    first = pos_offset + c0
+    s = chunk_scores(q, k, spec, first, c0, n.shape[0], hs, H)
+    if grad:
+        phi, vjp = stage1_vjp(s, var, n, direct, functional)
+    else:
+        phi, vjp = stage1(s, var, n, direct), None
+    st = {"f": torch.ones_like(n), "phi": phi}
+    R = phi
+    if var.normalise:
+        st["S"] = S = phi.sum(dim=-1, keepdim=True)
+        st["f"] = 1.0 / S
+        if p > 0:
+            O = reweight_offset(torch.arange(first, first + n.shape[0], device=s.device), n.dtype).view(-1, 1)
+            R, Z, st["aux"] = reweight(phi, S, n, O, p, inplace=not grad)
+            st["Z"] = Z
+            st["f"] = 1.0 / Z.clamp_min(torch.finfo(n.dtype).tiny)
+    return first + n.shape[0], R, st, vjp
+
+
+def _flat(t):
+    return t.reshape(-1, t.shape[-2], t.shape[-1])  # (B, H, T, d) -> (B*H, T, d)
+
+
+def forward(q, k, v, spec, pos_offset, chunk, keep=None):
+    """q, k, v (B, H, T, d) in the accumulation dtype (fp32 or fp64); returns the output (B, H, Tq, d). With a
+    list `keep`, each chunk is computed with what the backward needs and appended to it."""
+    B, H, Tq, d = q.shape
+    n_all, direct = row_n(pos_offset, Tq, q), direct_ok(spec, pos_offset + Tq, d, q.dtype)
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    out = torch.empty(qf.shape[:-1] + vf.shape[-1:], dtype=v.dtype, device=v.device)
+    chunks, rows = plan(qf.shape[0], Tq, kf.shape[1], chunk)
+    for hs, c0 in chunks:
+        ch = chunk_weights(qf, kf, spec, n_all, pos_offset, c0, rows, hs, H, direct, grad=keep is not None)
+        tk, R, st, _ = ch
+        torch.mul(R @ vf[hs, :tk], st["f"], out=out[hs, c0:c0 + rows])
+        if keep is not None:
+            keep.append(ch)
+    return out.view(B, H, Tq, -1)
+
+
+def backward(dout, q, k, v, out, spec, pos_offset, chunk, kept=None, functional=False):
+    """dL/dq, dL/dk, dL/dv for the forward above, chunk by chunk: each chunk's weights recomputed, or taken from
+    `kept` (the forward's keep list; emptied as it goes). functional: see stage1_vjp."""
+    B, H, Tq, d = q.shape
+    n_all, direct = row_n(pos_offset, Tq, q), direct_ok(spec, pos_offset + Tq, d, q.dtype)
+    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    # contiguous whatever the inputs' layout (compiled code may hand over strided views): as the fake kernel says
+    dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (qf, kf, vf))
+    dout = _flat(dout.to(v.dtype))
+    delta = (dout * _flat(out)).sum(dim=-1, keepdim=True)  # sum_j w_ij dL/dw_ij = dout_i . out_i (FlashAttention)
+    chunks, rows = plan(qf.shape[0], Tq, kf.shape[1], chunk)
+    for i, (hs, c0) in enumerate(chunks):
+        if kept:
+            (tk, R, st, vjp), kept[i] = kept[i], None  # free each kept chunk as soon as it is used
+        else:
+            tk, R, st, vjp = chunk_weights(qf, kf, spec, n_all, pos_offset, c0, rows, hs, H, direct, True, functional)
+        sl = slice(c0, c0 + R.shape[-2])
+        do = dout[hs, sl]
+        dv[hs, :tk] += R.transpose(-2, -1) @ (do * st["f"])
+        g = do @ vf[hs, :tk].transpose(-2, -1)  # dL/dw
+        if spec.variant.normalise:
+            g.sub_(delta[hs, sl])  # dL/dw_ij - sum_j w_ij dL/dw_ij: the normalisation's derivative
+            if spec.reweight_p > 0:
+                g = reweight_grad(g, st["phi"], st["S"], st["Z"], st["aux"], spec.reweight_p)
+            else:
+                g.mul_(st["f"])
+        (ds,) = vjp(g)
+        dq[hs, sl] = ds @ kf[hs, :tk]
+        dk[hs, :tk] += ds.transpose(-2, -1) @ qf[hs, sl]
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+
+
+# Two thin wrappers around forward/backward. Compiled code calls them as torch.library custom ops: opaque to
+# torch.compile (register_fake gives it the shapes; no graph break, nothing traced inside), autograd connects them,
+# and each chunk is recomputed in the backward. Eager code (the CPU demo's training) goes through an autograd
+# Function that may keep the forward's chunks for the backward: below KEEP_ELEMENTS chunk elements per call that
+# measured ~15% faster per demo train step for LSSAR on CPU, where softplus alone costs as much as a matmul; above
+# it memory stays O(chunk x T) as in the forward.
+KEEP_ELEMENTS = 2**24  # the eager backward reuses the forward's chunk tensors while they total <= this (64 MB fp32)
+
+
+@torch.library.custom_op("softplus_attn::chunked_fwd", mutates_args=())
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, pos_offset: int, chunk: int) -> torch.Tensor:
+    with torch.autocast(q.device.type, enabled=False):  # the caller's autocast must not reach the chunks' matmuls
+        return forward(q, k, v, AttnSpec.from_key(spec), pos_offset, chunk)
+
+
+@torch.library.custom_op("softplus_attn::chunked_bwd", mutates_args=())
+def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, spec: str,
+            pos_offset: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    with torch.autocast(q.device.type, enabled=False):
+        return backward(dout, q, k, v, out, AttnSpec.from_key(spec), pos_offset, chunk, functional=True)
+
+
+@_fwd_op.register_fake
+def _(q, k, v, spec, pos_offset, chunk):
+    return q.new_empty(q.shape[:-1] + v.shape[-1:], dtype=v.dtype)
+
+
+@_bwd_op.register_fake
+def _(dout, q, k, v, out, spec, pos_offset, chunk):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as backward() returns
+
+
+def _setup(ctx, inputs, output):
+    q, k, v, spec, pos_offset, chunk = inputs
+    ctx.save_for_backward(q, k, v, output)
+    ctx.args = (spec, pos_offset, chunk)
+
+
+def _backward(ctx, dout):
+    return *_bwd_op(dout, *ctx.saved_tensors, *ctx.args), None, None, None
+
+
+_fwd_op.register_autograd(_backward, setup_context=_setup)
+
+
+class _EagerAttention(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, q, k, v, spec, pos_offset, chunk):
+        B, H, Tq, _ = q.shape
+        per_row = B * H * k.shape[2] * (2 if spec.reweight_p == 0 else 4)  # s and phi (+ R and u^(p-1))
+        ctx.kept = [] if Tq * per_row <= KEEP_ELEMENTS else None
+        with torch.autocast(q.device.type, enabled=False):
+            out = forward(q, k, v, spec, pos_offset, chunk, keep=ctx.kept)
+        ctx.save_for_backward(q, k, v, out)
+        ctx.args = (spec, pos_offset, chunk)
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        kept, ctx.kept = ctx.kept, None
+        with torch.autocast(dout.device.type, enabled=False):
+            grads = backward(dout, *ctx.saved_tensors, *ctx.args, kept=kept)
+        return *grads, None, None, None
+
+
+def supports(spec, q, needs_grad):
+    return None
+
+
+def attend(q, k, v, spec, pos_offset, *, chunk=256, needs_grad=False):
+    """Exact for every spec; q, k arrive in fp32 (fp64) from model.prepare; the output comes back in v's dtype."""
+    vv = v.to(q.dtype)
+    if needs_grad and not torch.compiler.is_compiling():
+        return _EagerAttention.apply(q, k, vv, spec, pos_offset, chunk).to(v.dtype)
+    return _fwd_op(q, k, vv, spec.key(), pos_offset, chunk).to(v.dtype)
+
+
+def weights(q, k, spec, pos_offset, *, chunk=256):
+    """The final weights, chunk by chunk: yields (first query position, w (B, H, rows, keys seen by the chunk))."""
+    B, H, Tq, d = q.shape
+    n_all, direct = row_n(pos_offset, Tq, q), direct_ok(spec, pos_offset + Tq, d, q.dtype)
+    qf, kf = _flat(q), _flat(k)
+    chunks, rows = plan(qf.shape[0], Tq, kf.shape[1], chunk, all_heads=True)
+    for hs, c0 in chunks:
+        tk, R, st, _ = chunk_weights(qf, kf, spec, n_all, pos_offset, c0, rows, hs, H, direct)
+        yield pos_offset + c0, (R * st["f"]).view(B, H, -1, tk)
+
+
+def row_logsumexp(q, k, spec, pos_offset, chunk=256):
+    """log sum_j exp(logw_ij) of every query row (B, H, Tq) of normalised variants, over this backend's chunks
+    (flex's re-weighting pass needs the row sums S_i: flex on CPU cannot return them)."""
+    B, H, Tq, _ = q.shape
+    var, n_all = spec.variant, row_n(pos_offset, Tq, q)
+    qf, kf = _flat(q), _flat(k)
+    lse = torch.empty(qf.shape[:-1], dtype=q.dtype, device=q.device)
+    chunks, rows = plan(qf.shape[0], Tq, kf.shape[1], chunk)
+    for hs, c0 in chunks:
+        n = n_all[c0:c0 + rows]
+        s = chunk_scores(qf, kf, spec, pos_offset + c0, c0, n.shape[0], hs, H)
+        lse[hs, c0:c0 + n.shape[0]] = torch.logsumexp(s if var.logw is None else var.logw(s, n), dim=-1)
+    return lse.view(B, H, Tq)
+
