@@ -2,9 +2,9 @@
 Speed and peak memory of every attention kind x backend, alone and inside the model, with ratios to
 softmax through SDPA measured in the same run.
 
-    python bench.py                  # the README table on this machine (CPU: ~30 min on 2 cores)
-    python bench.py --quick          # a small run (~1 min): short lengths, no GPT-2-small
-    python bench.py --device=cuda    # on a GPU: adds the GPT-2-small train step at 1024 tokens
+    python bench.py                  # the table of docs/backends.md on this machine (CPU: ~45 min on 2 cores)
+    python bench.py --quick          # a small run (~1 min): short lengths, no GPT-2-small, no memory
+    python bench.py --device=cuda    # on a GPU: adds the GPT-2-small train step at 1024 tokens, eager and compiled
 
 What is measured (every number is the best of `repeats` runs after one warm-up, rounds interleaved so that
 noise hits every case alike):
@@ -12,7 +12,9 @@ noise hits every case alike):
          (no grad) and forward+backward where the backend has a backward, for each kind x backend x length
   eval   a GPT-2-small (124M) forward with loss, batch 1, at `eval_lengths` (eval_length.py's work)
   train  a train step (forward, backward, AdamW) of the CPU demo model at `train_len` tokens (and, on CUDA,
-         of GPT-2-small at 1024 tokens)
+         of GPT-2-small at 1024 tokens, eager and under torch.compile)
+The `triton` backend runs on CUDA; on a CPU it would only run through Triton's interpreter, so it is reported
+as "interpreter, not timed".
 Peak memory: on CUDA max_memory_allocated over the call; on CPU the rise of the process's peak resident set
 (VmHWM) over the call, measured in a fresh subprocess with glibc's mmap threshold pinned so freed tensors
 leave the resident set (so it counts what the call allocates, like the CUDA number).
@@ -23,6 +25,7 @@ import json
 import math
 import os
 import platform
+import signal
 import subprocess
 import sys
 import time
@@ -36,7 +39,7 @@ from model import GPT, AttnSpec, GPTConfig, attn_names, causal_attention
 
 # -----------------------------------------------------------------------------
 kinds = ",".join(attn_names())  # every attention of model.py's registry
-backends = "sdpa,math,flex"
+backends = "sdpa,math,flex,triton"
 lengths = LENGTHS = "64,256,1024,4096,16384"
 grad_max_len = 4096      # forward+backward of attention alone up to this length
 attn_batch = 1
@@ -48,7 +51,8 @@ train_kinds = "softmax,lssa,lssar"
 train_len = 256          # CPU demo model train step (4 layers, 128 wide, 4 heads), batch 16
 train_batch = 16
 gpt2_train = "auto"      # GPT-2-small train step at 1024 tokens: auto = on CUDA only | true | false
-memory = True            # measure peak memory (CPU: one subprocess per case)
+train_compile = "auto"   # also time the train steps under torch.compile: auto = on CUDA only | true | false
+memory = "auto"          # measure peak memory: auto = yes except with --quick (on CPU: one subprocess per case)
 repeats = 3
 quick = False            # small run: lengths 64,256,1024, no GPT-2-small
 device = "auto"
@@ -78,6 +82,8 @@ def build(case, dev, dt):
     if what == "attn":
         shape = (attn_batch, attn_heads, T, head_dim)
         grad = case["grad"]
+        if case["backend"] == "triton" and not dev.startswith("cuda"):
+            raise NotImplementedError("interpreter, not timed")
         q, k, v = (torch.randn(shape, device=dev, requires_grad=grad) for _ in range(3))
         go = torch.randn(shape, device=dev)
         spec = AttnSpec.of(kind)
@@ -92,8 +98,11 @@ def build(case, dev, dt):
                     with torch.no_grad():
                         causal_attention(q, k, v, spec, backend=case["backend"])
         return run
+    if case.get("backend") == "triton" and not dev.startswith("cuda"):
+        raise NotImplementedError("interpreter, not timed")
     size = GPT2 if case["model"] == "gpt2" else DEMO
     model = GPT(GPTConfig(block_size=T, attn=kind, **size)).to(dev)
+    fwd = torch.compile(model) if case.get("compile") else model
     B = case["batch"]
     x = torch.randint(0, size["vocab_size"], (B, T), device=dev)
     y = torch.randint(0, size["vocab_size"], (B, T), device=dev)
@@ -102,13 +111,13 @@ def build(case, dev, dt):
 
         def run():
             with torch.no_grad(), _autocast(dev, dt):
-                model(x, y, reduction="sum")
+                fwd(x, y, reduction="sum")
         return run
     opt = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=dev.startswith("cuda"))
 
     def run():
         with _autocast(dev, dt):
-            _, loss = model(x, y)
+            _, loss = fwd(x, y)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -157,7 +166,7 @@ def peak_memory(case, dev, dt):
 
 
 def time_cases(cases, dev, dt, label):
-    """Best-of-`repeats` seconds per case; one warm-up call each (compiles, allocator), rounds interleaved.
+    """Best-of-`repeats` seconds per case; warm-up calls first (compiles, allocator), rounds interleaved.
     GPT-2-small evaluation (minutes per call on a CPU) is timed once, on its first call."""
     runs = []
     for c in cases:
@@ -167,6 +176,8 @@ def time_cases(cases, dev, dt, label):
             run()
             _sync(dev)
             c["first_s"] = time.perf_counter() - t0
+            if c.get("compile"):  # a second warm-up: the compiled backward and any recompile happen before timing
+                run()
         except (NotImplementedError, ValueError) as e:  # a backend that cannot compute this kind exactly
             c["skipped"] = str(e).split(" (asked")[0]
             run = None
@@ -190,18 +201,18 @@ def time_cases(cases, dev, dt, label):
 def describe(c):
     if c["what"] == "attn":
         return f"attn {'fwd+bwd' if c['grad'] else 'fwd':7s} T={c['T']:<6d} {c['kind']:8s} {c['backend']:5s}"
-    return f"{c['what']:5s} {c['model']:5s} T={c['T']:<6d} {c['kind']:8s} auto "
+    return f"{c['what']:5s} {c['model']:5s}{' compiled' if c.get('compile') else ''} T={c['T']:<6d} {c['kind']:8s} auto "
 
 
 def add_ratios(results):
-    """ratio = seconds / seconds of softmax-SDPA in the same group (same what, model, T, grad); tokens/s ratio is
-    its inverse. Memory ratio likewise."""
+    """ratio = seconds / seconds of softmax-SDPA in the same group (same what, model, T, grad, compile); tokens/s
+    ratio is its inverse. Memory ratio likewise."""
     ref = {}
     for c in results:
         if c["kind"] == "softmax" and c.get("backend", "auto") in ("sdpa", "auto") and "seconds" in c:
-            ref[(c["what"], c.get("model"), c["T"], c.get("grad"))] = c
+            ref[(c["what"], c.get("model"), c["T"], c.get("grad"), c.get("compile"))] = c
     for c in results:
-        r = ref.get((c["what"], c.get("model"), c["T"], c.get("grad")))
+        r = ref.get((c["what"], c.get("model"), c["T"], c.get("grad"), c.get("compile")))
         if r and "seconds" in c:
             c["time_vs_softmax_sdpa"] = c["seconds"] / r["seconds"]
             if c.get("peak_bytes") and r.get("peak_bytes"):
@@ -214,7 +225,7 @@ def table(results):
     for c in results:
         what = c["what"] if c["what"] != "attn" else f"attn {'fwd+bwd' if c['grad'] else 'fwd'}"
         if c["what"] != "attn":
-            what += f" {c['model']} B={c['batch']}"
+            what += f" {c['model']} B={c['batch']}" + (" compiled" if c.get("compile") else "")
         if "seconds" not in c:
             lines.append(f"| {what} | {c['T']} | {c['kind']} | {c.get('backend', 'auto')} | n/a: {c.get('skipped', '')} |"
                          " | | |")
@@ -238,14 +249,24 @@ def plan(dev):
     if not quick:
         for T in parse_list(eval_lengths, int):
             cases += [dict(what="eval", model="gpt2", kind=k, T=T, batch=1) for k in parse_list(eval_kinds)]
-    cases += [dict(what="train", model="demo", kind=k, T=train_len, batch=train_batch) for k in parse_list(train_kinds)]
     on_gpu = dev.startswith("cuda")
+    compiled = [False, True] if train_compile.lower() == "true" or (train_compile == "auto" and on_gpu) else [False]
+    cases += [dict(what="train", model="demo", kind=k, T=train_len, batch=train_batch, compile=c)
+              for c in compiled for k in parse_list(train_kinds)]
     if not quick and (gpt2_train.lower() == "true" or (gpt2_train == "auto" and on_gpu)):
-        cases += [dict(what="train", model="gpt2", kind=k, T=1024, batch=8 if on_gpu else 1) for k in parse_list(train_kinds)]
+        cases += [dict(what="train", model="gpt2", kind=k, T=1024, batch=8 if on_gpu else 1, compile=c)
+                  for c in compiled for k in parse_list(train_kinds)]
     return cases
 
 
+def on_signal(signum, frame):
+    # SIGTERM / SIGINT: stop as an exception, so that subprocess.run kills a running memory measurement (it does
+    # for any exception) and what was measured so far stays saved (after every group)
+    raise SystemExit(128 + signum)
+
+
 def main():
+    signal.signal(signal.SIGTERM, on_signal)
     dev = pick_device(device)
     dt = dtype if dtype != "auto" else ("bfloat16" if dev.startswith("cuda") else "float32")
     if mem_case:  # subprocess mode
@@ -263,14 +284,15 @@ def main():
     print(f"bench: {len(cases)} cases on {dev} ({dt}), best of {repeats}; results -> {path}.json")
     groups = {}
     for c in cases:
-        groups.setdefault((c["what"], c.get("model"), c["T"], c.get("grad")), []).append(c)
+        groups.setdefault((c["what"], c.get("model"), c["T"], c.get("grad"), c.get("compile")), []).append(c)
     results = []
     t_start = time.time()
     for gi, group in enumerate(groups.values()):
         label = f"[{gi + 1}/{len(groups)}]"
         time_cases(group, dev, dt, label)
         for c in group:
-            if memory and "seconds" in c:
+            # (compiled cases: their memory would cost a second compile; the eager one is measured)
+            if (memory == "auto" and not quick or str(memory).lower() == "true") and "seconds" in c and not c.get("compile"):
                 try:
                     c["peak_bytes"] = peak_memory(c, dev, dt)
                 except RuntimeError as e:

@@ -13,6 +13,7 @@ from dataclasses import replace
 import numpy as np
 import torch
 
+import kernels
 from model import GPT, GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -24,14 +25,36 @@ PREPARE_HINT = {  # how to make each dataset, for error messages
 }
 
 
+def _mps_available():
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def one_line(x):
+    """An exception or any text as one line: a SystemExit message stays a single line whatever it quotes."""
+    return " ".join(str(x).split())
+
+
 def pick_device(device="auto"):
-    if device != "auto":
-        return device
-    if torch.cuda.is_available():
-        return "cuda"
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return "mps"
-    return "cpu"
+    """auto -> cuda, mps or cpu, whichever this machine has; an explicit device it does not have is a one-line
+    error (torch would fail later, with a traceback, after files were written)."""
+    if device == "auto":
+        return "cuda" if torch.cuda.is_available() else "mps" if _mps_available() else "cpu"
+    try:
+        dev = torch.device(device)
+    except (RuntimeError, ValueError):
+        dev = None
+    if dev is None or dev.type not in ("cpu", "cuda", "mps"):
+        raise SystemExit(f"config error: unknown device {device!r}; use --device=auto, cpu, cuda, cuda:N or mps")
+    n_gpus = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and not n_gpus:
+        why = "is a CPU-only build" if torch.version.cuda is None else "sees no GPU"
+        raise SystemExit(f"config error: device={device!r} but this torch {why}; use --device=cpu (or auto)")
+    if dev.type == "cuda" and (dev.index or 0) >= n_gpus:
+        raise SystemExit(f"config error: device={device!r} but this machine has {n_gpus} GPU(s); use "
+                         f"--device=cuda:0 .. cuda:{n_gpus - 1} (or cpu)")
+    if dev.type == "mps" and not _mps_available():
+        raise SystemExit(f"config error: device={device!r} but MPS is not available here; use --device=cpu (or auto)")
+    return device
 
 
 def autocast_ctx(device, dtype="auto"):
@@ -102,6 +125,9 @@ def load_split(dataset, split, data_dir=""):
         path = os.path.join(d, f"{split}.bin")
         if not os.path.exists(path):
             raise SystemExit(f"dataset not found: no {split}.bin or *_{split}_000000.bin shards in {d}; run `{hint}` first")
+        if os.path.getsize(path) % 2:  # np.memmap would raise a ValueError deep inside
+            raise SystemExit(f"{path} has an odd number of bytes: not uint16 tokens (another dtype, or truncated); "
+                             f"re-run `{hint}`")
         parts = [np.memmap(path, dtype=np.uint16, mode="r")] if os.path.getsize(path) >= 2 else []
     if sum(len(p) for p in parts) < 2:
         raise SystemExit(f"dataset is empty: the {split} split in {d} has no tokens; re-run `{hint}`")
@@ -168,8 +194,16 @@ def load_meta(dataset, data_dir=""):
     path = os.path.join(data_dir_for(dataset, data_dir), "meta.pkl")
     if not os.path.exists(path):
         return None
-    with open(path, "rb") as f:
-        return pickle.load(f)
+    try:
+        with open(path, "rb") as f:
+            meta = pickle.load(f)
+    except (OSError, pickle.UnpicklingError, EOFError, ValueError, AttributeError, ImportError) as e:
+        meta = e  # truncated, not a pickle, or a pickle of classes that do not exist here
+    if not (isinstance(meta, dict) and isinstance(meta.get("vocab_size"), (int, np.integer)) and meta["vocab_size"] > 0):
+        why = f" ({type(meta).__name__}: {one_line(meta)[:120]})" if isinstance(meta, Exception) else ""
+        raise SystemExit(f"dataset error: {path} is not a dataset meta.pkl (a dict with vocab_size){why}; "
+                         f"re-run `{PREPARE_HINT.get(dataset, f'python data/{dataset}/prepare.py')}`")
+    return meta
 
 
 def get_tokenizer(meta):
@@ -186,7 +220,12 @@ def get_tokenizer(meta):
 
         return encode, lambda ids: "".join(itos[i] for i in ids)
     import tiktoken
-    enc = tiktoken.get_encoding((meta or {}).get("tokenizer", "gpt2"))
+    name = (meta or {}).get("tokenizer", "gpt2")
+    try:
+        enc = tiktoken.get_encoding(name)
+    except (OSError, ValueError) as e:  # offline (requests' errors are OSErrors), a corrupt download, an unknown name
+        raise SystemExit(f"could not load the {name!r} BPE files for tiktoken ({type(e).__name__}: "
+                         f"{one_line(e)[:120]}); set TIKTOKEN_CACHE_DIR to a folder holding them") from None
     return (lambda s: enc.encode(s, allowed_special={"<|endoftext|>"})), enc.decode
 
 
@@ -213,21 +252,57 @@ def load_checkpoint(out_dir_or_file, device="cpu"):
         raise SystemExit(f"checkpoint not found: {path}; train one with `python train.py ... --out_dir=DIR` "
                          "or pass the out_dir of an existing run")
     try:
-        return torch.load(path, map_location=device, weights_only=False)
+        ckpt = torch.load(path, map_location=device, weights_only=False)
     except Exception as e:  # truncated or not a torch file
-        raise SystemExit(f"checkpoint unreadable: {path} ({type(e).__name__}: {str(e)[:120]}); "
+        raise SystemExit(f"checkpoint unreadable: {path} ({type(e).__name__}: {one_line(e)[:120]}); "
                          "it may be truncated: use another checkpoint or retrain") from None
+    # a torch file of another project: say so here, not with a KeyError wherever a field is first read
+    why = None
+    if not (isinstance(ckpt, dict) and all(isinstance(ckpt.get(k), dict) for k in ("model", "model_args", "config"))):
+        why = "no model, model_args and config dicts"
+    elif "dataset" not in ckpt["config"] or "iter_num" not in ckpt:
+        why = "no dataset in its config, or no iter_num"
+    else:
+        try:
+            GPTConfig(**ckpt["model_args"])
+        except (TypeError, ValueError) as e:  # fields this GPTConfig does not have, or values it refuses
+            why = f"its model_args do not describe a model of this repo: {one_line(e)[:160]}"
+    if why:
+        raise SystemExit(f"checkpoint error: {path} is not a checkpoint of this repo's train.py ({why}); "
+                         "pass the out_dir of a run trained with train.py")
+    return ckpt
+
+
+def checked_config(model_args, device="cpu", needs_grad=False, **overrides):
+    """The GPTConfig of model_args with keyword overrides (reweight_p, attn_backend, ...), checked before anything
+    runs: an override it refuses, or a backend that cannot compute its attention on device (the backends would
+    raise only when first called, mid-run), is a one-line error naming the fix."""
+    try:
+        cfg = replace(GPTConfig(**model_args), **overrides)
+    except ValueError as e:
+        raise SystemExit(f"config error: {e}") from None
+    if cfg.attn_backend not in ("auto", "reference"):
+        q = torch.zeros(1, 1, 1, cfg.n_embd // cfg.n_head, device=device)  # what the backends look at: device, size
+        why = kernels.why_not(cfg.attn_backend, cfg.spec, q, needs_grad)
+        if why:
+            raise SystemExit(f"config error: attn_backend={cfg.attn_backend!r} cannot run attn={cfg.attn} "
+                             f"reweight_p={cfg.reweight_p:g} here: {why}; use --attn_backend=auto (or math)")
+    return cfg
 
 
 def model_from_checkpoint(ckpt, device="cpu", **overrides):
     """Rebuild the GPT a checkpoint was trained as (attention, p, positions, sizes: its model_args, read through
     GPTConfig, which also resolves checkpoints stored before the canonical form, e.g. ('lssar', 0.0) -> ('lssa',
     15.0)); keyword overrides change eval-time fields such as reweight_p or attn_backend without retraining."""
-    model = GPT(replace(GPTConfig(**ckpt["model_args"]), **overrides))
+    model = GPT(checked_config(ckpt["model_args"], device, **overrides))
     state = ckpt["model"]
     prefix = "_orig_mod."  # torch.compile'd models save their weights under this prefix
     state = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in state.items()}
-    model.load_state_dict(state)
+    try:
+        model.load_state_dict(state)
+    except RuntimeError as e:  # missing, unexpected or mis-shaped weights: another project's, or edited
+        raise SystemExit(f"checkpoint error: its weights do not fit the model its model_args describe "
+                         f"({one_line(e)[:200]}); use a checkpoint written by this repo's train.py") from None
     return model.to(device)
 
 
@@ -250,3 +325,64 @@ def parse_reweight_p(value, key="reweight_p", prefix="config error"):
         raise SystemExit(f"{prefix}: {key} must be >= 0 (a number: 0 = off, 15 = LSSAR's) or 'ckpt' (as trained), "
                          f"got {value!r}")
     return p
+
+
+def parse_reweight_list(value, key="reweight_p", prefix="config error"):
+    """'ckpt,0,15' -> ['ckpt', 0.0, 15.0]: a non-empty comma list of distinct parse_reweight_p values."""
+    ps = [parse_reweight_p(x, key, prefix) for x in parse_list(value)]
+    if not ps or len(set(ps)) < len(ps):
+        raise SystemExit(f"{prefix}: {key} must be a comma list of distinct values (ckpt = as trained, or numbers "
+                         f">= 0), e.g. --{key}=ckpt,15; got {str(value)!r}")
+    return ps
+
+
+def parse_names(value, key, prefix="config error", example="DIR1,DIR2"):
+    """'a,b' -> ['a', 'b']: a non-empty comma list (blanks dropped) without repeats, else one line naming key."""
+    names = parse_list(value)
+    if not names or len(set(names)) < len(names):
+        raise SystemExit(f"{prefix}: {key} must be a comma list without repeats, e.g. --{key}={example}; "
+                         f"got {str(value)!r}")
+    return names
+
+
+def parse_numbers(value, key, cast=int, *, prefix="config error", example="1,2,4", ok=lambda x: x > 0, what=None):
+    """'1,2,4' -> [1, 2, 4] in the order given: a non-empty comma list (blanks dropped) of distinct finite numbers
+    (integers when cast is int) that all pass `ok`, described by `what` (default: integers / numbers > 0).
+    Anything else (no items, a word, 0 or a negative number by default, a repeat, nan) stops with one line naming
+    the key, the problem and the fix."""
+    what = what or f"{'integers' if cast is int else 'numbers'} > 0"
+
+    def fail(why):
+        return SystemExit(f"{prefix}: {key} must be {what}, as a comma list without repeats, e.g. --{key}={example}; "
+                          f"got {str(value)!r} ({why})")
+
+    out = []
+    for text in parse_list(value):
+        try:
+            x = cast(text)
+        except ValueError:
+            raise fail(f"{text!r} is not {'an integer' if cast is int else 'a number'}") from None
+        if isinstance(x, float) and not math.isfinite(x):  # (ints are finite; math.isfinite overflows on huge ones)
+            raise fail(f"{text!r} is not finite")
+        if not ok(x):
+            raise fail(f"{text!r} is out of range")
+        if x in out:
+            raise fail(f"{text!r} is repeated")
+        out.append(x)
+    if not out:
+        raise fail("no values")
+    return out
+
+
+def check_range(values, low, high=None, *, open_low=False, open_high=False, prefix="config error"):
+    """values: {key: number}. The first one that is not a finite number in [low, high] (open_low / open_high:
+    the bound itself excluded; high None: no upper bound) stops with one line naming the key and the range."""
+    for key, v in values.items():
+        ok = isinstance(v, int) and not isinstance(v, bool) or isinstance(v, float) and math.isfinite(v)
+        ok = ok and (v > low if open_low else v >= low) and (high is None or (v < high if open_high else v <= high))
+        if not ok:
+            if high is None:
+                rng = f"{'>' if open_low else '>='} {low}"
+            else:
+                rng = f"in {'(' if open_low else '['}{low}, {high}{')' if open_high else ']'}"
+            raise SystemExit(f"{prefix}: {key}={v!r} is out of range; set --{key} to a number {rng}")

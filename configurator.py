@@ -21,6 +21,9 @@ def config_keys(g):
 
 
 def _check(key, value, default, where):
+    if isinstance(value, int) and not isinstance(value, bool) and not -2**63 <= value < 2**63:
+        # --seed=0xfff... (any length): no key needs more, and printing it could exceed Python's int-to-str limit
+        raise SystemExit(f"config error: {key} got an integer outside 64 bits from {where}; use a smaller number")
     if isinstance(default, bool) or isinstance(value, bool):
         ok = isinstance(value, bool) and isinstance(default, bool)
     elif isinstance(default, float):
@@ -29,8 +32,9 @@ def _check(key, value, default, where):
     else:
         ok = type(value) is type(default)
     if not ok:
+        shown = repr(value) if len(repr(value)) <= 80 else repr(value)[:60] + "..."
         raise SystemExit(f"config error: {key} expects {type(default).__name__} (default {default!r}), "
-                         f"got {value!r} from {where}")
+                         f"got {shown} from {where if len(where) <= 80 else where[:60] + '...'}")
     return value
 
 
@@ -46,13 +50,24 @@ def configure(g, argv=None):
     for arg in argv:
         if not arg.startswith("--"):  # a config file: plain python that assigns some of the keys
             try:
-                src = open(arg).read()
-            except OSError as e:
-                raise SystemExit(f"config error: cannot read config file {arg} ({e.strerror}); "
+                with open(arg) as f:
+                    src = f.read()
+            except (OSError, ValueError) as e:  # missing, a folder, not text, a NUL in the name
+                why = e.strerror if isinstance(e, OSError) and e.strerror else " ".join(str(e).split())
+                raise SystemExit(f"config error: cannot read config file {arg!r} ({why}); "
                                  "pass an existing file such as config/train_shakespeare_char.py") from None
             print(f"Overriding config with {arg}")
             ns = {k: g[k] for k in keys}
-            exec(compile(src, arg, "exec"), ns)
+            try:
+                exec(compile(src, arg, "exec"), ns)
+            except Exception as e:  # noqa: BLE001 - the user's file failed, not this code: say where, in one line
+                line = e.lineno if isinstance(e, SyntaxError) else None
+                tb = e.__traceback__
+                while tb is not None:  # the last frame of the file itself (it may have called into other code)
+                    line = tb.tb_lineno if tb.tb_frame.f_code.co_filename == arg else line
+                    tb = tb.tb_next
+                raise SystemExit(f"config error: config file {arg!r} line {line}: {type(e).__name__}: "
+                                 f"{' '.join(str(e).split())}; fix the file (it is plain Python assigning keys)") from None
             for k, v in ns.items():
                 if k.startswith("_") or not isinstance(v, SIMPLE):
                     continue  # modules, helpers, __builtins__
@@ -66,15 +81,15 @@ def configure(g, argv=None):
                 raise SystemExit(f"config error: write overrides as --key=value, got {arg!r}")
             key, val = arg[2:].split("=", 1)
             if key not in keys:
-                raise _unknown(key, keys, arg)
+                raise _unknown(key, keys, repr(arg))
             if isinstance(g[key], str):  # a str key takes the text as it is: --out_dir=123, --device=cpu
                 if len(val) >= 2 and val[0] == val[-1] and val[0] in "'\"":
                     val = val[1:-1]  # --out_dir='out' as written for nanoGPT
             else:
                 try:
                     val = literal_eval(val)  # numbers, booleans
-                except (SyntaxError, ValueError):
+                except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
                     pass  # left as text: _check reports the wrong type
-            g[key] = _check(key, val, g[key], arg)
+            g[key] = _check(key, val, g[key], repr(arg))
             print(f"Overriding: {key} = {g[key]!r}")
     return {k: g[k] for k in keys}

@@ -24,9 +24,9 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import load_checkpoint, load_stream, model_from_checkpoint, parse_list, pick_device
+from common import check_range, checked_config, load_checkpoint, load_stream, model_from_checkpoint, parse_names, pick_device
 from configurator import configure
-from eval_length import checkpoint_lengths
+from eval_length import checkpoint_lengths, length_spec
 from model import AttentionProbe
 
 # -----------------------------------------------------------------------------
@@ -91,6 +91,7 @@ def diagnose(ckpt_dirs, *, multipliers="1,2,4,8,16", lengths="", n_windows=4, n_
     plans = {}
     for d, ck in loaded.items():
         plans[d] = checkpoint_lengths(d, ck["model_args"], lengths=lengths, multipliers=multipliers)
+        checked_config(ck["model_args"], dev)  # e.g. a stored backend this device cannot run: fail before any work
     labels = [os.path.basename(os.path.normpath(d)).removeprefix("out-") for d in ckpt_dirs]
     common_prefix = os.path.commonprefix(labels) if len(labels) > 1 else ""
     common_prefix = common_prefix[:common_prefix.rfind("-") + 1]  # out-shakespeare-char-lssa -> lssa
@@ -156,7 +157,15 @@ def main():
     configure(globals())
     if not ckpts:
         raise SystemExit("diagnose error: pass --ckpts=DIR[,DIR...] (out_dirs of trained runs)")
-    res = diagnose(parse_list(ckpts), multipliers=multipliers, lengths=lengths, n_windows=windows, n_rows=rows, device=device)
+    # everything that can be checked without a checkpoint is, before one is loaded
+    check_range({"windows": windows}, 1, prefix="diagnose error")
+    check_range({"rows": rows}, 0, prefix="diagnose error")
+    if not os.path.basename(out):  # '' or a folder: the files would be named .json, .csv, ...
+        raise SystemExit(f"diagnose error: out names the result files without their extension, e.g. --out=results/diagnostics; "
+                         f"got {out!r}")
+    length_spec(lengths, multipliers)
+    ckpt_dirs = parse_names(ckpts, "ckpts", "diagnose error")
+    res = diagnose(ckpt_dirs, multipliers=multipliers, lengths=lengths, n_windows=windows, n_rows=rows, device=device)
     res["command"] = "python " + " ".join(sys.argv)
     print(table(res))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

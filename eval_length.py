@@ -12,11 +12,19 @@ fit a whole number of windows of the largest length), loss = mean over every pre
 of per-batch means), deterministic, batches of at most `batch_tokens` tokens. With --stride=S each window
 of length L advances by S tokens and only its last S predictions are scored (the first window scores all),
 so every token is scored once with up to L-1 tokens of context.
+Evaluation-time settings, each a comma list whose product is evaluated per checkpoint (ckpt = as trained) and
+recorded in the results: --reweight_p (the re-weighting power), --rope_scaling (pi | ntk | yarn: RoPE extended
+past the training length, by --rope_factor, or 0 = by length / block_size at each length), --logn_scale (true:
+scores x max(1, log N_i / log block_size)).
+Document-aware mode (--doc_sep=eot for BPE shards, or a text separator such as "\n\n"): windows only inside
+single documents of at least L + 1 tokens, from the first such document on (--tokens per length, 0 = all);
+each length reports the tokens and documents it used and warns below --min_docs documents.
 Writes <out>.json, <out>.csv and two plots: <out>.png (loss vs length) and <out>_detail.png (loss at the
 largest length / loss at 1x, and loss by position inside the longest window).
 """
 
 import csv
+import itertools
 import json
 import math
 import os
@@ -31,11 +39,17 @@ from tqdm import tqdm
 
 from common import (
     autocast_ctx,
+    check_range,
+    checked_config,
+    get_tokenizer,
     load_checkpoint,
+    load_meta,
     load_stream,
     model_from_checkpoint,
-    parse_list,
-    parse_reweight_p,
+    one_line,
+    parse_names,
+    parse_numbers,
+    parse_reweight_list,
     pick_device,
 )
 from configurator import configure
@@ -48,6 +62,12 @@ lengths = ""             # explicit context lengths instead of multipliers, e.g.
 tokens = 0               # validation-token budget per length; 0 = as many as fit whole windows of the largest length
 stride = 0               # 0: non-overlapping windows; S > 0: sliding windows scoring the last S tokens each
 reweight_p = "ckpt"      # comma list of eval-time re-weighting powers: ckpt = as trained, 0 = off, 15 = LSSAR
+rope_scaling = "ckpt"    # comma list of RoPE extensions (RoPE models): ckpt = as trained, none, pi, ntk, yarn
+rope_factor = 0.0        # their factor; 0 = per evaluated length (length / block_size)
+logn_scale = "ckpt"      # comma list: ckpt, true (scores x max(1, log N_i / log block_size)), false
+doc_sep = ""             # "" = windows over the whole stream; eot = inside documents split by the end-of-text token;
+                         # or a text separator (escapes allowed, e.g. "\n\n")
+min_docs = 8             # document-aware mode: warn when a length finds fewer long-enough documents than this
 attn_backend = ""        # override the attention backend (auto | reference | math | sdpa | flex | triton); "" = the checkpoint's
 batch_tokens = 16384     # at most this many tokens per forward pass (bounds memory)
 position_buckets = 32    # loss-by-position buckets per length
@@ -59,10 +79,32 @@ replot = ""              # path to a results .json: redraw its plots without eva
 # -----------------------------------------------------------------------------
 
 
-def eval_lengths(block_size, *, lengths="", multipliers="1,2,4,8,16"):
+def length_spec(lengths="", multipliers="1,2,4,8,16"):
+    """('lengths', ints) from --lengths, else ('multipliers', numbers): parsed and checked (non-empty, > 0, no
+    repeats) before any checkpoint is loaded."""
     if lengths:
-        return sorted(set(parse_list(lengths, int)))
-    return sorted({int(round(block_size * m)) for m in parse_list(multipliers, float)})
+        return "lengths", parse_numbers(lengths, "lengths", int, prefix="eval error", example="64,256,1024")
+    return "multipliers", parse_numbers(multipliers, "multipliers", float, prefix="eval error", example="1,2,4")
+
+
+def eval_lengths(block_size, *, lengths="", multipliers="1,2,4,8,16"):
+    """The lengths to evaluate, sorted: --lengths, or --multipliers x block_size rounded, which must give distinct
+    lengths >= 1 (one-line errors otherwise)."""
+    key, values = length_spec(lengths, multipliers)
+    if key == "lengths":
+        return sorted(values)
+    exact = [block_size * m for m in values]
+    if not all(math.isfinite(x) for x in exact):
+        raise SystemExit(f"eval error: multipliers={multipliers!r} x block_size={block_size} overflows; lower the "
+                         "largest multiplier")
+    lens = [int(round(x)) for x in exact]
+    if min(lens) < 1:
+        raise SystemExit(f"eval error: multipliers={multipliers!r} x block_size={block_size} give a length below 1 "
+                         f"({lens}); raise the smallest multiplier or pass --lengths")
+    if len(set(lens)) < len(lens):
+        raise SystemExit(f"eval error: multipliers={multipliers!r} x block_size={block_size} give the lengths {lens}, "
+                         "some twice; use multipliers that give distinct lengths or pass --lengths")
+    return sorted(lens)
 
 
 def checkpoint_lengths(ckpt_dir, margs, *, lengths="", multipliers="1,2,4,8,16"):
@@ -78,12 +120,20 @@ def checkpoint_lengths(ckpt_dir, margs, *, lengths="", multipliers="1,2,4,8,16")
 
 def token_budget(n_val, lens, *, requested=0, stride=0):
     """Tokens scored at every length: the same prefix of val.bin at each one. Non-overlapping windows need
-    the budget to be a whole number of windows of every length; it then ends 1 token early for the targets."""
+    the budget to be a whole number of windows of every length; it then ends 1 token early for the targets.
+    A --tokens or --stride that does not fit the lengths is a one-line error naming the fix."""
+    check_range({"tokens": requested, "stride": stride}, 0, prefix="eval error")
+    if stride > min(lens):  # sliding windows that advance by more than their length would skip tokens
+        raise SystemExit(f"eval error: stride={stride} is longer than the shortest length {min(lens)}, so windows "
+                         f"would skip tokens; use --stride <= {min(lens)} (or 0 for non-overlapping windows)")
     avail = n_val - 1
     if requested:
         if requested > avail:
             raise SystemExit(f"eval error: tokens={requested} but the validation split has only {avail} "
                              "predictable tokens; lower --tokens")
+        if requested < max(lens):
+            raise SystemExit(f"eval error: tokens={requested} is shorter than the longest length {max(lens)}, so no "
+                             f"window fits; raise --tokens to at least {max(lens)} (or 0: as many as fit)")
         budget = requested
     else:
         budget = avail
@@ -92,11 +142,12 @@ def token_budget(n_val, lens, *, requested=0, stride=0):
         # (shorter lengths that do not divide it then drop the last partial window: recorded as their tokens)
         lcm = math.lcm(*lens)
         budget = budget // lcm * lcm if budget >= lcm else budget // max(lens) * max(lens)
-        if budget == 0:
+        if budget < max(lens):
             raise SystemExit(f"eval error: length {max(lens)} needs at least {max(lens) + 1} validation tokens but "
                              f"{n_val} are available; evaluate shorter lengths (--lengths or --multipliers)")
     elif budget < max(lens):
-        raise SystemExit(f"eval error: length {max(lens)} is longer than the {budget} validation tokens available")
+        raise SystemExit(f"eval error: length {max(lens)} is longer than the {budget} validation tokens available; "
+                         "evaluate shorter lengths (--lengths or --multipliers)")
     return budget
 
 
@@ -113,10 +164,12 @@ def window_plan(budget, L, stride=0):
 
 
 @torch.no_grad()
-def loss_at_length(model, data, L, *, budget, stride=0, ctx=None, device="cpu", buckets=32, batch_tokens=16384, pbar=None):
-    """Sum and count of the scored token losses at context length L over the first `budget` tokens of data, and
-    the loss by position (`buckets` log-spaced buckets); at most batch_tokens tokens per forward pass."""
-    plan = window_plan(budget, L, stride)
+def loss_at_length(model, data, L, *, budget=0, stride=0, plan=None, ctx=None, device="cpu", buckets=32,
+                   batch_tokens=16384, pbar=None):
+    """Sum and count of the scored token losses at context length L over the first `budget` tokens of data (or
+    over the windows of `plan`, [(start, first scored position)]), and the loss by position (`buckets`
+    log-spaced buckets); at most batch_tokens tokens per forward pass."""
+    plan = window_plan(budget, L, stride) if plan is None else plan
     ctx = ctx or nullcontext()  # autocast, or nothing
     B = max(1, batch_tokens // L)
     pos_sum, pos_cnt = torch.zeros(L, dtype=torch.float64), torch.zeros(L, dtype=torch.float64)
@@ -143,47 +196,148 @@ def loss_at_length(model, data, L, *, budget, stride=0, ctx=None, device="cpu", 
     return total, count, by_position
 
 
-def eval_time_p(ckpt_dir, margs, p):
-    """What evaluating a checkpoint at eval-time re-weighting power p ("ckpt" = as trained, or a number) means:
-    (model_from_checkpoint overrides, attention variant, p in effect, trained p, run label)."""
+ROPE_CHOICES = ("ckpt", "none", "pi", "ntk", "yarn")
+
+
+def eval_settings(*, reweight_p="ckpt", rope_scaling="ckpt", rope_factor=0.0, logn_scale="ckpt"):
+    """The eval-time overrides to evaluate each checkpoint with: the product of the three comma lists, each value
+    'ckpt' (as trained) or a setting; returns [{GPTConfig field: value}] ({} = as trained)."""
+    ps = parse_reweight_list(reweight_p, prefix="eval error")
+    ropes, logns = parse_names(rope_scaling, "rope_scaling", "eval error", "ckpt,yarn"), parse_names(
+        str(logn_scale).lower(), "logn_scale", "eval error", "ckpt,true")
+    bad = [r for r in ropes if r not in ROPE_CHOICES] + [x for x in logns if x not in ("ckpt", "true", "false")]
+    if bad:
+        raise SystemExit(f"eval error: unknown {bad[0]!r}; rope_scaling takes {', '.join(ROPE_CHOICES)} and "
+                         "logn_scale ckpt, true, false")
+    check_range({"rope_factor": rope_factor}, 0, prefix="eval error")
+    out = []
+    for p, r, lg in itertools.product(ps, ropes, logns):
+        o = {} if p == "ckpt" else {"reweight_p": p}
+        if r != "ckpt":
+            o |= {"rope_scaling": r, "rope_factor": float(rope_factor) if r != "none" else 0.0}
+        if lg != "ckpt":
+            o["logn_scale"] = lg == "true"
+        out.append(o)
+    return out
+
+
+def eval_time(ckpt_dir, margs, overrides):
+    """A checkpoint evaluated with eval-time overrides ({} = as trained): (the effective GPTConfig, the trained
+    one, the run label); a setting it refuses is a one-line error."""
     try:
         trained = GPTConfig(**margs)  # canonical: ('lssar', 0.0) in an older checkpoint reads as ('lssa', 15.0)
-        overrides = {} if p == "ckpt" else {"reweight_p": parse_reweight_p(p)}
         eff = replace(trained, **overrides)
     except ValueError as e:
         raise SystemExit(f"eval error: {ckpt_dir}: {e}") from None
+    notes = [f"eval p={eff.reweight_p:g}" if "reweight_p" in overrides else "",
+             f"rope={eff.rope_scaling}" + (f" x{eff.rope_factor:g}" if eff.rope_factor else "")
+             if "rope_scaling" in overrides else "",
+             ("logn" if eff.logn_scale else "no logn") if "logn_scale" in overrides else ""]
     label = os.path.basename(os.path.normpath(ckpt_dir)).removeprefix("out-")
-    label += "" if p == "ckpt" else f" (eval p={eff.reweight_p:g})"
-    return overrides, trained.attn, eff.reweight_p, trained.reweight_p, label
+    notes = [n for n in notes if n]
+    return eff, trained, label + (f" ({', '.join(notes)})" if notes else "")
+
+
+def applies(margs, overrides):
+    """Whether eval-time overrides make sense for a checkpoint (a RoPE extension needs a RoPE model)."""
+    return overrides.get("rope_scaling", "none") == "none" or margs.get("pos", "rope") == "rope"
+
+
+def doc_separator(meta, doc_sep):
+    """The token ids that separate documents: the tokenizer's end-of-text token for doc_sep='eot' (GPT-2's
+    50256 for shards without a meta.pkl), else the text doc_sep (backslash escapes read) encoded."""
+    if doc_sep == "eot":
+        if meta is None:
+            return [50256]  # data/fineweb and data/openwebtext shards: GPT-2 BPE, an end-of-text before every document
+        if "stoi" in meta:
+            raise SystemExit("eval error: char-level data has no end-of-text token; pass a text separator, e.g. "
+                             "--doc_sep='\\n\\n' (blank lines)")
+        if "eot_token" in meta:
+            return [int(meta["eot_token"])]
+        import tiktoken
+        return [tiktoken.get_encoding(meta.get("tokenizer", "gpt2")).eot_token]
+    sep = get_tokenizer(meta)[0](doc_sep.encode().decode("unicode_escape"))
+    if not sep:
+        raise SystemExit(f"eval error: doc_sep={doc_sep!r} encodes to no tokens; pass eot or a non-empty separator")
+    return sep
+
+
+def documents(data, sep):
+    """(start, end) of the documents of a token stream split by the token sequence sep (separators excluded)."""
+    data, n = np.asarray(data), len(sep)
+    hits = np.ones(len(data) - n + 1, dtype=bool) if len(data) >= n else np.zeros(0, dtype=bool)
+    for i, tok in enumerate(sep):
+        hits &= data[i:len(data) - n + 1 + i] == tok
+    cuts, last = [], -n
+    for c in np.flatnonzero(hits):  # non-overlapping occurrences, left to right
+        if c >= last + n:
+            cuts.append(int(c))
+            last = c
+    starts, ends = [0] + [c + n for c in cuts], cuts + [len(data)]
+    return [(s, e) for s, e in zip(starts, ends, strict=True) if e > s]
+
+
+def doc_window_plan(docs, L, budget=0):
+    """Non-overlapping windows of L tokens (and their L next-token targets) inside single documents of at least
+    L + 1 tokens, from the first such document on, until `budget` scored tokens (0 = all). Returns the plan
+    [(start, 0)], the documents it used and the documents long enough."""
+    plan, used, long_enough = [], 0, 0
+    for s, e in docs:
+        n = (e - s - 1) // L
+        if n == 0:
+            continue
+        long_enough += 1
+        if budget and len(plan) * L >= budget:
+            continue
+        take = n if not budget else min(n, -(-(budget - len(plan) * L) // L))
+        plan += [(s + i * L, 0) for i in range(take)]
+        used += 1
+    return plan, used, long_enough
 
 
 def evaluate(specs, *, multipliers="1,2,4,8,16", lengths="", tokens=0, stride=0, backend="", device="auto",
-             dtype="auto", buckets=32, batch_tokens=16384):
-    """Evaluate each (checkpoint dir, eval-time reweight_p: "ckpt" = as trained, or a number) at every length;
+             dtype="auto", buckets=32, batch_tokens=16384, doc_sep="", min_docs=8):
+    """Evaluate each (checkpoint dir, eval-time overrides: {} = as trained, see eval_settings) at every length;
     returns the results dict that write_results() saves. Fails before evaluating anything when a checkpoint or
-    a length cannot work. The keywords mean what the script's keys of the same names mean."""
+    a length cannot work; skips (and records) overrides that do not apply to a checkpoint. The keywords mean
+    what the script's keys of the same names mean."""
     dev = pick_device(device)
     ctx, dt = autocast_ctx(dev, dtype)
-    jobs, loaded = [], {}
-    for d, p in specs:
+    jobs, loaded, skipped = [], {}, []
+    for d, ov in specs:
         if d not in loaded:
             loaded[d] = load_checkpoint(d, dev)
         ck = loaded[d]
         cfg, margs = ck["config"], ck["model_args"]
+        if not applies(margs, ov):
+            skipped.append({"ckpt": d, "eval": ov, "why": f"pos={margs.get('pos')!r} has no RoPE to extend"})
+            print(f"skipped {d} with {ov}: {skipped[-1]['why']}", file=sys.stderr)
+            continue
         lens = checkpoint_lengths(d, margs, lengths=lengths, multipliers=multipliers)
         val = load_stream(cfg["dataset"], "val", cfg.get("data_dir", ""))
-        budget = token_budget(len(val), lens, requested=tokens, stride=stride)
-        top = int(val[:budget + 1].max())
+        plans = None  # document-aware mode: each length's windows, documents used, documents long enough
+        if doc_sep:
+            docs = documents(val, doc_separator(load_meta(cfg["dataset"], cfg.get("data_dir", "")), doc_sep))
+            plans = {L: doc_window_plan(docs, L, tokens) for L in lens}
+        budget = token_budget(len(val), lens, requested=tokens, stride=stride) if plans is None else tokens
+        top = int(val[:budget + 1].max() if plans is None else val.max())
         if top >= margs["vocab_size"]:
             raise SystemExit(f"eval error: vocab mismatch: {d} has {margs['vocab_size']} tokens but its validation "
                              f"data holds token id {top}; evaluate it on the dataset it was trained on")
-        overrides, name, eff_p, trained_p, label = eval_time_p(d, margs, p)
+        eff, trained, label = eval_time(d, margs, ov)
+        overrides = dict(ov)
         if backend:
             overrides["attn_backend"] = backend
-        jobs.append(dict(ckpt=d, ckpt_data=ck, val=val, lens=lens, budget=budget, overrides=overrides, label=label,
-                         attn=name, reweight_p=eff_p, trained_reweight_p=trained_p, block_size=margs["block_size"],
-                         dataset=cfg["dataset"], iter_num=ck["iter_num"]))
-    total_tokens = sum(j["budget"] * len(j["lens"]) for j in jobs)
+        checked_config(margs, dev, **overrides)  # a backend that cannot compute this model fails now, not mid-run
+        jobs.append(dict(ckpt=d, ckpt_data=ck, val=val, plans=plans, lens=lens, budget=budget, overrides=overrides,
+                         label=label, attn=eff.attn, reweight_p=eff.reweight_p, trained_reweight_p=trained.reweight_p,
+                         eval=ov, pos=eff.pos, rope_scaling=eff.rope_scaling, rope_factor=eff.rope_factor,
+                         logn_scale=eff.logn_scale, block_size=margs["block_size"], dataset=cfg["dataset"],
+                         iter_num=ck["iter_num"]))
+    if not jobs:
+        raise SystemExit("eval error: no checkpoint takes the eval-time settings asked for; see the lines above")
+    total_tokens = sum(j["budget"] * len(j["lens"]) if j["plans"] is None else
+                       sum(len(plan) * L for L, (plan, _, _) in j["plans"].items()) for j in jobs)
     runs = []
     with tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="eval_length", file=sys.stderr) as pbar:
         for j in jobs:
@@ -192,20 +346,35 @@ def evaluate(specs, *, multipliers="1,2,4,8,16", lengths="", tokens=0, stride=0,
             for L in j["lens"]:
                 pbar.set_postfix_str(f"{j['label']} @ {L}")
                 t0 = time.time()
-                total, count, bks = loss_at_length(model, j["val"], L, budget=j["budget"], stride=stride, ctx=ctx, device=dev,
-                                                   buckets=buckets, batch_tokens=batch_tokens, pbar=pbar)
-                results.append({"length": L, "multiplier": L / j["block_size"], "loss": total / count,
-                                "tokens": count, "seconds": round(time.time() - t0, 2), "position_buckets": bks})
-            runs.append({k: j[k] for k in ("label", "ckpt", "attn", "reweight_p", "trained_reweight_p", "block_size",
-                                           "dataset", "iter_num", "overrides", "budget")} | {"results": results})
+                extra, plan = {}, None
+                if j["plans"] is not None:
+                    plan, used, long_enough = j["plans"][L]
+                    extra = {"documents": used, "documents_long_enough": long_enough}
+                    if used < min_docs:
+                        extra["warning"] = (f"only {used} document(s) of >= {L + 1} tokens"
+                                            + ("" if used else ": no loss at this length"))
+                        tqdm.write(f"{j['label']} @ {L}: {extra['warning']} (min_docs={min_docs})", file=sys.stderr)
+                    if not plan:
+                        results.append({"length": L, "multiplier": L / j["block_size"], "loss": None, "tokens": 0,
+                                        **extra})
+                        continue
+                total, count, bks = loss_at_length(model, j["val"], L, budget=j["budget"], stride=stride, plan=plan, ctx=ctx,
+                                                   device=dev, buckets=buckets, batch_tokens=batch_tokens, pbar=pbar)
+                results.append({"length": L, "multiplier": L / j["block_size"], "loss": total / count, "tokens": count,
+                                **extra, "seconds": round(time.time() - t0, 2), "position_buckets": bks})
+            runs.append({k: j[k] for k in ("label", "ckpt", "attn", "reweight_p", "trained_reweight_p", "eval", "pos",
+                                           "rope_scaling", "rope_factor", "logn_scale", "block_size", "dataset",
+                                           "iter_num", "overrides", "budget")} | {"results": results})
             del model
     protocol = {
         "windows": f"sliding, stride {stride}" if stride else "non-overlapping",
         "loss": "mean cross-entropy (nats) over every scored token",
-        "data": "the first tokens of each checkpoint's val.bin, the same at every length",
+        "data": ("the first tokens of each checkpoint's val.bin, the same at every length" if not doc_sep else
+                 f"windows inside single documents (separator {doc_sep!r}) of at least length + 1 tokens, from the "
+                 f"first such document on, {tokens or 'all'} tokens per length"),
         "device": dev, "dtype": dt, "batch_tokens": batch_tokens, "attn_backend": backend or "checkpoint's",
     }
-    return {"protocol": protocol, "runs": runs}
+    return {"protocol": protocol, "runs": runs} | ({"skipped": skipped} if skipped else {})
 
 
 def save_json(res, out_prefix, command):
@@ -221,12 +390,14 @@ def write_results(res, out_prefix, command, make_plot=True):
     res = save_json(res, out_prefix, command)
     with open(out_prefix + ".csv", "w", newline="") as f:
         w = csv.writer(f)
-        w.writerow(["label", "ckpt", "attn", "reweight_p", "trained_reweight_p", "block_size", "length", "multiplier",
-                    "loss", "tokens"])
+        w.writerow(["label", "ckpt", "attn", "reweight_p", "trained_reweight_p", "pos", "rope_scaling", "rope_factor",
+                    "logn_scale", "block_size", "length", "multiplier", "loss", "tokens", "documents"])
         for r in res["runs"]:
             for x in r["results"]:
-                w.writerow([r["label"], r["ckpt"], r["attn"], r["reweight_p"], r["trained_reweight_p"], r["block_size"],
-                            x["length"], x["multiplier"], f"{x['loss']:.5f}", x["tokens"]])
+                w.writerow([r["label"], r["ckpt"], r["attn"], r["reweight_p"], r["trained_reweight_p"], r.get("pos", ""),
+                            r.get("rope_scaling", ""), r.get("rope_factor", ""), r.get("logn_scale", ""), r["block_size"],
+                            x["length"], x["multiplier"], "" if x["loss"] is None else f"{x['loss']:.5f}", x["tokens"],
+                            x.get("documents", "")])
     paths = [out_prefix + ".json", out_prefix + ".csv"]
     if make_plot:
         paths += plot_results(res, out_prefix)
@@ -236,13 +407,19 @@ def write_results(res, out_prefix, command, make_plot=True):
 def table(res):
     """The protocol and a loss table (rows: runs, columns: lengths) as text."""
     proto = "protocol: " + "; ".join(f"{k}: {v}" for k, v in res["protocol"].items())
-    proto += "; tokens per length: " + ", ".join(sorted({str(r["budget"]) for r in res["runs"]}))
+    docs = any("documents" in x for r in res["runs"] for x in r["results"])
+    if not docs:
+        proto += "; tokens per length: " + ", ".join(sorted({str(r["budget"]) for r in res["runs"]}))
     lens = sorted({x["length"] for r in res["runs"] for x in r["results"]})
     w = max(len(r["label"]) for r in res["runs"]) + 2
     lines = [proto, "attention".ljust(w) + "".join(f"{L:>9}" for L in lens)]
     for r in res["runs"]:
         by = {x["length"]: x["loss"] for x in r["results"]}
-        lines.append(r["label"].ljust(w) + "".join(f"{by[L]:9.4f}" if L in by else " " * 9 for L in lens))
+        lines.append(r["label"].ljust(w) + "".join(" " * 9 if L not in by else "      n/a" if by[L] is None else
+                                                   f"{by[L]:9.4f}" for L in lens))
+    if docs:  # each length's own windows: say what it rests on
+        r0 = res["runs"][0]["results"]
+        lines.append("tokens (documents)".ljust(w) + "".join(f"{x['tokens']:>6}({x['documents']})"[-9:].rjust(9) for x in r0))
     return "\n".join(lines)
 
 
@@ -262,13 +439,18 @@ def _curves(ax, res, xy, xlabel, ylabel, title, fontsize=8):
     ax.legend(fontsize=fontsize)
 
 
+def scored(run):
+    """A run's results that have a loss (in the document-aware mode a length may find no document)."""
+    return [x for x in run["results"] if x["loss"] is not None]
+
+
 def plot_results(res, out_prefix):
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    _curves(ax, res, lambda r: ([x["length"] for x in r["results"]], [x["loss"] for x in r["results"]]),
+    _curves(ax, res, lambda r: ([x["length"] for x in scored(r)], [x["loss"] for x in scored(r)]),
             "evaluation context length (tokens)", "validation loss (nats / token)", "Loss vs context length")
     fig.tight_layout()
     fig.savefig(out_prefix + ".png", dpi=120)
@@ -276,16 +458,16 @@ def plot_results(res, out_prefix):
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = [r["label"] for r in res["runs"]]
-    ratios = [r["results"][-1]["loss"] / r["results"][0]["loss"] for r in res["runs"]]
+    ratios = [scored(r)[-1]["loss"] / scored(r)[0]["loss"] for r in res["runs"]]
     bars = a1.bar(range(len(labels)), ratios, color=[f"C{i}" for i in range(len(labels))])
     a1.bar_label(bars, fmt="%.2f", fontsize=8)
     a1.axhline(1.0, color="gray", linewidth=1)
     a1.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)
-    mults = {round(r["results"][-1]["multiplier"], 2) for r in res["runs"]}
+    mults = {round(scored(r)[-1]["multiplier"], 2) for r in res["runs"]}
     a1.set_ylabel(f"loss at {'/'.join(f'{m:g}' for m in sorted(mults))}x / loss at 1x (first length)")
     a1.set_title("Extrapolation penalty (1.0 = flat)")
-    _curves(a2, res, lambda r: ([(b["start"] + b["end"]) / 2 for b in r["results"][-1]["position_buckets"]],
-                                [b["loss"] for b in r["results"][-1]["position_buckets"]]),
+    _curves(a2, res, lambda r: ([(b["start"] + b["end"]) / 2 for b in scored(r)[-1]["position_buckets"]],
+                                [b["loss"] for b in scored(r)[-1]["position_buckets"]]),
             "position inside the longest window", "validation loss (bucket mean)", "Loss by position at the largest length",
             fontsize=7)
     fig.tight_layout()
@@ -297,16 +479,39 @@ def plot_results(res, out_prefix):
 def main():
     configure(globals())
     if replot:
-        with open(replot) as f:
-            res = json.load(f)
+        try:
+            with open(replot) as f:
+                res = json.load(f)
+        except (OSError, ValueError) as e:  # missing, not JSON
+            raise SystemExit(f"eval error: cannot read results {replot!r} ({one_line(e)}); pass a .json that "
+                             "eval_length.py wrote") from None
+        runs = res.get("runs") if isinstance(res, dict) else None
+        if not runs or not all(isinstance(r, dict) and r.get("results") and
+                                all(isinstance(x, dict) and {"length", "loss"} <= set(x) for x in r["results"])
+                                for r in runs):
+            raise SystemExit(f"eval error: {replot!r} holds no eval_length results (runs with lengths and losses); "
+                             "pass a .json that eval_length.py wrote")
         for p in plot_results(res, replot.removesuffix(".json")):
             print(f"wrote {p}")
         return
     if not ckpts:
         raise SystemExit("eval error: pass --ckpts=DIR[,DIR...] (out_dirs of trained runs)")
-    specs = [(d, parse_reweight_p(p, prefix="eval error")) for d in parse_list(ckpts) for p in parse_list(reweight_p)]
+    # everything that can be checked without a checkpoint is, before one is loaded
+    check_range({"tokens": tokens, "stride": stride}, 0, prefix="eval error")
+    check_range({"batch_tokens": batch_tokens, "position_buckets": position_buckets}, 1, prefix="eval error")
+    if not os.path.basename(out):  # '' or a folder: the files would be named .json, .csv, ...
+        raise SystemExit(f"eval error: out names the result files without their extension, e.g. --out=results/eval_length; "
+                         f"got {out!r}")
+    length_spec(lengths, multipliers)
+    settings = eval_settings(reweight_p=reweight_p, rope_scaling=rope_scaling, rope_factor=rope_factor,
+                             logn_scale=logn_scale)
+    if doc_sep and stride:
+        raise SystemExit("eval error: the document-aware mode (--doc_sep) uses non-overlapping windows; drop --stride")
+    check_range({"min_docs": min_docs}, 1, prefix="eval error")
+    specs = [(d, o) for d in parse_names(ckpts, "ckpts", "eval error") for o in settings]
     res = evaluate(specs, multipliers=multipliers, lengths=lengths, tokens=tokens, stride=stride, backend=attn_backend,
-                   device=device, dtype=dtype, buckets=position_buckets, batch_tokens=batch_tokens)
+                   device=device, dtype=dtype, buckets=position_buckets, batch_tokens=batch_tokens, doc_sep=doc_sep,
+                   min_docs=min_docs)
     print(table(res))
     command = "python " + " ".join(sys.argv)
     for p in write_results(res, out, command, plot):

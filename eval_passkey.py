@@ -38,18 +38,20 @@ from tqdm import tqdm
 from common import (
     ROOT,
     autocast_ctx,
+    check_range,
     data_dir_for,
     get_tokenizer,
     load_checkpoint,
     load_meta,
     load_stream,
     model_from_checkpoint,
-    parse_list,
-    parse_reweight_p,
+    one_line,
+    parse_names,
+    parse_numbers,
     pick_device,
 )
 from configurator import configure
-from eval_length import checkpoint_lengths, eval_time_p, save_json
+from eval_length import applies, checkpoint_lengths, eval_settings, eval_time, length_spec, save_json
 
 # -----------------------------------------------------------------------------
 ckpts = ""               # comma-separated out_dirs (or ckpt.pt files)
@@ -60,6 +62,9 @@ trials = 20              # prompts per length x depth
 seed = 1337
 key_len = 5              # key tokens (letters for char-level models, digits for BPE)
 reweight_p = "ckpt"      # comma list of eval-time re-weighting powers: ckpt = as trained, 0 = off, 15 = LSSAR
+rope_scaling = "ckpt"    # comma list of RoPE extensions (RoPE models): ckpt = as trained, none, pi, ntk, yarn
+rope_factor = 0.0        # their factor; 0 = per length (length / block_size)
+logn_scale = "ckpt"      # comma list: ckpt, true, false (log-length scaling of the scores)
 filler = "val"           # val (the checkpoint's validation data) | repeat (one sentence) | DIR (DIR/val.bin)
 batch = 20               # prompts per forward pass
 out = "results/passkey"
@@ -160,6 +165,13 @@ def answer(model, prompts, n_key, ctx, dev, batch_size, pbar=None):
     return torch.cat(outs)
 
 
+def readable(decode, meta):
+    """decode for the failure examples: a BPE model's padding ids (its embedding is padded past the tokenizer's
+    vocabulary, e.g. 50304 for GPT-2's 50257) have no text; they are shown as '?'."""
+    n = meta["vocab_size"] if meta is not None else 50257
+    return lambda ids: "".join(decode([i]) if i < n else "?" for i in ids)
+
+
 def score(model, trials_by_len, depth_list, block_size, decode, ctx, dev, batch_size, pbar=None):
     """Accuracy per length x depth of a model on make_trials() prompts ({L: (prompts, keys)}, depth-major rows).
     model: anything with generate(idx, n, temperature=0) (a GPT, or a stand-in in the tests)."""
@@ -202,23 +214,33 @@ def filler_source(cfg, meta, filler_arg):
     return load_stream(os.path.basename(os.path.normpath(d)), "val", d), f"val: {_show(d)}"
 
 
+def parse_depths(depths):
+    return parse_numbers(depths, "depths", float, prefix="passkey error", example="0,0.5,1",
+                         ok=lambda d: 0 <= d <= 1, what="fractions in [0, 1]")
+
+
 def evaluate(ckpt_dirs, *, multipliers="1,2,4,8,16", lengths="", depths="0,0.25,0.5,0.75,1", n_trials=20, seed=1337,
-             n_key=5, filler="val", batch_size=20, device="auto", dtype="auto", reweight_p="ckpt"):
-    """Passkey accuracy of each checkpoint (at each eval-time reweight_p of the comma list reweight_p: ckpt = as
-    trained, or numbers) at every length x depth; returns the results dict write_results() saves. Fails before
-    evaluating anything when a checkpoint or a length cannot work. Keywords as the script's keys."""
+             n_key=5, filler="val", batch_size=20, device="auto", dtype="auto", reweight_p="ckpt", rope_scaling="ckpt",
+             rope_factor=0.0, logn_scale="ckpt"):
+    """Passkey accuracy of each checkpoint (with each combination of the eval-time settings, as eval_length.py's:
+    ckpt = as trained) at every length x depth; returns the results dict write_results() saves. Fails before
+    evaluating anything when a checkpoint or a length cannot work; skips settings that do not apply to a
+    checkpoint (a RoPE extension of a model without RoPE). Keywords as the script's keys."""
     dev = pick_device(device)
     ctx, dt = autocast_ctx(dev, dtype)
-    depth_list = parse_list(depths, float)
-    if not depth_list or any(not 0 <= d <= 1 for d in depth_list):
-        raise SystemExit(f"passkey error: depths must be fractions in [0, 1], got {depths!r}")
-    if n_trials < 1 or n_key < 1 or batch_size < 1:
-        raise SystemExit("passkey error: trials, key_len and batch must be >= 1")
+    depth_list = parse_depths(depths)
+    check_range({"trials": n_trials, "key_len": n_key, "batch": batch_size}, 1, prefix="passkey error")
     jobs, loaded = [], {}
-    for d, p in [(d, parse_reweight_p(p, prefix="eval error")) for d in ckpt_dirs for p in parse_list(reweight_p)]:
+    settings = eval_settings(reweight_p=reweight_p, rope_scaling=rope_scaling, rope_factor=rope_factor,
+                             logn_scale=logn_scale)
+    for d, overrides in [(d, o) for d in ckpt_dirs for o in settings]:
         ck = loaded[d] = loaded.get(d) or load_checkpoint(d, dev)
         cfg, margs = ck["config"], ck["model_args"]
-        overrides, attn, eff_p, trained_p, label = eval_time_p(d, margs, p)
+        if not applies(margs, overrides):
+            print(f"skipped {d} with {overrides}: pos={margs.get('pos')!r} has no RoPE to extend", file=sys.stderr)
+            continue
+        eff, trained, label = eval_time(d, margs, overrides)
+        attn, eff_p, trained_p = eff.attn, eff.reweight_p, trained.reweight_p
         lens = checkpoint_lengths(d, margs, lengths=lengths, multipliers=multipliers)
         meta = load_meta(cfg["dataset"], cfg.get("data_dir", ""))
         tpl = passkey_template(meta)
@@ -228,9 +250,11 @@ def evaluate(ckpt_dirs, *, multipliers="1,2,4,8,16", lengths="", depths="0,0.25,
         if top >= margs["vocab_size"]:
             raise SystemExit(f"eval error: vocab mismatch: {d} has {margs['vocab_size']} tokens but its filler holds "
                              f"token id {top}; use the filler of the dataset it was trained on")
-        jobs.append(dict(ckpt=d, ck=ck, lens=lens, trials=trials_by_len, filler=filler_desc, decode=get_tokenizer(meta)[1],
-                         label=label, char_level=tpl.char_level, overrides=overrides, attn=attn, reweight_p=eff_p,
-                         trained_reweight_p=trained_p))
+        jobs.append(dict(ckpt=d, ck=ck, lens=lens, trials=trials_by_len, filler=filler_desc, label=label,
+                         decode=readable(get_tokenizer(meta)[1], meta), char_level=tpl.char_level, overrides=overrides,
+                         attn=attn, reweight_p=eff_p, trained_reweight_p=trained_p, eval=overrides))
+    if not jobs:
+        raise SystemExit("eval error: no checkpoint takes the eval-time settings asked for; see the lines above")
     runs = []
     total = sum(len(p) for j in jobs for p, _ in j["trials"].values())
     with tqdm(total=total, unit="prompt", desc="eval_passkey", file=sys.stderr) as pbar:
@@ -242,7 +266,7 @@ def evaluate(ckpt_dirs, *, multipliers="1,2,4,8,16", lengths="", depths="0,0.25,
             results = score(model, j.pop("trials"), depth_list, margs["block_size"], j["decode"], ctx, dev, batch_size,
                             pbar)
             runs.append({"label": j["label"], "ckpt": j["ckpt"], "attn": j["attn"], "reweight_p": j["reweight_p"],
-                         "trained_reweight_p": j["trained_reweight_p"], "pos": margs.get("pos", "rope"),
+                         "trained_reweight_p": j["trained_reweight_p"], "eval": j["eval"], "pos": margs.get("pos", "rope"),
                          "block_size": margs["block_size"], "dataset": ck["config"]["dataset"],
                          "iter_num": ck["iter_num"], "filler": j["filler"], "results": results})
             del model
@@ -345,15 +369,31 @@ def main():
         try:
             with open(replot) as f:
                 res = json.load(f)
-        except (OSError, ValueError) as e:
-            raise SystemExit(f"eval error: cannot read results {replot} ({e}); pass a .json that eval_passkey wrote") from None
+        except (OSError, ValueError) as e:  # missing, not JSON
+            raise SystemExit(f"eval error: cannot read results {replot!r} ({one_line(e)}); pass a .json that "
+                             "eval_passkey.py wrote") from None
+        runs, need = res.get("runs") if isinstance(res, dict) else None, {"length", "depth", "accuracy", "trials"}
+        if not runs or not all(isinstance(r, dict) and r.get("results") and
+                               all(isinstance(x, dict) and need <= set(x) for x in r["results"]) for r in runs):
+            raise SystemExit(f"eval error: {replot!r} holds no passkey results (runs with lengths, depths and "
+                             "accuracies); pass a .json that eval_passkey.py wrote")
         print(table(res))
         print(f"wrote {plot_results(res, replot.removesuffix('.json'))}")
         return
     if not ckpts:
         raise SystemExit("eval error: pass --ckpts=DIR[,DIR...] (out_dirs of trained runs)")
-    res = evaluate(parse_list(ckpts), multipliers=multipliers, lengths=lengths, depths=depths, n_trials=trials, seed=seed,
-                   n_key=key_len, filler=filler, batch_size=batch, device=device, dtype=dtype, reweight_p=reweight_p)
+    # everything that can be checked without a checkpoint is, before one is loaded
+    length_spec(lengths, multipliers)
+    parse_depths(depths)
+    check_range({"trials": trials, "key_len": key_len, "batch": batch}, 1, prefix="passkey error")
+    eval_settings(reweight_p=reweight_p, rope_scaling=rope_scaling, rope_factor=rope_factor, logn_scale=logn_scale)
+    if not os.path.basename(out):  # '' or a folder: the files would be named .json, .csv, ...
+        raise SystemExit(f"eval error: out names the result files without their extension, e.g. --out=results/passkey; "
+                         f"got {out!r}")
+    ckpt_dirs = parse_names(ckpts, "ckpts", "eval error")
+    res = evaluate(ckpt_dirs, multipliers=multipliers, lengths=lengths, depths=depths, n_trials=trials, seed=seed,
+                   n_key=key_len, filler=filler, batch_size=batch, device=device, dtype=dtype, reweight_p=reweight_p,
+                   rope_scaling=rope_scaling, rope_factor=rope_factor, logn_scale=logn_scale)
     print(table(res))
     for p in write_results(res, out, "python " + " ".join(sys.argv)):
         print(f"wrote {p}")

@@ -17,7 +17,7 @@ canonical spec resolved here.
 
 import math
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 import torch.nn as nn
@@ -50,7 +50,8 @@ def log_d_log_n(n, d, params):
 
 
 def learned_s_log_n(n, d, params):
-    """s_h * log(N_i) / sqrt(d), s_h learnable per head (SSMax as its authors define it)."""
+    """s_h * log(N_i) / sqrt(d), s_h learnable per head (SSMax as its authors define it). s_h starts at
+    1 / log(block_size), where the scale equals softmax's at the training length."""
     return params["ssmax_s"].view(-1, 1, 1) * _ln(n) / math.sqrt(d)
 
 
@@ -88,8 +89,30 @@ VARIANTS = {
                        lambda s, n: F.logsigmoid(s - torch.log(n)), False, lambda s, n: torch.sigmoid(s - torch.log(n))),
     "relu": Variant("ReLU(q.k / sqrt(d)) / N_i", False, inv_sqrt_d, lambda s, n: _log_relu(s) - torch.log(n), False,
                     lambda s, n: torch.relu(s) / n),
+    # ablations: sigmoid made a distribution (so the re-weighting applies), SSMax in its authors' form
+    "sigmoid_l1": Variant("sigmoid(q.k / sqrt(d) - log(N_i)), l1-normalised", False, inv_sqrt_d,
+                          lambda s, n: F.logsigmoid(s - torch.log(n)), True, lambda s, n: torch.sigmoid(s - torch.log(n)),
+                          demo="an ablation: in the full grid (README), not the quick-start sweep"),
+    "ssmax_learn": Variant("exp(s_h log(N_i) q.k / sqrt(d)), s_h learnable per head, l1-normalised", False,
+                           learned_s_log_n, None, True, params={"ssmax_s": lambda n_head, block_size: torch.full(
+                               (n_head,), 1.0 / math.log(block_size))},
+                           demo="a baseline: in the full grid (README), not the quick-start sweep"),
 }
 ATTN_ALIASES = {"lssar": ("lssa", 15.0)}  # shorthand -> (variant, reweight_p it implies)
+
+
+def alibi_slopes(h, H):
+    """ALiBi's slope of head h of H (Press et al. 2022): 2^(-8 (h+1) / H) for H a power of two; otherwise the
+    slopes of the largest power of two P < H, then every other slope of 2P (2^(-4 (2 (h - P) + 1) / P)).
+    h: an integer tensor of head indices (elementwise: usable inside flex's score_mod)."""
+    P = 2 ** int(math.floor(math.log2(H)))
+    h = h.to(torch.float64 if h.is_floating_point() and h.dtype == torch.float64 else torch.float32)
+    return torch.where(h < P, 2.0 ** (-8.0 * (h + 1) / P), 2.0 ** (-4.0 * (2 * (h - P) + 1) / P))
+
+
+def alibi_bias(i, j, h, H):
+    """-m_h (i - j): a linear penalty on the distance to the key, its slope m_h fixed per head (pos='alibi')."""
+    return -alibi_slopes(h, H) * (i - j)
 REWEIGHT_EXEMPT_ROWS = 3  # rows i = 0, 1, 2 use offset O_i = 0 "to avoid early instability"
 
 
@@ -122,31 +145,59 @@ def canonical_attn(attn, reweight_p=0.0):
 
 @dataclass(frozen=True)
 class AttnSpec:
-    """What the attention is, resolved once (GPTConfig builds it): every backend receives only this."""
-    kind: str                # a key of VARIANTS
-    reweight_p: float = 0.0  # stage 2's power; 0 = off
+    """What the attention is, resolved once (GPTConfig builds it): every backend receives only this.
+    The score of query row i is  s_ij = temperature * max(1, log N_i / log logn_len) * scale(N_i) * q_i . k_j + bias,
+    the last two factors being 1 unless set (evaluation-time scalings: YaRN's temperature, log-length scaling)."""
+    kind: str                  # a key of VARIANTS
+    reweight_p: float = 0.0    # stage 2's power; 0 = off
+    alibi: bool = False        # add ALiBi's bias -m_h (i - j) (pos='alibi')
+    logn_len: int = 0          # > 1: scale scores by max(1, log(N_i) / log(logn_len)) (logn_len = training length)
+    temperature: float = 1.0   # every score x this (YaRN's attention temperature at evaluation)
 
     def __post_init__(self):
         if (self.kind, self.reweight_p) != canonical_attn(self.kind, self.reweight_p):
             raise ValueError(f"AttnSpec needs a canonical (variant, p), got ({self.kind!r}, {self.reweight_p!r})")
+        if self.alibi and VARIANTS[self.kind].bias is not None:
+            raise ValueError(f"pos='alibi' adds a score bias; variant {self.kind!r} has its own")
+        if self.logn_len == 1 or self.logn_len < 0 or not self.temperature > 0:
+            raise ValueError(f"logn_len must be 0 (off) or >= 2 and temperature > 0, got {self.logn_len}, {self.temperature}")
 
     @property
     def variant(self):
-        return VARIANTS[self.kind]
+        """The registry entry, with ALiBi's bias when alibi is set."""
+        var = VARIANTS[self.kind]
+        return _with_alibi(self.kind, var) if self.alibi else var
+
+    def row_scale(self, n, d, params):
+        """The multiplier of q_i . k_j for rows with N visible keys (n: a tensor (rows, 1), or a float)."""
+        scale = self.variant.scale(n, d, params)
+        if self.logn_len:
+            ratio = _ln(n) / math.log(self.logn_len)
+            scale = scale * (ratio.clamp_min(1.0) if torch.is_tensor(ratio) else max(1.0, ratio))
+        return scale * self.temperature if self.temperature != 1.0 else scale
 
     def key(self):
         """The spec as a string (custom ops take strings, not objects; an f-string, which torch.compile traces);
         from_key inverts it."""
-        return f"{self.kind}|{self.reweight_p!r}"
+        return f"{self.kind}|{self.reweight_p!r}|{int(self.alibi)}|{self.logn_len}|{self.temperature!r}"
 
     @staticmethod
     def from_key(key):
-        kind, p = key.split("|")
-        return AttnSpec(kind, float(p))
+        kind, p, alibi, logn_len, temperature = key.split("|")
+        return AttnSpec(kind, float(p), alibi == "1", int(logn_len), float(temperature))
 
     @staticmethod
-    def of(attn, reweight_p=0.0):
-        return AttnSpec(*canonical_attn(attn, reweight_p))
+    def of(attn, reweight_p=0.0, **kw):
+        return AttnSpec(*canonical_attn(attn, reweight_p), **kw)
+
+
+_ALIBI = {}
+
+
+def _with_alibi(kind, var):
+    if kind not in _ALIBI:  # one composed entry per variant, made once (no dataclass work in a hot path)
+        _ALIBI[kind] = replace(var, bias=alibi_bias, equation=var.equation + ", score - m_h (i - j) (ALiBi)")
+    return _ALIBI[kind]
 
 
 # -----------------------------------------------------------------------------
@@ -241,12 +292,11 @@ def prepare(q, k, spec, pos_offset, params=None):
     """QK-norm and the per-row (per-head) scale, in fp32 at least (also under bf16 autocast: the p-th power of
     the re-weighting amplifies score errors ~p-fold, and a bf16 cosine is off by ~4e-3, i.e. ~0.1 in a score
     scaled by log(d) log(N)). Returns q * scale and k, so that every backend's score is plain q . k."""
-    var = spec.variant
     acc = torch.float64 if q.dtype == torch.float64 else torch.float32
     q, k = q.to(acc), k.to(acc)
-    if var.qk_norm:
+    if spec.variant.qk_norm:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    scale = var.scale(row_n(pos_offset, q.shape[2], q), q.shape[-1], params or {})
+    scale = spec.row_scale(row_n(pos_offset, q.shape[2], q), q.shape[-1], params or {})
     return q * scale, k  # (the scale is in acc's dtype, or a float)
 
 
@@ -308,8 +358,39 @@ def attention_weights(q, k, spec, pos_offset=None, *, params=None, chunk=256):
 # 4. the model
 
 
-def rope_cos_sin(T, d, base, device, offset=0):
-    inv_freq = 1.0 / (base ** (torch.arange(0, d, 2, device=device, dtype=torch.float32) / d))
+ROPE_SCALINGS = ("none", "pi", "ntk", "yarn")
+YARN_ALPHA, YARN_BETA = 1.0, 32.0  # YaRN's ramp: frequencies that turn < 1 time within the training length are
+                                   # interpolated, > 32 times kept (the paper's values for LLaMA)
+
+
+def rope_inv_freq(d, base, scaling="none", factor=1.0, train_len=0):
+    """RoPE's rotation frequencies theta_i = base^(-2i/d), i < d/2, or (factor s > 1) their evaluation-time
+    extension to s x the training length train_len:
+      pi    theta_i / s: positions interpolated into the trained range (position interpolation, Chen et al. 2023)
+      ntk   base -> base * s^(d / (d - 2)): "NTK-aware" scaling; the fastest frequency is kept, the slowest
+            interpolated by s (bloc97 2023)
+      yarn  (1 - g_i) theta_i / s + g_i theta_i with g_i = clamp((r_i - 1) / (32 - 1), 0, 1) and r_i =
+            train_len theta_i / (2 pi), the turns of frequency i within the training length: fast frequencies
+            kept, slow ones interpolated (Peng et al. 2023); used with yarn_temperature(s)."""
+    if scaling == "ntk" and factor > 1:
+        base = base * factor ** (d / (d - 2))
+    theta = 1.0 / (base ** (torch.arange(0, d, 2, dtype=torch.float32) / d))
+    if factor <= 1 or scaling in ("none", "ntk"):
+        return theta
+    if scaling == "pi":
+        return theta / factor
+    g = ((train_len * theta / (2 * math.pi) - YARN_ALPHA) / (YARN_BETA - YARN_ALPHA)).clamp(0.0, 1.0)
+    return (1 - g) * theta / factor + g * theta
+
+
+def yarn_temperature(factor):
+    """YaRN's attention temperature: logits x (0.1 ln(s) + 1)^2 for factor s > 1 (it scales q and k each by 0.1 ln(s) + 1)."""
+    return (0.1 * math.log(factor) + 1.0) ** 2 if factor > 1 else 1.0
+
+
+def rope_cos_sin(T, d, base, device, offset=0, inv_freq=None):
+    """cos, sin (T, d/2) of the rotation angles of positions offset .. offset+T-1 (inv_freq: rope_inv_freq's)."""
+    inv_freq = (rope_inv_freq(d, base) if inv_freq is None else inv_freq).to(device)
     t = torch.arange(offset, offset + T, device=device, dtype=torch.float32)
     freqs = torch.outer(t, inv_freq)  # (T, d/2)
     return freqs.cos(), freqs.sin()
@@ -333,16 +414,26 @@ class GPTConfig:
     bias: bool = True
     attn: str = "softmax"       # a variant of VARIANTS (or a shorthand such as 'lssar', stored resolved)
     reweight_p: float = 0.0     # > 0: re-weighting stage with this power (LSSAR: attn='lssa', reweight_p=15)
-    pos: str = "rope"           # rope | learned | none
+    pos: str = "rope"           # rope | learned | none | alibi
     rope_base: float = 10000.0
+    rope_scaling: str = "none"  # evaluation-time RoPE extension: none | pi | ntk | yarn (rope_inv_freq)
+    rope_factor: float = 0.0    # its factor s; 0 = per evaluated length: max(1, length / block_size)
+    logn_scale: bool = False    # scale scores by max(1, log(N_i) / log(block_size)) (log-length scaling)
     attn_backend: str = "auto"  # auto | reference | math | sdpa | flex | triton (see kernels/)
     attn_chunk: int = 256       # query rows per chunk in the math backend (memory O(chunk x T))
 
     def __post_init__(self):
         """Resolve the attention to its canonical form (stored so in checkpoints) and validate; errors name the fix."""
         self.attn, self.reweight_p = canonical_attn(self.attn, self.reweight_p)
-        if self.pos not in ("rope", "learned", "none"):
-            raise ValueError(f"unknown pos={self.pos!r}; choose rope, learned or none")
+        if self.pos not in ("rope", "learned", "none", "alibi"):
+            raise ValueError(f"unknown pos={self.pos!r}; choose rope, learned, none or alibi")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"unknown rope_scaling={self.rope_scaling!r}; choose one of {', '.join(ROPE_SCALINGS)}")
+        if self.rope_scaling != "none" and self.pos != "rope":
+            raise ValueError(f"rope_scaling={self.rope_scaling!r} extends RoPE; this model has pos={self.pos!r}")
+        if not (self.rope_factor == 0 or self.rope_factor >= 1):
+            raise ValueError(f"rope_factor must be 0 (per evaluated length) or >= 1, got {self.rope_factor}")
+        self.spec  # noqa: B018 - validates the attention spec (e.g. ALiBi on a variant with its own bias)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
@@ -353,7 +444,15 @@ class GPTConfig:
 
     @property
     def spec(self):
-        return AttnSpec(self.attn, self.reweight_p)
+        return AttnSpec(self.attn, self.reweight_p, alibi=self.pos == "alibi",
+                        logn_len=self.block_size if self.logn_scale else 0)
+
+    def rope(self, length):
+        """(inv_freq, attention temperature) of RoPE for a forward over `length` positions (rope_scaling)."""
+        d = self.n_embd // self.n_head
+        factor = 1.0 if self.rope_scaling == "none" else (self.rope_factor or max(1.0, length / self.block_size))
+        temp = yarn_temperature(factor) if self.rope_scaling == "yarn" else 1.0
+        return rope_inv_freq(d, self.rope_base, self.rope_scaling, factor, self.block_size), temp
 
 
 @dataclass
@@ -377,7 +476,7 @@ class CausalSelfAttention(nn.Module):
         self.attn_params = nn.ParameterDict({name: nn.Parameter(init(config.n_head, config.block_size))
                                              for name, init in config.spec.variant.params.items()})
 
-    def forward(self, x, rope=None, cache=None, probe=None):
+    def forward(self, x, spec, rope=None, cache=None, probe=None):
         B, T, C = x.shape
         cfg = self.config
         q, k, v = self.c_attn(x).split(C, dim=2)
@@ -389,12 +488,12 @@ class CausalSelfAttention(nn.Module):
                 k = torch.cat([cache["k"], k], dim=2)
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
-        params = dict(self.attn_params)
+        params = {name: p for name, p in self.attn_params.items()}  # (dict(ParameterDict) breaks torch.compile's graph)
         if probe is not None and (probe.layers is None or self.layer in probe.layers):
             m = T if probe.last_rows is None else min(probe.last_rows, T)
-            for first, w in attention_weights(q[:, :, T - m:], k, cfg.spec, params=params, chunk=cfg.attn_chunk):
+            for first, w in attention_weights(q[:, :, T - m:], k, spec, params=params, chunk=cfg.attn_chunk):
                 probe.fn(self.layer, first, w)
-        y = causal_attention(q, k, v, cfg.spec, backend=cfg.attn_backend, params=params, chunk=cfg.attn_chunk)
+        y = causal_attention(q, k, v, spec, backend=cfg.attn_backend, params=params, chunk=cfg.attn_chunk)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -418,8 +517,8 @@ class Block(nn.Module):
         self.ln_2 = nn.LayerNorm(config.n_embd, bias=config.bias)
         self.mlp = MLP(config)
 
-    def forward(self, x, rope=None, cache=None, probe=None):
-        x = x + self.attn(self.ln_1(x), rope, cache, probe)
+    def forward(self, x, spec, rope=None, cache=None, probe=None):
+        x = x + self.attn(self.ln_1(x), spec, rope, cache, probe)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -456,25 +555,30 @@ class GPT(nn.Module):
             n -= self.transformer.wpe.weight.numel()
         return n
 
-    def forward(self, idx, targets=None, cache=None, reduction="mean", probe=None):
+    def forward(self, idx, targets=None, cache=None, reduction="mean", probe=None, rope_len=None):
         """idx (B, T) -> logits (B, T, V) and, with targets, the cross-entropy loss.
         cache: list of per-layer dicts from new_cache(); idx then holds the tokens after the cached ones.
-        probe: an AttentionProbe that receives attention weights during the pass (diagnostics)."""
+        probe: an AttentionProbe that receives attention weights during the pass (diagnostics).
+        rope_len: the length that sets a per-length rope_factor (default: cached + new tokens; generate() passes
+        the final length, so that every decoding step rotates with the same frequencies)."""
         B, T = idx.shape
         offset = 0 if not cache or "k" not in cache[0] else cache[0]["k"].shape[2]
         cfg = self.config
         if cfg.pos == "learned" and offset + T > cfg.block_size:
             raise ValueError(f"learned position embeddings stop at block_size={cfg.block_size}, asked for "
-                             f"{offset + T} tokens; use a pos='rope' or pos='none' model to go longer")
+                             f"{offset + T} tokens; use a pos='rope', 'alibi' or 'none' model to go longer")
         x = self.transformer.wte(idx)
-        rope = None
+        rope, spec = None, cfg.spec
         if cfg.pos == "learned":
             x = x + self.transformer.wpe(torch.arange(offset, offset + T, device=idx.device))
         elif cfg.pos == "rope":
-            rope = rope_cos_sin(T, cfg.n_embd // cfg.n_head, cfg.rope_base, idx.device, offset)
+            inv_freq, temperature = cfg.rope(rope_len or offset + T)
+            rope = rope_cos_sin(T, cfg.n_embd // cfg.n_head, cfg.rope_base, idx.device, offset, inv_freq)
+            if temperature != 1.0:
+                spec = replace(spec, temperature=temperature)
         x = self.transformer.drop(x)
         for i, block in enumerate(self.transformer.h):
-            x = block(x, rope, None if cache is None else cache[i], probe)
+            x = block(x, spec, rope, None if cache is None else cache[i], probe)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
         loss = None
@@ -495,19 +599,22 @@ class GPT(nn.Module):
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None, generator=None, vocab=None):
         """Sample max_new_tokens after idx (B, T) with a KV cache: each step feeds one token and the
         attention sees its absolute position, so the logits equal those of a full forward pass.
         rope/none models keep the whole context (that is the point of length extrapolation); learned-position
-        models crop to the last block_size tokens (and rebuild the cache) like nanoGPT."""
-        cache, bs = self.new_cache(), self.config.block_size
+        models crop to the last block_size tokens (and rebuild the cache) like nanoGPT. vocab: only ids below it are
+        drawn (a BPE model's embedding is padded past its tokenizer's vocabulary, e.g. 50304 for GPT-2's 50257)."""
+        cache, bs, final_len = self.new_cache(), self.config.block_size, idx.size(1) + max_new_tokens
         for _ in range(max_new_tokens):
             if self.config.pos == "learned" and idx.size(1) > bs:
                 cache, ctx = self.new_cache(), idx[:, -bs:]  # past the learned table: recompute on the last bs
             else:
                 ctx = idx[:, (cache[0]["k"].shape[2] if "k" in cache[0] else 0):]  # only the tokens not cached yet
-            logits, _ = self(ctx, cache=cache)
+            logits, _ = self(ctx, cache=cache, rope_len=final_len)
             logits = logits[:, -1, :] / max(temperature, 1e-8)
+            if vocab is not None:
+                logits[:, vocab:] = -float("inf")
             if top_k is not None:
                 v, _ = torch.topk(logits, min(top_k, logits.size(-1)))
                 logits[logits < v[:, [-1]]] = -float("inf")

@@ -4,21 +4,27 @@ Sample from a trained checkpoint (any attention kind; its config is restored fro
     python sample.py --out_dir=out-shakespeare-char-lssar
     python sample.py --out_dir=out-shakespeare-char-lssar --start="ROMEO:" --num_samples=3 --max_new_tokens=300
     python sample.py --out_dir=... --start=FILE:prompt.txt --temperature=0.8 --top_k=200
+    python sample.py --out_dir=out-shakespeare-char-softmax --rope_scaling=yarn --max_new_tokens=2000
+
+Evaluation-time settings as eval_length.py has them (ckpt = as trained): --reweight_p, --rope_scaling (pi, ntk,
+yarn; by --rope_factor, or 0 = by the generation's final length / block_size), --logn_scale.
 """
 
 import torch
 
 from common import (
     autocast_ctx,
+    check_range,
     get_tokenizer,
     load_checkpoint,
     load_meta,
     model_from_checkpoint,
     model_vocab_size,
-    parse_reweight_p,
+    one_line,
     pick_device,
 )
 from configurator import configure
+from eval_length import eval_settings
 
 # -----------------------------------------------------------------------------
 out_dir = "out"
@@ -28,43 +34,55 @@ max_new_tokens = 500
 temperature = 0.8        # 0 = greedy
 top_k = 200              # 0 = no top-k filtering
 reweight_p = "ckpt"      # ckpt = as the checkpoint was trained; a number overrides its re-weighting power (0 = off)
+rope_scaling = "ckpt"    # ckpt = as trained; none | pi | ntk | yarn: RoPE extended past the training length
+rope_factor = 0.0        # its factor; 0 = the generation's final length / block_size
+logn_scale = "ckpt"      # ckpt | true (scores x max(1, log N_i / log block_size)) | false
 attn_backend = ""        # override the checkpoint's attention backend (auto | reference | math | sdpa | flex | triton)
 seed = 1337
 device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------
 configure(globals())
+check_range({"num_samples": num_samples, "max_new_tokens": max_new_tokens}, 1)
+check_range({"temperature": temperature, "top_k": top_k}, 0)
 
 device = pick_device(device)
 ctx, _ = autocast_ctx(device, dtype)
 torch.manual_seed(seed)
-p = parse_reweight_p(reweight_p)
+settings = eval_settings(reweight_p=reweight_p, rope_scaling=rope_scaling, rope_factor=rope_factor, logn_scale=logn_scale)
+if len(settings) > 1:
+    raise SystemExit("config error: sample.py takes one value each of reweight_p, rope_scaling and logn_scale, not lists")
+if start.startswith("FILE:"):  # read before the checkpoint: a wrong path fails fast
+    try:
+        with open(start[5:], encoding="utf-8") as f:
+            start = f.read()
+    except (OSError, ValueError) as e:  # missing, a folder, not UTF-8 text
+        raise SystemExit(f"prompt error: cannot read the prompt file {start[5:]!r} ({one_line(e)}); pass "
+                         "--start=FILE:path of a UTF-8 text file, or the prompt itself") from None
 ckpt = load_checkpoint(out_dir, device)
-overrides = {} if p == "ckpt" else {"reweight_p": p}
+overrides = dict(settings[0])
 if attn_backend:
     overrides["attn_backend"] = attn_backend
-try:
-    model = model_from_checkpoint(ckpt, device, **overrides).eval()
-except ValueError as e:
-    raise SystemExit(f"config error: {e}") from None
+model = model_from_checkpoint(ckpt, device, **overrides).eval()  # a bad override is a one-line error there
 cfg = ckpt["config"]
 meta = load_meta(cfg["dataset"], cfg.get("data_dir", ""))
 if meta is not None and model_vocab_size(meta) != model.config.vocab_size:
     raise SystemExit(f"vocab mismatch: data/{cfg['dataset']}/meta.pkl has {meta['vocab_size']} tokens but the "
                      f"checkpoint's model has {model.config.vocab_size}; re-run that dataset's prepare.py")
 encode, decode = get_tokenizer(meta)
-print(f"loaded {out_dir}: attn={model.config.attn} reweight_p={model.config.reweight_p:g} pos={model.config.pos}, "
-      f"trained {ckpt['iter_num']} iters, tokenizer {'char' if meta and 'stoi' in meta else 'BPE'}")
+vocab = meta["vocab_size"] if meta is not None else 50257  # ids the tokenizer decodes (no meta.pkl: GPT-2 shards)
+mc = model.config
+print(f"loaded {out_dir}: attn={mc.attn} reweight_p={mc.reweight_p:g} pos={mc.pos}"
+      + (f" rope_scaling={mc.rope_scaling} (factor {mc.rope_factor or 'per length'})" if mc.rope_scaling != "none" else "")
+      + (" logn_scale" if mc.logn_scale else "")
+      + f", trained {ckpt['iter_num']} iters, tokenizer {'char' if meta and 'stoi' in meta else 'BPE'}")
 
-if start.startswith("FILE:"):
-    with open(start[5:], encoding="utf-8") as f:
-        start = f.read()
 ids = encode(start)
 if not ids:
     raise SystemExit("prompt error: the prompt encodes to no tokens; pass a non-empty --start")
 x = torch.tensor(ids, dtype=torch.long, device=device)[None, ...]
 with torch.no_grad(), ctx:
     for _ in range(num_samples):
-        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None)
+        y = model.generate(x, max_new_tokens, temperature=temperature, top_k=top_k or None, vocab=vocab)
         print(decode(y[0].tolist()))
         print("---------------")

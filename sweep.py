@@ -1,49 +1,104 @@
 """
-The repo's main job in one command: train every attention variant of the CPU demo (identical except the
-attention: same model, seed and data order), then evaluate them all at 1x..16x the training context into one
-table and two plots.
+The repo's main job in one command: train attention variants of the CPU demo (identical except the attention:
+same model, data order and schedule), over seeds and settings, then evaluate them all at 1x..16x the training
+context into one table and two plots, with mean +- std over seeds.
 
-    python sweep.py                                  # prepare data if missing, train what is missing, evaluate
-    python sweep.py --retrain=True                   # retrain even where a finished checkpoint exists
-    python sweep.py --variants=softmax,lssar --max_iters=300 --results=results/quick/sweep
+    python sweep.py                                    # the quick start: the registry's demo attentions, one seed
+    python sweep.py --seeds=1337,1,2 --runs=...        # a grid (README: the exact command of the committed one)
+    python sweep.py --runs=softmax,lssar --grid="reweight_p=3,15" --max_iters=300 --results=results/quick/sweep
+    python sweep.py --input=my.txt --data_dir=data/my_char --results=results/my/sweep   # any text, char-level
 
-A run whose checkpoint is finished is skipped; an interrupted one is resumed from its checkpoint.
-Writes <results>.json/.csv/.md and <results>.png, <results>_detail.png.
+A run is an attention name of model.py's registry, optionally with train.py overrides after colons:
+`lssar:pos=none`, `softmax:reweight_p=15`. --grid crosses every run with settings ("key=v1,v2;key2=..."),
+--seeds with seeds. Evaluation-time settings (--eval_extra: `run+key=value` items, e.g. `softmax+rope_scaling=yarn`,
+`lssar:pos=none+logn_scale=true`: a run as written in --runs, then settings) add evaluated rows of that run (and
+of its grid settings) without retraining. A run whose checkpoint is finished is skipped; an
+interrupted one is resumed. Writes <results>.json/.csv/.md and <results>.png, <results>_detail.png.
 """
 
 import os
 import subprocess
 import sys
 
+import numpy as np
 from tqdm import tqdm
 
-from common import ROOT, data_dir_for, load_checkpoint, parse_list
+from common import ROOT, check_range, data_dir_for, load_checkpoint, parse_list
 from configurator import configure
-from eval_length import table, write_results
+from eval_length import evaluate, write_results
 from model import attn_names, demo_runs
 
 # -----------------------------------------------------------------------------
-variants = ",".join(demo_runs())  # every attention of model.py's registry that is in the CPU demo
-eval_reweight = "lssa"   # also evaluate these variants with re-weighting p=15 switched on at evaluation only
-eval_p = 15.0
+runs = ",".join(demo_runs())  # attentions to train: model.py registry names, optionally name:key=value:...
+grid = ""                # settings crossed with every run: "key=v1,v2;key2=w1,w2" (train.py keys)
+seeds = "1337"           # training seeds (comma list); the config's default seed is 1337
+eval_extra = "lssa+reweight_p=15"  # extra evaluated rows: run+key=value[+key=value], run as in --runs; keys:
+                                   # reweight_p, rope_scaling, rope_factor, logn_scale
 retrain = False
-max_iters = 0            # 0 = the config's; > 0 overrides it for every variant (quick runs)
+max_iters = 0            # 0 = the config's; > 0 overrides it for every run (with lr decay and a 10% warmup to match)
 train_args = ""          # extra --key=value overrides for train.py, space separated
-out_root = "."           # checkpoints go to <out_root>/out-shakespeare-char-<variant>
-input = ""               # a local copy of Tiny Shakespeare's input.txt (else $TINYSHAKESPEARE_PATH, else download)
-data_dir = ""            # default: data/shakespeare_char
+config = "config/train_shakespeare_char.py"
+out_root = "."           # checkpoints go to <out_root>/out-<dataset>-<run>[-seed<seed>]
+dataset = "shakespeare_char"
+data_dir = ""            # default: data/<dataset>
+input = ""               # a text file to prepare char-level data from when data_dir holds none (Tiny Shakespeare's
+                         # input.txt by default: else $TINYSHAKESPEARE_PATH, else a download)
 multipliers = "1,2,4,8,16"
 eval_tokens = 32768      # validation tokens per length (the same at every length); 0 = all that fit
 device = "auto"
 results = "results/shakespeare_char/sweep"
 # -----------------------------------------------------------------------------
+EVAL_KEYS = ("reweight_p", "rope_scaling", "rope_factor", "logn_scale")
+
+
+def parse_run(spec):
+    """'lssar:pos=none:reweight_p=3' -> ('lssar', {'pos': 'none', 'reweight_p': '3'}); checked against the registry."""
+    name, *pairs = spec.split(":")
+    if name not in attn_names():
+        raise SystemExit(f"sweep error: unknown attention {name!r} in {spec!r}; choose from {', '.join(attn_names())}")
+    kv = {}
+    for pair in pairs:
+        key, eq, value = pair.partition("=")
+        if not eq or not key or not value:
+            raise SystemExit(f"sweep error: {spec!r}: write settings as name:key=value (e.g. lssar:pos=none)")
+        kv[key] = value
+    return name, kv
+
+
+def run_label(name, kv):
+    return " ".join([name, *(f"{k}={v}" for k, v in kv.items())])
+
+
+def expand_runs():
+    """The (name, overrides, run as written) to train: every run crossed with every grid setting; duplicates are
+    an error."""
+    settings = [{}]
+    for part in filter(None, (p.strip() for p in grid.split(";"))):
+        key, eq, values = part.partition("=")
+        if not eq or not parse_list(values):
+            raise SystemExit(f"sweep error: --grid={grid!r}: write key=v1,v2;key2=w1,w2")
+        settings = [s | {key.strip(): v} for s in settings for v in parse_list(values)]
+    out = [(*parse_run(spec), spec) for spec in parse_list(runs)]
+    out = [(name, kv | s, spec) for name, kv, spec in out for s in settings]
+    labels = [run_label(name, kv) for name, kv, _ in out]
+    if not out or len(set(labels)) < len(labels):
+        raise SystemExit(f"sweep error: runs must be a non-empty list without repeats, got {labels}")
+    return out
+
+
+def out_dir_for(name, kv, seed):
+    tag = "".join(f"-{k}{v}" for k, v in kv.items()).replace("/", "_").replace(" ", "_")
+    return os.path.join(out_root, f"out-{dataset.replace('_', '-')}-{name}{tag}" + ("" if seed == 1337 else f"-seed{seed}"))
 
 
 def ensure_data():
-    d = data_dir_for("shakespeare_char", data_dir)
+    d = data_dir_for(dataset, data_dir)
     if os.path.exists(os.path.join(d, "train.bin")) and os.path.exists(os.path.join(d, "val.bin")):
         return
-    print(f"preparing Tiny Shakespeare (char-level) in {d}")
+    if dataset != "shakespeare_char" and not input:
+        raise SystemExit(f"sweep error: no train.bin/val.bin in {d}; prepare {dataset} first, or pass --input=TEXT to "
+                         "prepare char-level data from a text file")
+    print(f"preparing char-level data in {d}")
     from data.shakespeare_char.prepare import prepare
     prepare(input or None, d)
 
@@ -58,70 +113,163 @@ def finished(out_dir):
     return ck["iter_num"], ck["iter_num"] >= target
 
 
-def train(variant, out_dir, resume):
-    cmd = [sys.executable, "train.py", "config/train_shakespeare_char.py", f"--attn={variant}", f"--out_dir={out_dir}",
-           f"--device={device}", *([f"--data_dir={data_dir}"] if data_dir else []),
-           *([f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}"] if max_iters else []),
-           *(["--init_from=resume"] if resume else []), *(["--overwrite=True"] if retrain else []),
-           *train_args.split()]
+def train(name, kv, seed, out_dir, resume):
+    schedule = [f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}",
+                f"--warmup_iters={max(1, max_iters // 10)}"] if max_iters else []
+    cmd = [sys.executable, "train.py", config, f"--attn={name}", *(f"--{k}={v}" for k, v in kv.items()),
+           f"--seed={seed}", f"--out_dir={out_dir}", f"--device={device}", f"--dataset={dataset}",
+           *([f"--data_dir={data_dir}"] if data_dir else []), *schedule,
+           *(["--init_from=resume"] if resume else []), *(["--overwrite=True"] if retrain else []), *train_args.split()]
     log_path = os.path.join(out_dir, "train_stdout.txt")
     os.makedirs(out_dir, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
-    with open(log_path, "a") as log, tqdm(desc=f"train {variant}", unit="it", file=sys.stderr) as bar:
+    label = f"{run_label(name, kv)} seed {seed}"
+    with open(log_path, "a") as log, tqdm(desc=f"train {label}", unit="it", file=sys.stderr) as bar:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             log.write(line)
             if line.startswith("iter "):  # "iter 50/1000: loss ..." drives the bar
                 done, total = line.split(":")[0].split()[1].split("/")
-                bar.total = int(total)
-                bar.n = int(done)
+                bar.total, bar.n = int(total), int(done)
                 bar.set_postfix_str(line.split(",")[0].split(": ")[1])
             elif line.startswith("step "):
-                bar.write(f"  {variant} {line.strip()}")
+                bar.write(f"  {label} {line.strip()}")
         if proc.wait() != 0:
-            raise SystemExit(f"training {variant} failed (exit {proc.returncode}); see {log_path}")
+            tail = "".join(open(log_path).readlines()[-1:]).strip()
+            raise SystemExit(f"sweep error: training {label} failed (exit {proc.returncode}): {tail}; see {log_path}")
+
+
+def eval_rows(trained):
+    """(run index, eval-time overrides, row label) of every evaluated row: each run as trained, then --eval_extra's."""
+    rows = [(i, {}, run_label(name, kv)) for i, (name, kv, _) in enumerate(trained)]
+    for item in parse_list(eval_extra):
+        base, *pairs = item.split("+")
+        kv = dict(p.partition("=")[::2] for p in pairs)
+        if not pairs or any(k not in EVAL_KEYS or not v for k, v in kv.items()):
+            raise SystemExit(f"sweep error: --eval_extra item {item!r}: write run+key=value with keys {', '.join(EVAL_KEYS)}")
+        if base not in parse_list(runs):
+            print(f"sweep: --eval_extra item {item!r} left out: {base!r} is not one of --runs")
+            continue
+        ov = {k: (float(v) if k in ("reweight_p", "rope_factor") else v.lower() == "true" if k == "logn_scale" else v)
+              for k, v in kv.items()}
+        ov |= {"rope_factor": ov.get("rope_factor", 0.0)} if "rope_scaling" in ov else {}
+        for i, (name, run_kv, spec) in enumerate(trained):  # that run, with each of its grid settings
+            if spec == base:
+                rows.append((i, ov, run_label(name, run_kv) + " (eval " + ", ".join(f"{k}={v}" for k, v in kv.items()) + ")"))
+    return rows
+
+
+def aggregate(res, keys, labels):
+    """Mean, std and n over seeds of every row's loss per length and of its last/first-length ratio."""
+    by_row = {}
+    for r, key in zip(res["runs"], keys, strict=True):
+        by_row.setdefault(key, []).append(r)
+    rows = []
+    for key, rs in by_row.items():
+        losses = np.array([[x["loss"] for x in r["results"]] for r in rs])  # (seeds, lengths)
+        ratios = losses[:, -1] / losses[:, 0]
+        std = (lambda a: a.std(axis=0, ddof=1) if len(a) > 1 else np.zeros(a.shape[1:]))
+        rows.append({"label": labels[key], "n": len(rs), "seeds": [r["seed"] for r in rs],
+                     "lengths": [x["length"] for x in rs[0]["results"]],
+                     "multipliers": [x["multiplier"] for x in rs[0]["results"]],
+                     "loss_mean": losses.mean(0).tolist(), "loss_std": std(losses).tolist(),
+                     "ratio_mean": float(ratios.mean()), "ratio_std": float(std(ratios[:, None])[0]),
+                     "attn": rs[0]["attn"], "reweight_p": rs[0]["reweight_p"],
+                     "trained_reweight_p": rs[0]["trained_reweight_p"], "eval": rs[0]["eval"], "pos": rs[0]["pos"]})
+    return rows
 
 
 def main():
     configure(globals())
+    check_range({"max_iters": max_iters, "eval_tokens": eval_tokens}, 0, prefix="sweep error")
+    trained = expand_runs()
+    seed_list = parse_list(seeds, int) if seeds.strip() else []
+    if not seed_list or len(set(seed_list)) < len(seed_list):
+        raise SystemExit(f"sweep error: seeds must be a comma list of distinct integers, got {seeds!r}")
+    rows = eval_rows(trained)
     ensure_data()
-    names = parse_list(variants)
-    bad = [v for v in names if v not in attn_names()]
-    if bad:
-        raise SystemExit(f"sweep error: unknown variants {', '.join(bad)}; choose from {', '.join(attn_names())}")
-    specs = []
-    for v in tqdm(names, desc="sweep: train", unit="variant", file=sys.stderr):
-        out_dir = os.path.join(out_root, f"out-shakespeare-char-{v}")
+    jobs = [(r, s) for r in trained for s in seed_list]
+    for (name, kv, _), seed in tqdm(jobs, desc="sweep: train", unit="run", file=sys.stderr):
+        out_dir = out_dir_for(name, kv, seed)
         it, done = finished(out_dir)
         if done and not retrain:
-            tqdm.write(f"{v}: finished checkpoint at iter {it} in {out_dir}, skipped (--retrain=True to redo)")
+            tqdm.write(f"{run_label(name, kv)} seed {seed}: finished checkpoint at iter {it} in {out_dir}, skipped "
+                       "(--retrain=True to redo)")
         else:
-            train(v, out_dir, resume=(it is not None and not retrain))
-        specs.append((out_dir, "ckpt"))
-        if v in parse_list(eval_reweight):
-            specs.append((out_dir, eval_p))
-    from eval_length import evaluate
+            train(name, kv, seed, out_dir, resume=(it is not None and not retrain))
+    specs, meta, labels = [], [], {}
+    for k, (i, ov, label) in enumerate(rows):
+        labels[k] = label
+        for seed in seed_list:
+            specs.append((out_dir_for(*trained[i][:2], seed), ov))
+            meta.append((k, seed))
     res = evaluate(specs, multipliers=multipliers, tokens=eval_tokens, device=device)
-    for r in res["runs"]:
-        r["label"] = r["label"].removeprefix("shakespeare-char-")
-    print(table(res))
-    paths = write_results(res, results, "python " + " ".join(sys.argv))
+    skipped = [(x["ckpt"], x["eval"]) for x in res.get("skipped", [])]  # settings that do not apply to a run
+    meta = [m for spec, m in zip(specs, meta, strict=True) if spec not in skipped]
+    for r, (k, seed) in zip(res["runs"], meta, strict=True):
+        r["label"], r["seed"] = labels[k], seed
+    res["rows"] = aggregate(res, [k for k, _ in meta], labels)
+    res["settings"] = {"runs": runs, "grid": grid, "seeds": seed_list, "eval_extra": eval_extra, "config": config,
+                       "max_iters": max_iters or "config's", "train_args": train_args, "dataset": dataset}
+    command = "python " + " ".join(sys.argv)
+    print(markdown(res))
+    paths = write_results(res, results, command, make_plot=False) + plot(res, results)
     with open(results + ".md", "w") as f:
-        f.write(markdown(res))
+        f.write(f"`{command}`\n\n" + markdown(res))
     for p in [*paths, results + ".md"]:
         print(f"wrote {p}")
 
 
 def markdown(res):
-    """The measured table as markdown, for the README."""
-    mults = [x["multiplier"] for x in res["runs"][0]["results"]]
-    head = "| attention | p (train -> eval) | " + " | ".join(f"{m:g}x" for m in mults) + " | last / 1x |"
-    rows = [head, "|" + "---|" * (len(mults) + 3)]
-    for r in res["runs"]:
-        losses = [x["loss"] for x in r["results"]]
+    """The table for the README: mean over seeds (+- std when there are several) per length, and last / 1x."""
+    rows = res["rows"]
+    mults = rows[0]["multipliers"]
+    many = any(r["n"] > 1 for r in rows)
+    head = "| attention | p (train -> eval) | n | " + " | ".join(f"{m:g}x" for m in mults) + " | last / 1x |"
+    lines = [head, "|" + "---|" * (len(mults) + 4)]
+    for r in rows:
         p = f"{r['trained_reweight_p']:g}" + (f" -> {r['reweight_p']:g}" if r["reweight_p"] != r["trained_reweight_p"] else "")
-        rows.append(f"| {r['label']} | {p} | " + " | ".join(f"{x:.3f}" for x in losses) + f" | {losses[-1] / losses[0]:.2f} |")
-    return "\n".join(rows) + "\n"
+        cells = [f"{m:.3f} ± {s:.3f}" if many else f"{m:.3f}" for m, s in zip(r["loss_mean"], r["loss_std"], strict=True)]
+        ratio = f"{r['ratio_mean']:.2f} ± {r['ratio_std']:.2f}" if many else f"{r['ratio_mean']:.2f}"
+        lines.append(f"| {r['label']} | {p} | {r['n']} | " + " | ".join(cells) + f" | {ratio} |")
+    return "\n".join(lines) + "\n"
+
+
+def plot(res, prefix):
+    """<prefix>.png: mean loss vs length with a +-1 std band over seeds; <prefix>_detail.png: last / 1x per row."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    rows = res["rows"]
+    fig, ax = plt.subplots(figsize=(8, 5))
+    for i, r in enumerate(rows):
+        m, s = np.array(r["loss_mean"]), np.array(r["loss_std"])
+        style = "--" if r["eval"] else "-"
+        ax.plot(r["lengths"], m, style, marker="o", color=f"C{i % 10}", label=f"{r['label']} (n={r['n']})")
+        if r["n"] > 1:
+            ax.fill_between(r["lengths"], m - s, m + s, color=f"C{i % 10}", alpha=0.15)
+    for bs in sorted({r["lengths"][0] / r["multipliers"][0] for r in rows}):
+        ax.axvline(bs, color="gray", linestyle=":", linewidth=1)
+    ax.set_xscale("log", base=2)
+    ax.set(xlabel="evaluation context length (tokens)", ylabel="validation loss (nats / token)",
+           title="Loss vs context length (mean over seeds, band: +-1 std)")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, ncol=2)
+    fig.tight_layout()
+    fig.savefig(prefix + ".png", dpi=120)
+    plt.close(fig)
+    fig, ax = plt.subplots(figsize=(max(7, 0.55 * len(rows) + 2), 4.5))
+    bars = ax.bar(range(len(rows)), [r["ratio_mean"] for r in rows], yerr=[r["ratio_std"] for r in rows],
+                  color=[f"C{i % 10}" for i in range(len(rows))], capsize=3)
+    ax.bar_label(bars, fmt="%.2f", fontsize=7)
+    ax.axhline(1.0, color="gray", linewidth=1)
+    ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=35, ha="right", fontsize=7)
+    ax.set(ylabel=f"loss at {rows[0]['multipliers'][-1]:g}x / loss at 1x", title="Extrapolation penalty (1.0 = flat)")
+    fig.tight_layout()
+    fig.savefig(prefix + "_detail.png", dpi=120)
+    plt.close(fig)
+    return [prefix + ".png", prefix + "_detail.png"]
 
 
 if __name__ == "__main__":

@@ -9,6 +9,7 @@ Every module-level variable below is a config key that a config file or --key=va
 """
 
 import csv
+import importlib.util
 import math
 import os
 import signal
@@ -23,6 +24,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (
     autocast_ctx,
+    check_range,
+    checked_config,
+    data_dir_for,
     even_windows,
     get_batch,
     load_checkpoint,
@@ -31,6 +35,7 @@ from common import (
     model_from_checkpoint,
     model_vocab_size,
     n_windows,
+    one_line,
     parse_reweight_p,
     pick_device,
     random_windows,
@@ -70,8 +75,11 @@ dropout = 0.0
 bias = True
 attn = "softmax"         # a variant of model.VARIANTS (softmax, lssa, ssmax, sigmoid, relu) or the shorthand lssar
 reweight_p = 0.0         # re-weighting power, a number >= 0; 0 = off (attn=lssar means lssa with 15)
-pos = "rope"             # rope | learned | none
+pos = "rope"             # rope | learned | none | alibi
 rope_base = 10000.0
+rope_scaling = "none"    # RoPE extension past the training length: none | pi | ntk | yarn (usually set at evaluation)
+rope_factor = 0.0        # its factor; 0 = per evaluated length (length / block_size)
+logn_scale = False       # scale scores by max(1, log(N_i) / log(block_size)) (usually set at evaluation)
 attn_backend = "auto"    # auto | reference | math | sdpa | flex | triton (auto: the fastest exact one, see kernels/)
 attn_chunk = 256
 # AdamW and schedule
@@ -93,6 +101,16 @@ seed = 1337
 # -----------------------------------------------------------------------------
 config = configure(globals())
 MODEL_KEYS = [f.name for f in GPTConfig.__dataclass_fields__.values() if f.name != "vocab_size"]
+# numbers out of range stop here, before anything is written (0 would divide by zero or train nothing)
+check_range({k: config[k] for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters",
+                                    "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
+                                    "window_align", "attn_chunk")}, 1)
+check_range({k: config[k] for k in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters",
+                                    "lr_decay_iters")}, 0)
+check_range({k: config[k] for k in ("dropout", "beta1", "beta2")}, 0, 1, open_high=True)
+check_range({"rope_base": rope_base}, 0, open_low=True)
+if wandb_log and importlib.util.find_spec("wandb") is None:
+    raise SystemExit("config error: wandb_log=True needs the wandb package; pip install wandb, or drop --wandb_log")
 
 
 def get_lr(it):
@@ -155,8 +173,6 @@ def say(*a, **k):
 
 
 train_parts, val_parts = load_split(dataset, "train", data_dir), load_split(dataset, "val", data_dir)
-if window_align < 1:
-    raise SystemExit(f"config error: window_align must be >= 1, got {window_align}")
 finetune_p = parse_reweight_p(finetune_reweight_p, "finetune_reweight_p")
 if finetune_p != "ckpt" and init_from in ("scratch", "resume"):
     raise SystemExit(f"config error: finetune_reweight_p applies when fine-tuning (--init_from=DIR of another run); "
@@ -167,6 +183,12 @@ for name, parts in (("train", train_parts), ("val", val_parts)):
                          f"block_size+1={block_size + 1}; lower --block_size or prepare more data")
 meta = load_meta(dataset, data_dir)
 vocab_size = model_vocab_size(meta)
+for name, parts in (("train", train_parts), ("val", val_parts)):
+    top = int(parts[0][:1 << 24].max())  # a prefix is enough to catch a .bin of another dtype or tokenizer
+    if top >= vocab_size:
+        raise SystemExit(f"dataset error: the {name} split in {data_dir_for(dataset, data_dir)} holds token id {top} but "
+                         f"its vocabulary has {vocab_size} tokens; the .bin is of another dtype or tokenizer than "
+                         "meta.pkl: re-run its prepare.py")
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
 if init_from != "resume" and not eval_only and not overwrite and os.path.exists(ckpt_path):
     raise SystemExit(f"{out_dir} already holds a checkpoint of another run; continue it with --init_from=resume, "
@@ -188,6 +210,10 @@ try:
     runtime = {k: getattr(asked, k) for k in RUNTIME_KEYS}
     if init_from == "resume":
         ckpt = load_checkpoint(out_dir, device)
+        missing = [k for k in ("optimizer", "scaler", "rng", "best_val_loss") if k not in ckpt]
+        if missing:
+            raise SystemExit(f"checkpoint error: {out_dir} has no {', '.join(missing)} to resume from; fine-tune from "
+                             f"it instead: --init_from={out_dir} --out_dir=ANOTHER_DIR")
         check_vocab(ckpt, f"the checkpoint in {out_dir}", "resume on the dataset it was trained on")
         model = model_from_checkpoint(ckpt, device, **runtime)
         for k in MODEL_KEYS:
@@ -206,7 +232,9 @@ try:
 except ValueError as e:
     raise SystemExit(f"config error: {e}") from None
 model_args = asdict(model.config)
+checked_config(model_args, device, needs_grad=not eval_only)  # e.g. attn_backend='sdpa' for LSSA: fail before writing
 gptconf = model.config
+made_out_dir = not os.path.isdir(out_dir)
 os.makedirs(out_dir, exist_ok=True)
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 say(f"tokens per iteration: {tokens_per_iter:,} ({world_size} process(es) x {local_micro_steps} micro-batches x "
@@ -233,7 +261,13 @@ if ddp:
 
 if wandb_log and master:
     import wandb
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
+    try:
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
+    except wandb.errors.UsageError as e:  # e.g. no API key: leave no empty out_dir behind
+        if made_out_dir and not os.listdir(out_dir):
+            os.rmdir(out_dir)
+        raise SystemExit(f"config error: wandb: {one_line(e).rstrip('.')}; run `wandb login`, set WANDB_MODE=offline, "
+                         "or drop --wandb_log") from None
 
 # log.csv: every training step and evaluation. On resume, rows written after the checkpoint by the run that died
 # are dropped, so the log reads as one uninterrupted run.

@@ -48,8 +48,8 @@ def pick(spec, q, needs_grad, full=True):
     """auto: sdpa where exact (fastest everywhere); on CUDA the fused Triton kernels for the kinds they cover, then
     flex (fused, O(T) memory) for other normalised kinds in full passes (`full`: Tq = Tk; decoding stays on math,
     no compile per generated token) except LSSAR-type training (flex's gradient through the captured row sums
-    is unverified); math otherwise. On CPU math is faster than compiled flex (bench.py at T = 16384: LSSA 2.20x
-    vs 2.98x SDPA's time) and Triton runs only through its (slow) interpreter."""
+    is unverified); math otherwise. On CPU math is faster than compiled flex (measured: docs/backends.md) and Triton
+    runs only through its (slow) interpreter."""
     if why_not("sdpa", spec, q, needs_grad) is None:
         return "sdpa"
     if q.device.type == "cuda":

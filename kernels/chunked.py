@@ -11,6 +11,8 @@ Forward and backward are torch.library custom ops under torch.compile (opaque ca
 traced inside; the spec reaches them as a string, AttnSpec.key) and an autograd Function in eager mode (below).
 """
 
+from contextlib import contextmanager
+
 import torch
 
 from model import AttnSpec, reweight, reweight_grad, reweight_offset, row_n, stage1
@@ -43,7 +45,7 @@ def direct_ok(spec, n_max, d, dtype):
         return var.weight is not None
     if not var.qk_norm or var.params:
         return False
-    bound = abs(var.scale(float(n_max), d, {}))
+    bound = abs(spec.row_scale(float(n_max), d, {}))  # the scale grows with N: its largest at the last row
     return bound < (80.0 if dtype != torch.float64 else 700.0)  # softplus(-80) = 1.8e-35 > fp32 tiny
 
 
@@ -173,16 +175,32 @@ def backward(dout, q, k, v, out, spec, pos_offset, chunk, kept=None, functional=
 KEEP_ELEMENTS = 2**24  # the eager backward reuses the forward's chunk tensors while they total <= this (64 MB fp32)
 
 
+@contextmanager
+def exact(device):
+    """fp32 matmuls in fp32: the caller's autocast must not reach the chunks' matmuls, nor TF32 (train.py allows it
+    for the model's other matmuls on GPUs): the p-th power of the re-weighting amplifies a score's error ~p-fold."""
+    cuda = device.type == "cuda"
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    if cuda:
+        torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        with torch.autocast(device.type, enabled=False):
+            yield
+    finally:
+        if cuda:
+            torch.backends.cuda.matmul.allow_tf32 = tf32
+
+
 @torch.library.custom_op("softplus_attn::chunked_fwd", mutates_args=())
 def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, pos_offset: int, chunk: int) -> torch.Tensor:
-    with torch.autocast(q.device.type, enabled=False):  # the caller's autocast must not reach the chunks' matmuls
+    with exact(q.device):
         return forward(q, k, v, AttnSpec.from_key(spec), pos_offset, chunk)
 
 
 @torch.library.custom_op("softplus_attn::chunked_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, spec: str,
             pos_offset: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    with torch.autocast(q.device.type, enabled=False):
+    with exact(q.device):
         return backward(dout, q, k, v, out, AttnSpec.from_key(spec), pos_offset, chunk, functional=True)
 
 
@@ -215,7 +233,7 @@ class _EagerAttention(torch.autograd.Function):
         B, H, Tq, _ = q.shape
         per_row = B * H * k.shape[2] * (2 if spec.reweight_p == 0 else 4)  # s and phi (+ R and u^(p-1))
         ctx.kept = [] if Tq * per_row <= KEEP_ELEMENTS else None
-        with torch.autocast(q.device.type, enabled=False):
+        with exact(q.device):
             out = forward(q, k, v, spec, pos_offset, chunk, keep=ctx.kept)
         ctx.save_for_backward(q, k, v, out)
         ctx.args = (spec, pos_offset, chunk)
@@ -224,7 +242,7 @@ class _EagerAttention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dout):
         kept, ctx.kept = ctx.kept, None
-        with torch.autocast(dout.device.type, enabled=False):
+        with exact(dout.device):
             grads = backward(dout, *ctx.saved_tensors, *ctx.args, kept=kept)
         return *grads, None, None, None
 

@@ -22,31 +22,64 @@ def _cos(q, k):
     return (q / q.norm(dim=-1, keepdim=True)) @ (k / k.norm(dim=-1, keepdim=True)).transpose(-1, -2)
 
 
-def _dot(q, k, d, i, j, h):
+def _dot(q, k, d, i, j, h, prm):
     return q @ k.transpose(-1, -2) / math.sqrt(d)
 
 
-def _log_length(q, k, d, i, j, h):
+def _log_length(q, k, d, i, j, h, prm):
     return math.log(d) * torch.log(i + 1) * _cos(q, k)
 
 
-# kind: (score s_ij from q, k, head size d, absolute query positions i (Tq, 1), key positions j (1, Tk) and head
-# index h (H, 1, 1); weight of key j from s and N_i = i + 1; rows l1-normalised)
+def _softplus(s, N):
+    return torch.logaddexp(s, torch.zeros_like(s))  # log(1 + e^s)
+
+
+def _sigmoid_minus_log_n(s, N):
+    return 1 / (1 + torch.exp(-(s - torch.log(N))))
+
+
+# kind: (score s_ij from q, k, head size d, absolute query positions i (Tq, 1), key positions j (1, Tk), head
+# index h (H, 1, 1) and the learnable per-head parameters prm; weight of key j from s and N_i = i + 1; rows
+# l1-normalised)
 ORACLE = {
     "softmax": (_dot, lambda s, N: torch.exp(s), True),
-    "lssa": (_log_length, lambda s, N: torch.logaddexp(s, torch.zeros_like(s)), True),  # softplus = log(1 + e^s)
+    "lssa": (_log_length, _softplus, True),
     "ssmax": (_log_length, lambda s, N: torch.exp(s), True),
-    "sigmoid": (_dot, lambda s, N: 1 / (1 + torch.exp(-(s - torch.log(N)))), False),
+    "sigmoid": (_dot, _sigmoid_minus_log_n, False),
     "relu": (_dot, lambda s, N: torch.relu(s) / N, False),
+    "sigmoid_l1": (_dot, _sigmoid_minus_log_n, True),
+    "ssmax_learn": (lambda q, k, d, i, j, h, prm: prm["ssmax_s"].view(-1, 1, 1) * torch.log(i + 1) * _dot(q, k, d, i, j, h, prm),
+                    lambda s, N: torch.exp(s), True),
 }
+PARAMS_BLOCK = 64  # the training length the tests' per-head parameters are initialised for
 
 
-def oracle_weights(q, k, attn, reweight_p=0.0, pos_offset=None):
+def params_for(attn, H):
+    """A variant's learnable per-head parameters as the tests use them: the initial values, spread over heads
+    (x 0.5 .. 1.5) so that a head mix-up shows."""
+    var = AttnSpec.of(attn).variant
+    return {name: init(H, PARAMS_BLOCK).double() * torch.linspace(0.5, 1.5, H, dtype=torch.float64)
+            for name, init in var.params.items()}
+
+
+def alibi_slopes_oracle(H):
+    """ALiBi's slopes as its paper's reference code builds them (a geometric sequence; for H not a power of two,
+    the largest power of two's sequence plus every other slope of the next one)."""
+    def pow2(n):
+        start = 2 ** (-(2 ** -(math.log2(n) - 3)))
+        return [start * start**i for i in range(n)]
+    if math.log2(H).is_integer():
+        return pow2(H)
+    P = 2 ** math.floor(math.log2(H))
+    return pow2(P) + alibi_slopes_oracle(2 * P)[0::2][: H - P]
+
+
+def oracle_weights(q, k, attn, reweight_p=0.0, pos_offset=None, *, alibi=False, logn_len=0, temperature=1.0):
     """Attention weights (B, H, Tq, Tk) in float64, straight from docs/attention.md."""
     if attn == "lssar":  # LSSA with re-weighting; p = 15 is the headline setting
         attn, reweight_p = "lssa", (reweight_p or 15.0)
     q, k = q.double(), k.double()
-    Tq, d = q.shape[-2], q.shape[-1]
+    H, Tq, d = q.shape[1], q.shape[-2], q.shape[-1]
     Tk = k.shape[-2]
     if pos_offset is None:
         pos_offset = Tk - Tq  # queries are the last Tq positions
@@ -56,7 +89,12 @@ def oracle_weights(q, k, attn, reweight_p=0.0, pos_offset=None):
     N = (i + 1)[:, None]  # (Tq, 1): number of visible keys N_i = i + 1
 
     scores, weight, normalised = ORACLE[attn]
-    s = scores(q, k, d, i[:, None], j[None, :], torch.arange(q.shape[1], dtype=torch.float64).view(-1, 1, 1))
+    s = scores(q, k, d, i[:, None], j[None, :], torch.arange(H, dtype=torch.float64).view(-1, 1, 1), params_for(attn, H))
+    if logn_len:  # log-length scaling: s x max(1, log N_i / log L)
+        s = s * torch.clamp(torch.log(N) / math.log(logn_len), min=1.0)
+    s = s * temperature
+    if alibi:  # ALiBi: - m_h (i - j)
+        s = s - torch.tensor(alibi_slopes_oracle(H), dtype=torch.float64).view(-1, 1, 1) * (i[:, None] - j[None, :])
     A = torch.where(visible, weight(s, N), 0.0)  # masking is multiplicative: masked keys weigh 0
     if normalised:
         A = A / A.sum(dim=-1, keepdim=True)
@@ -71,8 +109,15 @@ def oracle_weights(q, k, attn, reweight_p=0.0, pos_offset=None):
     return A
 
 
-def oracle(q, k, v, attn, reweight_p=0.0, pos_offset=None):
-    return oracle_weights(q, k, attn, reweight_p, pos_offset) @ v.double()
+def oracle(q, k, v, attn, reweight_p=0.0, pos_offset=None, **spec):
+    return oracle_weights(q, k, attn, reweight_p, pos_offset, **spec) @ v.double()
+
+
+def attention(q, k, v, attn, reweight_p=0.0, pos_offset=None, *, alibi=False, logn_len=0, temperature=1.0, **kw):
+    """causal_attention with the spec of (attn, reweight_p, ...) and the per-head parameters the oracle uses."""
+    spec = AttnSpec.of(attn, reweight_p, alibi=alibi, logn_len=logn_len, temperature=temperature)
+    params = {n: t.to(q.dtype if q.dtype == torch.float64 else torch.float32) for n, t in params_for(attn, q.shape[1]).items()}
+    return causal_attention(q, k, v, spec, pos_offset, params=params, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -133,15 +178,15 @@ def test_oracle_lssa_by_hand_loop():
 @pytest.mark.parametrize("attn,p", CASES, ids=CASE_IDS)
 def test_matches_oracle_float64(attn, p, T, scale):
     q, k, v = make_qkv(2, 3, T, T, 16, seed=1000 + T, scale=scale)
-    got = causal_attention(q, k, v, AttnSpec.of(attn, p))
+    got = attention(q, k, v, attn, p)
     assert got.shape == (2, 3, T, 16)
     assert_close64(got, oracle(q, k, v, attn, p))
 
 
 def test_lssar_default_p_is_15_and_explicit_p_overrides():
     q, k, v = make_qkv(2, 3, 40, 40, 16, seed=7, scale=3.0)
-    assert_close64(causal_attention(q, k, v, AttnSpec.of("lssar")), oracle(q, k, v, "lssa", 15.0))
-    assert_close64(causal_attention(q, k, v, AttnSpec.of("lssar", 3.0)), oracle(q, k, v, "lssa", 3.0))
+    assert_close64(attention(q, k, v, "lssar"), oracle(q, k, v, "lssa", 15.0))
+    assert_close64(attention(q, k, v, "lssar", 3.0), oracle(q, k, v, "lssa", 3.0))
     # the two settings really differ on this input (otherwise the check above would be vacuous)
     assert not torch.allclose(oracle(q, k, v, "lssa", 15.0), oracle(q, k, v, "lssa", 3.0))
 
@@ -149,7 +194,7 @@ def test_lssar_default_p_is_15_and_explicit_p_overrides():
 @pytest.mark.parametrize("attn,p", CASES, ids=CASE_IDS)
 def test_float32_in_float32_out(attn, p):
     q, k, v = make_qkv(2, 3, 33, 33, 16, seed=8, dtype=torch.float32)
-    got = causal_attention(q, k, v, AttnSpec.of(attn, p))
+    got = attention(q, k, v, attn, p)
     assert got.dtype == torch.float32 and got.shape == (2, 3, 33, 16)
     torch.testing.assert_close(got.double(), oracle(q, k, v, attn, p), rtol=1e-4, atol=1e-4)
 
@@ -162,13 +207,13 @@ def test_float32_in_float32_out(attn, p):
 def test_queries_are_last_positions(attn, p, Tq):
     Tk = 50
     q, k, v = make_qkv(2, 3, Tk, Tk, 16, seed=11, scale=2.0)
-    full = causal_attention(q, k, v, AttnSpec.of(attn, p))
+    full = attention(q, k, v, attn, p)
     qs = q[:, :, Tk - Tq :]
     want = oracle(qs, k, v, attn, p, pos_offset=Tk - Tq)
     torch.testing.assert_close(want, oracle(q, k, v, attn, p)[:, :, Tk - Tq :], rtol=1e-12, atol=1e-12)
     for got in (
-        causal_attention(qs, k, v, AttnSpec.of(attn, p), pos_offset=Tk - Tq),
-        causal_attention(qs, k, v, AttnSpec.of(attn, p)),  # default pos_offset = Tk - Tq
+        attention(qs, k, v, attn, p, pos_offset=Tk - Tq),
+        attention(qs, k, v, attn, p),  # default pos_offset = Tk - Tq
     ):
         assert got.shape == (2, 3, Tq, 16)
         assert_close64(got, want)
@@ -179,26 +224,26 @@ def test_queries_are_last_positions(attn, p, Tq):
 def test_explicit_pos_offset(attn, p):
     Tk, Tq, off = 20, 5, 3  # query t sits at absolute position 3 + t and sees keys j <= 3 + t
     q, k, v = make_qkv(2, 3, Tq, Tk, 16, seed=12, scale=2.0)
-    got = causal_attention(q, k, v, AttnSpec.of(attn, p), pos_offset=off)
+    got = attention(q, k, v, attn, p, pos_offset=off)
     assert got.shape == (2, 3, Tq, 16)
     assert_close64(got, oracle(q, k, v, attn, p, pos_offset=off))
     # same as running on the visible prefix only (keys 0 .. off + Tq - 1), queries last
-    pre = causal_attention(q, k[:, :, : off + Tq], v[:, :, : off + Tq], AttnSpec.of(attn, p))
+    pre = attention(q, k[:, :, : off + Tq], v[:, :, : off + Tq], attn, p)
     assert_close64(got, pre)
     # keys beyond the last query's position are invisible: changing them changes nothing
     k2, v2 = k.clone(), v.clone()
     k2[:, :, off + Tq :] = 100.0
     v2[:, :, off + Tq :] = -100.0
-    assert torch.equal(causal_attention(q, k2, v2, AttnSpec.of(attn, p), pos_offset=off), got)
+    assert torch.equal(attention(q, k2, v2, attn, p, pos_offset=off), got)
 
 
 @pytest.mark.parametrize("attn,p", CASES, ids=CASE_IDS)
 def test_incremental_decoding_matches_full(attn, p):
     T = 12
     q, k, v = make_qkv(1, 2, T, T, 8, seed=13, scale=2.0)
-    full = causal_attention(q, k, v, AttnSpec.of(attn, p))
+    full = attention(q, k, v, attn, p)
     for t in range(T):  # one query at a time against a growing cache, default pos_offset = t
-        step = causal_attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], AttnSpec.of(attn, p))
+        step = attention(q[:, :, t : t + 1], k[:, :, : t + 1], v[:, :, : t + 1], attn, p)
         assert_close64(step, full[:, :, t : t + 1])
 
 
@@ -210,11 +255,11 @@ def test_backends_and_chunking(attn, p):
     for off in (0, 10):
         want = oracle(q, k, v, attn, p, pos_offset=off)
         for chunk in (3, 7):  # with off = 0, chunk 3 puts a boundary exactly between rows 2 and 3
-            got = causal_attention(q, k, v, AttnSpec.of(attn, p), pos_offset=off, backend="math", chunk=chunk)
+            got = attention(q, k, v, attn, p, pos_offset=off, backend="math", chunk=chunk)
             assert_close64(got, want)
-        assert_close64(causal_attention(q, k, v, AttnSpec.of(attn, p), pos_offset=off, backend="reference"), want)
+        assert_close64(attention(q, k, v, attn, p, pos_offset=off, backend="reference"), want)
         if attn in ("softmax", "ssmax") and p == 0:
-            assert_close64(causal_attention(q, k, v, AttnSpec.of(attn), pos_offset=off, backend="sdpa"), want)
+            assert_close64(attention(q, k, v, attn, pos_offset=off, backend="sdpa"), want)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -224,13 +269,13 @@ def test_backends_and_chunking(attn, p):
 def test_causality(attn, p):
     T = 16
     q, k, v = make_qkv(2, 3, T, T, 16, seed=14, scale=2.0)
-    base = causal_attention(q, k, v, AttnSpec.of(attn, p))
+    base = attention(q, k, v, attn, p)
     g = torch.Generator().manual_seed(15)
     for t in (0, 1, 2, 3, 8, 14):
         k2, v2 = k.clone(), v.clone()
         k2[:, :, t + 1 :] = torch.randn(k2[:, :, t + 1 :].shape, generator=g, dtype=torch.float64) * 10
         v2[:, :, t + 1 :] = torch.randn(v2[:, :, t + 1 :].shape, generator=g, dtype=torch.float64) * 10
-        out = causal_attention(q, k2, v2, AttnSpec.of(attn, p))
+        out = attention(q, k2, v2, attn, p)
         assert torch.equal(out[:, :, : t + 1], base[:, :, : t + 1]), f"future keys leaked into rows <= {t}"
         assert not torch.equal(out[:, :, t + 1 :], base[:, :, t + 1 :])  # the change did reach later rows
 
@@ -241,7 +286,7 @@ def test_causality(attn, p):
 @pytest.mark.parametrize("attn,p", [("lssa", 0.0), ("lssar", 0.0), ("lssa", 3.0)])
 def test_row0_attends_only_to_itself(attn, p):
     q, k, v = make_qkv(2, 3, 10, 10, 16, seed=16, scale=5.0)
-    out = causal_attention(q, k, v, AttnSpec.of(attn, p))
+    out = attention(q, k, v, attn, p)
     # weight exactly 1 on key 0; the math backend applies a row's 1 / sum to the output, so allow rounding
     torch.testing.assert_close(out[:, :, 0], v[:, :, 0], rtol=1e-14, atol=0)
 
@@ -264,7 +309,7 @@ def test_lssar_uniform_rows(dtype):
     v = torch.randn(B, H, T, d, generator=g, dtype=torch.float64) + 3.0  # clearly non-zero means
     q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
 
-    out = causal_attention(q, k, v, AttnSpec.of("lssar"))
+    out = attention(q, k, v, "lssar")
     assert out.dtype == dtype
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out[:, :, 0], v[:, :, 0], rtol=1e-6 if dtype == torch.float32 else 1e-14, atol=0)
@@ -280,7 +325,7 @@ def test_lssar_uniform_rows(dtype):
 
     # gradients through an all-zero row are finite too
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
-    causal_attention(qg, kg, vg, AttnSpec.of("lssar")).sum().backward()
+    attention(qg, kg, vg, "lssar").sum().backward()
     for x in (qg, kg, vg):
         assert torch.isfinite(x.grad).all()
 
@@ -296,7 +341,7 @@ def test_reweighted_softmax_uniform_rows_are_zero(attn):
     k = torch.zeros(B, H, T, d, dtype=torch.float64)
     k[..., 0] = 2.0
     v = torch.randn(B, H, T, d, generator=g, dtype=torch.float64) + 3.0
-    out = causal_attention(q, k, v, AttnSpec.of(attn, 15.0))
+    out = attention(q, k, v, attn, 15.0)
     assert not torch.isnan(out).any()
     torch.testing.assert_close(out[:, :, 0], v[:, :, 0], rtol=1e-14, atol=0)
     for i in (1, 2):
@@ -312,8 +357,8 @@ def test_lssar_rows_1_2_use_zero_offset():
     its two weights would survive and the output would be exactly one of v[0], v[1]. (p = 3 here: with
     p = 15 the smaller early-row weights are often < 1e-6 and the distinction would be invisible.)"""
     q, k, v = make_qkv(2, 3, 6, 6, 16, seed=19)
-    assert_close64(causal_attention(q, k, v, AttnSpec.of("lssar"))[:, :, :3], oracle(q, k, v, "lssar")[:, :, :3])
-    out = causal_attention(q, k, v, AttnSpec.of("lssar", 3.0))
+    assert_close64(attention(q, k, v, "lssar")[:, :, :3], oracle(q, k, v, "lssar")[:, :, :3])
+    out = attention(q, k, v, "lssar", 3.0)
     assert_close64(out[:, :, :3], oracle(q, k, v, "lssa", 3.0)[:, :, :3])
     w = oracle_weights(q, k, "lssa", 3.0)
     assert (w[:, :, 1, :2] > 1e-3).all() and (w[:, :, 2, :3] > 1e-3).all()
@@ -349,7 +394,7 @@ def test_lssar_float32_long(T, p):
     w = oracle_weights(q[:, :, -64:], k, "lssa", pos_offset=T - 64)
     N = torch.arange(T - 63, T + 1, dtype=torch.float64)[:, None]
     assert (N * w).amax(dim=-1).median() > 370
-    got = causal_attention(q.float(), k.float(), v.float(), AttnSpec.of("lssar", p))
+    got = attention(q.float(), k.float(), v.float(), "lssar", p)
     assert got.dtype == torch.float32 and got.shape == (B, H, T, d)
     assert torch.isfinite(got).all()
     # fp32 scores carry ~1e-6 relative error and the p-th power amplifies weight ratios by ~p, so allow
@@ -368,7 +413,7 @@ def test_grad_finite_at_length(attn, p):
     B, H, T, d = 1, 1, 1024, 64
     q, k, v = _sharp_qkv(B, H, T, d, seed=21, scale=10.0)
     q, k, v = (x.float().requires_grad_() for x in (q, k, v))
-    out = causal_attention(q, k, v, AttnSpec.of(attn, p))
+    out = attention(q, k, v, attn, p)
     assert torch.isfinite(out).all()
     g = torch.Generator().manual_seed(22)
     (out * torch.randn(out.shape, generator=g)).sum().backward()
@@ -402,7 +447,7 @@ def test_gradcheck(attn, p):
         assert x[..., vis].abs().min() > 1e-3
     qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
     assert torch.autograd.gradcheck(
-        lambda a, b, c: causal_attention(a, b, c, AttnSpec.of(attn, p)),
+        lambda a, b, c: attention(a, b, c, attn, p),
         (qg, kg, vg),
         eps=1e-6,
         atol=1e-5,
@@ -416,15 +461,15 @@ def test_gradcheck(attn, p):
 def test_errors():
     q, k, v = make_qkv(1, 1, 4, 4, 8, seed=24)
     with pytest.raises(ValueError):
-        causal_attention(q, k, v, AttnSpec.of("nope"))
+        attention(q, k, v, "nope")
     with pytest.raises(ValueError):
-        causal_attention(q, k, v, AttnSpec.of("Softmax "))
+        attention(q, k, v, "Softmax ")
     for attn in ("softmax", "lssa", "ssmax", "lssar"):
         with pytest.raises(ValueError):
-            causal_attention(q, k, v, AttnSpec.of(attn, -1.0))
+            attention(q, k, v, attn, -1.0)
     for attn in ("sigmoid", "relu"):
         with pytest.raises(ValueError):
-            causal_attention(q, k, v, AttnSpec.of(attn, 15.0))
+            attention(q, k, v, attn, 15.0)
         with pytest.raises(ValueError):
-            causal_attention(q, k, v, AttnSpec.of(attn, -1.0))
-        causal_attention(q, k, v, AttnSpec.of(attn, 0.0))  # p = 0 is fine
+            attention(q, k, v, attn, -1.0)
+        attention(q, k, v, attn, 0.0)  # p = 0 is fine

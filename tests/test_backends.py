@@ -14,9 +14,9 @@ import torch
 import kernels
 import kernels.chunked
 import kernels.flex
-from model import VARIANTS, AttnSpec, causal_attention
+from model import VARIANTS, AttnSpec
 from tests.conftest import ROOT, run
-from tests.test_attention import CASE_IDS, CASES, make_qkv, oracle
+from tests.test_attention import CASE_IDS, CASES, attention, make_qkv, oracle
 
 NORMALISED = [(a, p) for a, p in CASES if AttnSpec.of(a).variant.normalise]
 
@@ -54,7 +54,7 @@ def test_math_forward_and_grads_fp32(attn, p, T, keep, monkeypatch):
     go = torch.randn(v.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
     want = _grads(lambda a, b, c: oracle(a, b, c, attn, p), q, k, v, go)
     # chunk=50: chunk borders inside every length > 50, and the last chunk is a partial one
-    got = _grads(lambda a, b, c: causal_attention(a, b, c, AttnSpec.of(attn, p), backend="math", chunk=50), q.float(), k.float(),
+    got = _grads(lambda a, b, c: attention(a, b, c, attn, p, backend="math", chunk=50), q.float(), k.float(),
                  v.float(), go)
     # 1e-5; with re-weighting 5e-5: the p-th power amplifies fp32 score rounding ~p-fold (softmax + p=15 at
     # T=1000: dq 1.46e-5 here, and 1.30e-5 with plain autograd through the previous log-space implementation)
@@ -71,7 +71,7 @@ def test_math_grads_with_pos_offset(attn, p):
     go = torch.randn(2, 2, 9, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
     for off in (0, 5, 31):
         want = _grads(lambda a, b, c, off=off: oracle(a, b, c, attn, p, pos_offset=off), q, k, v, go)
-        got = _grads(lambda a, b, c, off=off: causal_attention(a, b, c, AttnSpec.of(attn, p), pos_offset=off, backend="math",
+        got = _grads(lambda a, b, c, off=off: attention(a, b, c, attn, p, pos_offset=off, backend="math",
                                                                 chunk=4), q, k, v, go)
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
@@ -86,7 +86,7 @@ def test_bf16_autocast_forward_and_grads(attn, p):
 
     def fn(a, b, c):
         with torch.autocast("cpu", dtype=torch.bfloat16):
-            return causal_attention(a, b, c, AttnSpec.of(attn, p))
+            return attention(a, b, c, attn, p)
 
     got = _grads(fn, *(x.bfloat16() for x in (q, k, v)), go)
     for name, g, e in zip(("out", "dq", "dk", "dv"), got, _rel_all(got, want), strict=True):
@@ -104,7 +104,7 @@ def test_math_backward_saves_no_score_matrix(monkeypatch):
     def saved_by(attn, p):
         saved = []
         with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
-            out = causal_attention(q, k, v, AttnSpec.of(attn, p), backend="math")
+            out = attention(q, k, v, attn, p, backend="math")
         return out, saved
 
     for keep in (0, 2 * 2 * T * T):  # B*H = 2: the second is enough for s, phi (p = 0), not for p > 0
@@ -143,7 +143,7 @@ def test_lssa_log_space_fallback_is_exact(monkeypatch):
     for attn, p in (("lssa", 0.0), ("lssar", 0.0)):
         go = torch.randn(v.shape, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
         want = _grads(lambda a, b, c, attn=attn, p=p: oracle(a, b, c, attn, p), q, k, v, go)
-        got = _grads(lambda a, b, c, attn=attn, p=p: causal_attention(a, b, c, AttnSpec.of(attn, p), backend="math", chunk=16),
+        got = _grads(lambda a, b, c, attn=attn, p=p: attention(a, b, c, attn, p, backend="math", chunk=16),
                      q, k, v, go)
         for g, w in zip(got, want, strict=True):
             torch.testing.assert_close(g, w, rtol=1e-10, atol=1e-10)
@@ -162,7 +162,7 @@ def test_flex_when_sizes_coincide():
         q, k, v = make_qkv(B, 2, T, T, d, seed=B)
         with torch.no_grad():
             for attn in ("softmax", "lssa"):
-                got = causal_attention(q.float(), k.float(), v.float(), AttnSpec.of(attn), backend="flex")
+                got = attention(q.float(), k.float(), v.float(), attn, backend="flex")
                 assert _rel(got, oracle(q, k, v, attn)) < 1e-5, (B, T, d, attn)
 
 
@@ -172,7 +172,7 @@ def test_flex_when_sizes_coincide():
 def test_flex_forward_fp32(attn, p, T):
     q, k, v = make_qkv(1, 2, T, T, 16, seed=10 + T, scale=2.0)
     with torch.no_grad():
-        got = causal_attention(q.float(), k.float(), v.float(), AttnSpec.of(attn, p), backend="flex")
+        got = attention(q.float(), k.float(), v.float(), attn, p, backend="flex")
     assert got.dtype == torch.float32 and got.shape == v.shape
     assert _rel(got, oracle(q, k, v, attn, p)) < 1e-5
 
@@ -183,7 +183,7 @@ def test_flex_forward_every_normalised_kind_with_pos_offset(attn, p):
     q, k, v = make_qkv(1, 2, 7, 131, 16, seed=11, scale=2.0)
     with torch.no_grad():
         for off in (None, 60):  # None: the queries are the last 7 positions
-            got = causal_attention(q.float(), k.float(), v.float(), AttnSpec.of(attn, p), pos_offset=off, backend="flex")
+            got = attention(q.float(), k.float(), v.float(), attn, p, pos_offset=off, backend="flex")
             assert _rel(got, oracle(q, k, v, attn, p, pos_offset=off)) < 1e-5, off
 
 
@@ -191,15 +191,15 @@ def test_flex_forward_every_normalised_kind_with_pos_offset(attn, p):
 def test_flex_errors_name_the_fix():
     q, k, v = (x.float() for x in make_qkv(1, 1, 8, 8, 16, seed=12))
     with pytest.raises(NotImplementedError, match="unnormalised.*use backend 'math' or 'auto'"):
-        causal_attention(q, k, v, AttnSpec.of("relu"), backend="flex")
+        attention(q, k, v, "relu", backend="flex")
     if not torch.cuda.is_available():
         qg = q.clone().requires_grad_()
         with pytest.raises(NotImplementedError, match="no backward on cpu"):
-            causal_attention(qg, k, v, AttnSpec.of("lssa"), backend="flex")
+            attention(qg, k, v, "lssa", backend="flex")
     with pytest.raises(NotImplementedError, match="softmax-type"):
-        causal_attention(q, k, v, AttnSpec.of("lssa"), backend="sdpa")
+        attention(q, k, v, "lssa", backend="sdpa")
     with pytest.raises(ValueError, match="choose one of reference, auto, math, sdpa, flex, triton"):
-        causal_attention(q, k, v, AttnSpec.of("lssa"), backend="flash")
+        attention(q, k, v, "lssa", backend="flash")
 
 
 def test_auto_picks_an_exact_backend(monkeypatch):
@@ -220,7 +220,7 @@ def test_auto_picks_an_exact_backend(monkeypatch):
     monkeypatch.setattr(kernels, "backend_module", Spy)
     q, k, v = (x.float() for x in make_qkv(1, 1, 8, 8, 16, seed=13))
     for attn in ("softmax", "ssmax", "lssa", "lssar", "sigmoid", "relu"):
-        causal_attention(q, k, v, AttnSpec.of(attn))
+        attention(q, k, v, attn)
     assert picks == ["sdpa", "sdpa"] + ["math"] * 4
 
 
@@ -258,8 +258,8 @@ def test_pick_backend_cuda_rules(monkeypatch, triton_ok):
 # ----------------------------------------------------------------------------------------------------
 def test_bench_quick(tmp_path):
     out = tmp_path / "bench"
-    r = run("bench.py", "--quick", "--lengths=16,40", "--kinds=softmax,lssar,relu", "--backends=sdpa,math",
-            "--repeats=1", "--train_len=16", "--train_batch=2", f"--out={out}", timeout=600)
+    r = run("bench.py", "--quick", "--lengths=16,40", "--kinds=softmax,lssar,relu", "--backends=sdpa,math,triton",
+            "--repeats=1", "--train_len=16", "--train_batch=2", "--memory=true", f"--out={out}", timeout=600)
     res = json.loads((out.with_suffix(".json")).read_text())
     assert res["meta"]["device"] == "cpu"
     cases = res["results"]
@@ -269,14 +269,42 @@ def test_bench_quick(tmp_path):
     assert all(c["seconds"] > 0 and math.isfinite(c["time_vs_softmax_sdpa"]) for c in timed)
     assert all(c["peak_bytes"] > 0 for c in timed if c["what"] == "train")
     sk = [c for c in cases if "skipped" in c]
-    assert sk and all("sdpa" in c["skipped"] for c in sk)  # lssar / relu through sdpa are refused, not faked
+    # lssar / relu through sdpa are refused, not faked; triton on a CPU would only be the interpreter
+    assert {c["skipped"] for c in sk if c["backend"] == "triton"} == {"interpreter, not timed"}
+    assert sk and all("sdpa" in c["skipped"] for c in sk if c["backend"] == "sdpa")
     ref = [c for c in timed if c["kind"] == "softmax" and c.get("backend") in ("sdpa", "auto")]
     assert all(c["time_vs_softmax_sdpa"] == 1.0 for c in ref)
     assert "| attn fwd | 16 | lssar | math |" in r.stdout
+    assert "| attn fwd | 16 | lssar | triton | n/a: interpreter, not timed" in r.stdout
     assert (tmp_path / "bench.md").exists()
     bad = run("bench.py", "--kinds=softmax,lsar", f"--out={tmp_path / 'bad'}", check=False)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("bench error: unknown kinds lsar")
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_bench_sigterm_stops_the_memory_child(tmp_path):
+    """SIGTERM to bench.py ends it and the memory-measurement subprocess it is waiting for, keeping what it saved."""
+    import signal
+    import time
+    p = subprocess.Popen([sys.executable, "bench.py", "--lengths=4096", "--kinds=lssar", "--backends=math",
+                          "--grad_max_len=0", "--train_kinds=", "--eval_lengths=", "--repeats=1", "--memory=true",
+                          f"--out={tmp_path / 'b'}"], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    child = None
+    for _ in range(600):  # wait for the memory child of the first case
+        time.sleep(0.1)
+        kids = subprocess.run(["pgrep", "-P", str(p.pid)], capture_output=True, text=True).stdout.split()
+        if kids:
+            child = int(kids[0])
+            break
+    assert child is not None, p.stdout.read() if p.poll() is not None else "no memory subprocess started"
+    p.send_signal(signal.SIGTERM)
+    assert p.wait(timeout=60) == 128 + signal.SIGTERM
+    for _ in range(50):
+        if not os.path.exists(f"/proc/{child}") or open(f"/proc/{child}/stat").read().split()[2] == "Z":
+            break
+        time.sleep(0.1)
+    else:
+        raise AssertionError(f"the memory subprocess {child} is still running")
 
 
 @pytest.mark.skipif(not flex_ok, reason="no flex_attention in this torch")
@@ -290,8 +318,8 @@ def test_flex_stays_compiled_across_kinds_and_lengths():
         for T in (5, 100, 300):
             for attn in ("softmax", "ssmax", "lssa", "lssar"):
                 q, k, v = (x.float() for x in make_qkv(1, 2, T, T, 16, seed=T))
-                causal_attention(q, k, v, AttnSpec.of(attn), backend="flex")
-                causal_attention(q[:, :, -1:], k, v, AttnSpec.of(attn), backend="flex")  # Tq = 1 against Tk keys
+                attention(q, k, v, attn, backend="flex")
+                attention(q[:, :, -1:], k, v, attn, backend="flex")  # Tq = 1 against Tk keys
     assert not [w for w in caught if "without torch.compile" in str(w.message)]
 
 
@@ -301,11 +329,11 @@ def test_flex_lssar_in_a_fresh_process(tmp_path):
     re-weighting pass hit an inductor C++ compile error at T = 256 that a warm process hid."""
     script = (
         "import torch\n"
-        "from model import AttnSpec, causal_attention\n"
+        "from tests.test_attention import attention\n"
         "from tests.test_attention import make_qkv, oracle\n"
         "q, k, v = make_qkv(1, 2, 256, 256, 16, seed=1)\n"
         "with torch.no_grad():\n"
-        "    got = causal_attention(q.float(), k.float(), v.float(), AttnSpec.of('lssar'), backend='flex')\n"
+        "    got = attention(q.float(), k.float(), v.float(), 'lssar', backend='flex')\n"
         "want = oracle(q, k, v, 'lssar')\n"
         "print(((got.double() - want).abs().max() / want.abs().max()).item())\n"
     )
@@ -313,3 +341,67 @@ def test_flex_lssar_in_a_fresh_process(tmp_path):
     r = subprocess.run([sys.executable, "-c", script], cwd=ROOT, env=env, capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stderr[-2000:]
     assert float(r.stdout.strip().splitlines()[-1]) < 1e-5
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU: every backend against the float64 oracle (computed on the GPU by query chunks), fp32 and bf16
+# autocast, forward and backward, up to 16K tokens. Run with `python -m pytest -m cuda` (.ci/gpu_acceptance).
+# ----------------------------------------------------------------------------------------------------
+def chunked_oracle(q, k, v, attn, p, go, rows=1024):
+    """out, dq, dk, dv of the oracle by query chunks (a chunk is its rows at pos_offset = first row; rows are
+    independent given q, k, v): memory O(rows x T)."""
+    q, k, v = (x.detach().double().clone().requires_grad_() for x in (q, k, v))
+    outs = []
+    for c0 in range(0, q.shape[2], rows):
+        c1 = min(c0 + rows, q.shape[2])
+        out = oracle(q[:, :, c0:c1], k[:, :, :c1], v[:, :, :c1], attn, p, pos_offset=c0)
+        out.backward(go[:, :, c0:c1].double())
+        outs.append(out.detach())
+    return [torch.cat(outs, dim=2), q.grad, k.grad, v.grad]
+
+
+GPU_CASES = [(b, a, p, T, dt, grad) for b, a, p, T in
+             [("triton", "lssa", 0.0, 1024), ("triton", "lssar", 0.0, 1024), ("triton", "softmax", 15.0, 1024),
+              ("triton", "lssa", 0.0, 16384), ("triton", "lssar", 0.0, 16384),
+              ("math", "lssa", 0.0, 1024), ("math", "lssar", 0.0, 1024), ("math", "lssar", 0.0, 16384),
+              ("sdpa", "softmax", 0.0, 1024), ("sdpa", "softmax", 0.0, 16384), ("sdpa", "ssmax", 0.0, 4096),
+              ("flex", "lssa", 0.0, 4096), ("flex", "lssar", 0.0, 4096), ("flex", "softmax", 0.0, 4096)]
+             for dt in ("float32", "bfloat16") for grad in (True, False) if grad or T == 16384]
+
+
+@pytest.mark.cuda
+@pytest.mark.parametrize("backend,attn,p,T,dtype,grad", GPU_CASES,
+                         ids=[f"{b}-{a}-p{p:g}-{T}-{dt}-{'bwd' if g else 'fwd'}" for b, a, p, T, dt, g in GPU_CASES])
+def test_gpu_backends_match_the_oracle(backend, attn, p, T, dtype, grad):
+    q, k, v = (x.cuda() for x in make_qkv(1, 2, T, T, 64, seed=T, scale=2.0))
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(1), dtype=torch.float64).cuda()
+    bf16 = dtype == "bfloat16"
+    if bf16:  # the oracle sees the same bf16-rounded inputs: this measures the computation
+        q, k, v = (x.bfloat16().double() for x in (q, k, v))
+    want = chunked_oracle(q, k, v, attn, p, go)
+    xs = [x.to(torch.bfloat16 if bf16 else torch.float32).requires_grad_(grad) for x in (q, k, v)]
+    with torch.autocast("cuda", dtype=torch.bfloat16, enabled=bf16), torch.set_grad_enabled(grad):
+        out = attention(*xs, attn, p, backend=backend)
+    got = [out]
+    if grad:
+        got += list(torch.autograd.grad(out, xs, go.to(out.dtype)))
+    tol = 2e-2 if bf16 else (1e-5 if p == 0 and attn != "lssar" else 5e-5)
+    errs = _rel_all(got, want[:len(got)])
+    assert max(errs) < tol, errs
+
+
+def test_flex_uniform_rows_are_zero():
+    """An exactly uniform row has no weight above the average: with re-weighting its flex second pass scores every
+    key -inf, and the row must come out 0 (as math's and the oracle's), not NaN."""
+    B, H, T, d = 1, 2, 16, 8
+    g = torch.Generator().manual_seed(17)
+    q, k = torch.zeros(B, H, T, d), torch.zeros(B, H, T, d)
+    q[..., : d // 2] = torch.randn(B, H, T, d // 2, generator=g)  # q . k = 0 exactly: softplus(0) everywhere
+    k[..., d // 2:] = torch.randn(B, H, T, d // 2, generator=g)
+    v = torch.randn(B, H, T, d, generator=g) + 3.0
+    with torch.no_grad():
+        out = attention(q, k, v, "lssar", backend="flex")
+    assert not torch.isnan(out).any()
+    for i in (3, 7, 15):  # N_i a power of two: the row sums are exact, every N_i A_ij - 1 is exactly 0
+        assert torch.equal(out[:, :, i], torch.zeros_like(out[:, :, i]))
+    torch.testing.assert_close(out[:, :, 1], v[:, :, :2].mean(dim=2), rtol=1e-6, atol=1e-6)  # O = 0 rows survive

@@ -8,24 +8,24 @@ import sys
 
 import pytest
 import torch
-from test_attention import CASE_IDS, CASES, make_qkv, oracle_weights
+from test_attention import CASE_IDS, CASES, attention, make_qkv, oracle_weights, params_for
 from test_eval_length import make_run
 
 from conftest import ROOT
 from diagnose import diagnose, row_stats
-from model import GPT, AttentionProbe, AttnSpec, GPTConfig, apply_rope, attention_weights, causal_attention, rope_cos_sin
+from model import GPT, AttentionProbe, AttnSpec, GPTConfig, apply_rope, attention_weights, rope_cos_sin
 
 
 @pytest.mark.parametrize("attn,p", CASES, ids=CASE_IDS)
 def test_attention_weights_are_the_forward_weights(attn, p):
     q, k, v = make_qkv(2, 3, 40, 50, 8, seed=5)
-    chunks = list(attention_weights(q, k, AttnSpec.of(attn, p), pos_offset=10, chunk=7))
+    chunks = list(attention_weights(q, k, AttnSpec.of(attn, p), pos_offset=10, chunk=7, params=params_for(attn, 3)))
     assert [first for first, _ in chunks] == list(range(10, 50, 7))  # absolute positions of each chunk's first row
     w = torch.zeros(2, 3, 40, 50, dtype=torch.float64)
     for first, wc in chunks:
         w[:, :, first - 10:first - 10 + wc.shape[2], :wc.shape[3]] = wc
     torch.testing.assert_close(w, oracle_weights(q, k, attn, p, pos_offset=10), rtol=1e-10, atol=1e-12)
-    torch.testing.assert_close(w @ v, causal_attention(q, k, v, AttnSpec.of(attn, p), pos_offset=10), rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(w @ v, attention(q, k, v, attn, p, pos_offset=10), rtol=1e-10, atol=1e-12)
 
 
 def test_row_stats_by_hand():

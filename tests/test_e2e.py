@@ -1,6 +1,8 @@
-"""End to end, as a user runs it: prepare (from ../shared) -> train -> checkpoint -> resume -> sample."""
+"""End to end, as a user runs it: prepare (the generated corpus of conftest.py) -> train -> checkpoint -> resume
+-> sample."""
 
 import csv
+import pickle
 
 import torch
 
@@ -27,7 +29,9 @@ def test_train_resume_sample(char_data, tmp_path):
     # in canonical form: the shorthand resolved, so what it means never depends on the code that reads it
     assert (ckpt["model_args"]["attn"], ckpt["model_args"]["reweight_p"]) == ("lssa", 15.0)
     assert ckpt["model_args"]["pos"] == "rope" and ckpt["config"]["attn"] == "lssar"  # config: as the user wrote it
-    assert ckpt["model_args"]["vocab_size"] == 65 and ckpt["config"]["block_size"] == 32
+    with open(char_data / "meta.pkl", "rb") as f:
+        vocab = pickle.load(f)["vocab_size"]
+    assert ckpt["model_args"]["vocab_size"] == vocab and ckpt["config"]["block_size"] == 32
     losses = [float(row["loss"]) for row in read_log(out) if row["kind"] == "train"]
     assert len(losses) == 6 and all(map(torch.isfinite, torch.tensor(losses)))
 
@@ -41,6 +45,14 @@ def test_train_resume_sample(char_data, tmp_path):
     r = run("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=2", "--max_new_tokens=40", "--device=cpu")
     samples = [s for s in r.stdout.split("---------------") if "ROMEO:" in s]
     assert len(samples) == 2 and all(len(s.strip()) >= len("ROMEO:") + 40 for s in samples)
+
+    # evaluation-time settings, as eval_length.py has them: recorded in the first line, applied to the generation
+    r = run("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=80", "--device=cpu",
+            "--rope_scaling=yarn", "--logn_scale=true", "--reweight_p=3")
+    assert "reweight_p=3 pos=rope rope_scaling=yarn (factor per length) logn_scale" in r.stdout
+    assert len(r.stdout.split("---------------")[0].split("ROMEO:", 1)[1]) >= 80
+    r = run("sample.py", f"--out_dir={out}", "--rope_scaling=pi,yarn", "--device=cpu", check=False)
+    assert r.returncode != 0 and "one value each" in r.stderr.strip().splitlines()[-1]
 
     # a prompt with characters the char vocabulary lacks: one clear line, non-zero exit
     r = run("sample.py", f"--out_dir={out}", "--start=caf\u00e9", "--device=cpu", check=False)

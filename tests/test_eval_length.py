@@ -53,7 +53,7 @@ def test_same_tokens_every_length_and_per_token_mean(tmp_path):
     d, val = make_run(tmp_path)
     # batch_tokens=24 -> 3 windows of 8 per batch, 1 window of 16/32: uneven batches, where a mean of per-batch
     # means would differ from the per-token mean
-    res = evaluate([(d, "ckpt")], multipliers="1,2,4", batch_tokens=24, buckets=4)
+    res = evaluate([(d, {})], multipliers="1,2,4", batch_tokens=24, buckets=4)
     (run,) = res["runs"]
     budget = token_budget(len(val), [8, 16, 32])
     assert budget == 672 and run["budget"] == budget  # 699 predictable tokens -> 21 windows of 32
@@ -82,17 +82,17 @@ def test_window_plans():
 
 def test_sliding_windows(tmp_path):
     d, val = make_run(tmp_path)
-    res = evaluate([(d, "ckpt")], lengths="16", tokens=320, stride=4)
+    res = evaluate([(d, {})], lengths="16", tokens=320, stride=4)
     (x,) = res["runs"][0]["results"]
     assert x["tokens"] == 320
-    same = evaluate([(d, "ckpt")], lengths="16", tokens=320, stride=16)["runs"][0]["results"][0]
+    same = evaluate([(d, {})], lengths="16", tokens=320, stride=16)["runs"][0]["results"][0]
     assert same["loss"] == pytest.approx(direct_loss(d, val, 16, 320), rel=1e-6)  # stride = L: plain windows
     assert x["loss"] != pytest.approx(same["loss"], rel=1e-6)  # more context per token changes the loss
 
 
 def test_overrides_are_applied_and_recorded(tmp_path):
     d, val = make_run(tmp_path)
-    res = evaluate([(d, "ckpt"), (d, 15.0)], lengths="8,32", tokens=0, backend="math")
+    res = evaluate([(d, {}), (d, {"reweight_p": 15.0})], lengths="8,32", tokens=0, backend="math")
     base, rew = res["runs"]
     assert base["reweight_p"] == 0 and rew["reweight_p"] == 15 and rew["trained_reweight_p"] == 0
     assert rew["overrides"] == {"reweight_p": 15.0, "attn_backend": "math"} and "eval p=15" in rew["label"]
@@ -106,7 +106,7 @@ def test_override_switches_lssar_off(tmp_path):
     # attn='lssar' implies p=15; --reweight_p=0 must turn it off (the model then computes plain LSSA)
     lssar, val = make_run(tmp_path, name="lssar", attn="lssar")
     lssa, _ = make_run(tmp_path, name="lssa", attn="lssa")
-    off, on = evaluate([(lssar, 0.0), (lssar, "ckpt")], lengths="16")["runs"]
+    off, on = evaluate([(lssar, {"reweight_p": 0.0}), (lssar, {})], lengths="16")["runs"]
     assert off["reweight_p"] == 0 and off["trained_reweight_p"] == 15 and on["reweight_p"] == 15
     assert off["results"][0]["loss"] == pytest.approx(direct_loss(lssa, val, 16, off["budget"]), rel=1e-6)
     assert on["results"][0]["loss"] != pytest.approx(off["results"][0]["loss"], rel=1e-4)
@@ -114,8 +114,8 @@ def test_override_switches_lssar_off(tmp_path):
 
 def test_backend_override_does_not_change_softmax(tmp_path):
     d, _ = make_run(tmp_path, attn="softmax")
-    auto = evaluate([(d, "ckpt")], multipliers="1,4")["runs"][0]["results"]
-    math_ = evaluate([(d, "ckpt")], multipliers="1,4", backend="math")["runs"][0]["results"]
+    auto = evaluate([(d, {})], multipliers="1,4")["runs"][0]["results"]
+    math_ = evaluate([(d, {})], multipliers="1,4", backend="math")["runs"][0]["results"]
     for a, b in zip(auto, math_, strict=True):
         assert abs(a["loss"] - b["loss"]) < 1e-4
 
@@ -123,18 +123,18 @@ def test_backend_override_does_not_change_softmax(tmp_path):
 def test_errors(tmp_path):
     d, _ = make_run(tmp_path, n_val=100)
     with pytest.raises(SystemExit, match="needs at least 129 validation tokens"):
-        evaluate([(d, "ckpt")], lengths="128")
+        evaluate([(d, {})], lengths="128")
     with pytest.raises(SystemExit, match="tokens=500.*only 99"):
-        evaluate([(d, "ckpt")], lengths="8", tokens=500)
+        evaluate([(d, {})], lengths="8", tokens=500)
     learned, _ = make_run(tmp_path, name="learned", pos="learned")
     with pytest.raises(SystemExit, match="learned position embeddings.*block_size=8"):
-        evaluate([(learned, "ckpt")], multipliers="1,2")
-    assert evaluate([(learned, "ckpt")], multipliers="1")["runs"][0]["results"][0]["length"] == 8  # 1x is fine
+        evaluate([(learned, {})], multipliers="1,2")
+    assert evaluate([(learned, {})], multipliers="1")["runs"][0]["results"][0]["length"] == 8  # 1x is fine
     with pytest.raises(SystemExit, match="checkpoint not found"):
-        evaluate([(str(tmp_path / "nope"), "ckpt")], multipliers="1")
+        evaluate([(str(tmp_path / "nope"), {})], multipliers="1")
     sig, _ = make_run(tmp_path, name="sig", attn="sigmoid")
     with pytest.raises(SystemExit, match="unnormalised"):
-        evaluate([(sig, 15.0)], multipliers="1")
+        evaluate([(sig, {"reweight_p": 15.0})], multipliers="1")
 
 
 def test_cli_writes_results(tmp_path):
@@ -166,7 +166,7 @@ def test_backends_give_the_same_losses(tmp_path, attn):
     d, _ = make_run(tmp_path, attn=attn)
     losses = {}
     for be in ("math", "", "flex"):
-        res = evaluate([(d, "ckpt")], multipliers="1,2,4,16", backend=be, batch_tokens=64, buckets=4)
+        res = evaluate([(d, {})], multipliers="1,2,4,16", backend=be, batch_tokens=64, buckets=4)
         losses[be] = [x["loss"] for x in res["runs"][0]["results"]]
     assert len(losses["math"]) == 4
     for be in ("", "flex"):

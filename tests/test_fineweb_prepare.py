@@ -1,7 +1,7 @@
 """
 Tests for data/fineweb/prepare.py (and the thin data/openwebtext/prepare.py): small local parquet, jsonl and
-txt files made in tmp_path, tokenised into tiny shards. Nothing reaches the network: tiktoken reads its BPE
-files from TIKTOKEN_CACHE_DIR (conftest.py), and the hub is only ever a monkeypatched failure.
+txt files made in tmp_path, tokenised into tiny shards with conftest.py's test encoding (GPT-2's own too where
+its files are cached: TIKTOKEN_CACHE_DIR). Nothing reaches the network: the hub is only ever a monkeypatched failure.
 """
 import importlib.util
 import json
@@ -16,9 +16,10 @@ import pytest
 import tiktoken
 
 import common
-from conftest import ROOT, run
+from conftest import ROOT, TEST_ENCODING, run
 
 SHARD, VAL = 500, 300
+ENC = tiktoken.get_encoding(TEST_ENCODING)
 
 
 def load_script(rel, name):
@@ -65,7 +66,7 @@ def files(tmp_path_factory, docs):
 
 
 def prep(local, out, **kw):
-    kw = {"shard_tokens": SHARD, "val_tokens": VAL, "workers": 1, **kw}
+    kw = {"shard_tokens": SHARD, "val_tokens": VAL, "workers": 1, "encoding": TEST_ENCODING, **kw}
     return fw.prepare(local=[str(local)], out_dir=str(out), **kw)
 
 
@@ -81,11 +82,12 @@ def expected(docs):
     return "".join("<|endoftext|>" + t for t in docs)
 
 
+@pytest.mark.parametrize("encoding", [TEST_ENCODING, pytest.param("gpt2", marks=pytest.mark.gpt2_files)])
 @pytest.mark.parametrize("kind,field", [("parquet", "text"), ("jsonl", "content")])
-def test_round_trip_and_shard_sizes(files, docs, tmp_path, kind, field):
-    stats = prep(files[kind], tmp_path, text_field=field)
+def test_round_trip_and_shard_sizes(files, docs, tmp_path, kind, field, encoding):
+    stats = prep(files[kind], tmp_path, text_field=field, encoding=encoding)
     val, train = read_all(tmp_path)
-    enc = tiktoken.get_encoding("gpt2")
+    enc = tiktoken.get_encoding(encoding)
     stream = np.concatenate([val, *train])
     assert enc.decode(stream.tolist()) == expected(docs)
     assert len(val) == VAL and val[0] == enc.eot_token
@@ -93,13 +95,15 @@ def test_round_trip_and_shard_sizes(files, docs, tmp_path, kind, field):
     assert stats["documents"] == len(docs) and stats["val_tokens"] == VAL
     assert stats["train_tokens"] == len(stream) - VAL and stats["train_shards"] == len(train) >= 3
     with open(tmp_path / "meta.pkl", "rb") as f:
-        assert pickle.load(f) == {"vocab_size": 50257, "tokenizer": "gpt2"}
+        assert pickle.load(f) == {"vocab_size": enc.n_vocab, "tokenizer": encoding}
+    if encoding == "gpt2":
+        assert enc.n_vocab == 50257 and val[0] == 50256
 
 
 def test_txt_is_one_document_per_line(files, tmp_path):
     prep(files["txt"], tmp_path, val_tokens=100)
     val, train = read_all(tmp_path)
-    assert tiktoken.get_encoding("gpt2").decode(np.concatenate([val, *train]).tolist()) == expected(files["lines"])
+    assert ENC.decode(np.concatenate([val, *train]).tolist()) == expected(files["lines"])
 
 
 def test_workers_do_not_change_the_shards(files, tmp_path, monkeypatch):
@@ -147,7 +151,7 @@ def test_max_tokens_stops_early_and_a_longer_run_extends_it(files, docs, tmp_pat
     prep(files["parquet"], tmp_path)  # the same stream, to the end: the short shard is rewritten in full
     val, train = read_all(tmp_path)
     assert len(train[1]) == SHARD
-    assert tiktoken.get_encoding("gpt2").decode(np.concatenate([val, *train]).tolist()) == expected(docs)
+    assert ENC.decode(np.concatenate([val, *train]).tolist()) == expected(docs)
 
 
 def test_hub_failure_is_one_line(monkeypatch, tmp_path):
@@ -158,7 +162,7 @@ def test_hub_failure_is_one_line(monkeypatch, tmp_path):
 
     monkeypatch.setattr(datasets, "load_dataset", offline)
     with pytest.raises(SystemExit) as e:
-        fw.prepare(out_dir=str(tmp_path), shard_tokens=SHARD, workers=1)
+        fw.prepare(out_dir=str(tmp_path), shard_tokens=SHARD, workers=1, encoding=TEST_ENCODING)
     msg = str(e.value)
     assert "\n" not in msg and msg.startswith("could not reach HuggingFaceFW/fineweb on the Hugging Face hub")
     assert "--local" in msg
@@ -174,16 +178,20 @@ def test_bad_local_input_is_one_line(files, tmp_path):
         assert "\n" not in str(e.value) and words in str(e.value)
 
 
-def test_cli(files, tmp_path):
+def test_cli(files, docs, tmp_path):
     out = tmp_path / "fw"
+    # the test encoding reaches the script and its worker processes as a tiktoken plugin (conftest.py)
     r = run("data/fineweb/prepare.py", "--local", str(files["jsonl"]), "--text_field=content", f"--out_dir={out}",
-            "--shard_tokens=500", "--val_tokens=300", "--workers=2", timeout=120)
+            "--shard_tokens=500", "--val_tokens=300", "--workers=2", f"--encoding={TEST_ENCODING}", timeout=120)
     assert "50 documents" in r.stdout
     val, train = read_all(out)
     assert len(val) == VAL and len(train) >= 3
+    assert ENC.decode(np.concatenate([val, *train]).tolist()) == expected(docs)
+    with open(out / "meta.pkl", "rb") as f:
+        assert pickle.load(f) == {"vocab_size": ENC.n_vocab, "tokenizer": TEST_ENCODING}
     out = tmp_path / "owt"
     r = run("data/openwebtext/prepare.py", "--local", str(files["parquet"]), f"--out_dir={out}",
-            "--shard_tokens=500", "--val_tokens=300", "--workers=1", timeout=120)
+            "--shard_tokens=500", "--val_tokens=300", "--workers=1", f"--encoding={TEST_ENCODING}", timeout=120)
     assert "50 documents" in r.stdout
     read_all(out, prefix="openwebtext")
     # the thin script's CLI is the shared one less --sample (OpenWebText has no configs)

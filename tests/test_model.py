@@ -6,7 +6,7 @@ import torch
 
 from common import model_from_checkpoint
 from configurator import configure
-from eval_length import eval_time_p
+from eval_length import eval_time
 from model import GPT, GPTConfig
 from tests.test_attention import CASES
 
@@ -74,7 +74,10 @@ def test_loss_reduction_sum_is_per_token_total():
     (dict(attn="flash"), "unknown attn"),
     (dict(reweight_p=-1.0), "reweight_p must be >= 0"),
     (dict(attn="sigmoid", reweight_p=15.0), "unnormalised"),
-    (dict(pos="alibi"), "unknown pos"),
+    (dict(pos="sinusoid"), "unknown pos"),
+    (dict(rope_scaling="linear"), "unknown rope_scaling"),
+    (dict(rope_scaling="yarn", pos="learned"), "extends RoPE"),
+    (dict(rope_factor=0.5), "rope_factor must be 0"),
     (dict(attn_backend="flash"), "unknown attn_backend"),
     (dict(n_embd=30, n_head=4), "divisible"),
 ])
@@ -120,5 +123,5 @@ def test_checkpoint_in_the_old_format_means_the_same():
     off = model_from_checkpoint(ckpt, reweight_p=0.0).double().eval()
     assert (off.config.attn, off.config.reweight_p) == ("lssa", 0.0)
     assert not torch.allclose(off(idx)[0], lssar(idx)[0])
-    overrides, attn, p, trained_p, label = eval_time_p("out-old", old_args, 0.0)
-    assert (attn, p, trained_p, overrides) == ("lssa", 0.0, 15.0, {"reweight_p": 0.0})
+    eff, trained, label = eval_time("out-old", old_args, {"reweight_p": 0.0})
+    assert (eff.attn, eff.reweight_p, trained.reweight_p, label) == ("lssa", 0.0, 15.0, "old (eval p=0)")

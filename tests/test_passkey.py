@@ -1,10 +1,10 @@
 """Passkey retrieval: the template (one place, shared by the data script and the evaluation), the fine-tuning
-data made from Tiny Shakespeare, the accuracy bookkeeping on stand-in models that solve or fail the task by
+data made from the generated corpus (conftest.py), BPE prompts (conftest's test encoding; GPT-2's too where its
+files are cached), the accuracy bookkeeping on stand-in models that solve or fail the task by
 construction, and eval_passkey.py's command line on a tiny trained checkpoint."""
 
 import csv
 import json
-import os
 import pickle
 import re
 from contextlib import nullcontext
@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import eval_passkey
-from common import get_tokenizer, model_from_checkpoint, save_checkpoint
-from conftest import SHARED, run
+from common import get_tokenizer, model_from_checkpoint, model_vocab_size, save_checkpoint
+from conftest import TEST_ENCODING, make_corpus, run
 from eval_passkey import (
     FILLER_SENTENCE,
     evaluate,
@@ -39,7 +39,7 @@ def meta(char_data):
 
 @pytest.fixture(scope="module")
 def passkey_data(char_data, tmp_path_factory):
-    """data/passkey_char/prepare.py run on the shared Tiny Shakespeare, at block_size 32, into a temp folder."""
+    """data/passkey_char/prepare.py run on the generated corpus, at block_size 32, into a temp folder."""
     out = tmp_path_factory.mktemp("passkey_char")
     r = run("data/passkey_char/prepare.py", "--src", str(char_data), "--out_dir", str(out), "--block_size", "32",
             "--n_train", "300", "--n_val", "20", "--seed", "3")
@@ -84,29 +84,35 @@ def test_trials_are_deterministic_and_shared_across_depths(meta, char_data):
     assert decode(rep[0].tolist()).startswith(" KEY IS ") and "The grass is green." in decode(rep[0].tolist())
 
 
-def test_bpe_template_keys_are_one_token_per_digit():
-    if not os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
-        pytest.skip("no GPT-2 BPE files")
-    tpl = passkey_template(None)  # no meta.pkl: GPT-2 BPE
-    encode, decode = get_tokenizer(None)
+# a BPE dataset's meta.pkl: the test encoding's, or none at all (GPT-2 BPE, the default)
+BPE_METAS = [pytest.param({"vocab_size": 320, "tokenizer": TEST_ENCODING}, id=TEST_ENCODING),
+             pytest.param(None, marks=pytest.mark.gpt2_files, id="gpt2")]
+
+
+@pytest.mark.parametrize("bpe_meta", BPE_METAS)
+def test_bpe_template_keys_are_one_token_per_digit(bpe_meta):
+    tpl = passkey_template(bpe_meta)
+    encode, decode = get_tokenizer(bpe_meta)
     key = [tpl.alphabet[d] for d in (4, 7, 1, 9, 2)]
     ids = passkey_example(tpl, encode(" Once upon a time"), key, 1.0)
     assert decode(ids) == " Once upon a time KEY IS 4 7 1 9 2. KEY? 4 7 1 9 2"
     assert ids[-5:] == key and encode(" KEY? 4 7 1 9 2")[-5:] == key  # the key's canonical tokenisation
 
 
-def test_bpe_checkpoint_end_to_end(tmp_path):
-    """A GPT-2 BPE checkpoint (no meta.pkl) through evaluate(): filler from its BPE val.bin, digit keys; the
-    bookkeeping reaches 100% with a model that solves the task by construction, on the same BPE prompts."""
-    if not os.path.isdir(os.path.join(SHARED, "tiktoken_cache")):
-        pytest.skip("no GPT-2 BPE files")
-    encode, decode = get_tokenizer(None)
-    with open(os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")) as f:
-        text = f.read(20000)
+@pytest.mark.parametrize("bpe_meta", BPE_METAS)
+def test_bpe_checkpoint_end_to_end(tmp_path, bpe_meta):
+    """A BPE checkpoint (the test encoding's meta.pkl, or none: GPT-2) through evaluate(): filler from its BPE
+    val.bin, digit keys; the bookkeeping reaches 100% with a model that solves the task by construction, on the
+    same BPE prompts."""
+    encode, decode = get_tokenizer(bpe_meta)
     d = tmp_path / "bpe"
     d.mkdir()
-    np.asarray(encode(text), dtype=np.uint16).tofile(d / "val.bin")
-    args = dict(block_size=32, vocab_size=50304, n_layer=1, n_head=2, n_embd=16, attn="lssar")
+    np.asarray(encode(make_corpus(20000)), dtype=np.uint16).tofile(d / "val.bin")
+    if bpe_meta is not None:
+        with open(d / "meta.pkl", "wb") as f:
+            pickle.dump(bpe_meta, f)
+    vocab = model_vocab_size(bpe_meta)  # 50304 for GPT-2
+    args = dict(block_size=32, vocab_size=vocab, n_layer=1, n_head=2, n_embd=16, attn="lssar")
     save_checkpoint({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "iter_num": 0,
                      "config": {"dataset": "bpe", "data_dir": str(d)}}, str(d / "ckpt.pt"))
     res = evaluate([str(d)], multipliers="1,2", depths="0,1", n_trials=2, device="cpu")
@@ -114,12 +120,12 @@ def test_bpe_checkpoint_end_to_end(tmp_path):
     assert [(x["length"], x["trials"]) for x in res["runs"][0]["results"]] == [(32, 2), (32, 2), (64, 2), (64, 2)]
     for x in res["runs"][0]["results"]:  # an untrained model: wrong, and its outputs decode as BPE text
         assert all(isinstance(w["output"], str) and len(w["key"].split()) == 5 for w in x["wrong_examples"])
-    tpl = passkey_template(None)
+    tpl = passkey_template(bpe_meta)
     val = np.fromfile(d / "val.bin", dtype=np.uint16)
     trials = {L: make_trials(tpl, val, L, [0.0, 1.0], 3, 5, seed_=0) for L in (32, 64)}
     prompt = decode(trials[64][0][0].tolist())
     assert prompt.startswith(" KEY IS ") and prompt.endswith(" KEY?") and len(trials[64][0][0]) == 59
-    got = score(Copier(tpl, 50304), trials, [0.0, 1.0], 32, decode, nullcontext(), "cpu", 4)
+    got = score(Copier(tpl, vocab), trials, [0.0, 1.0], 32, decode, nullcontext(), "cpu", 4)
     assert [x["accuracy"] for x in got] == [1.0] * 4
 
 
@@ -162,11 +168,12 @@ def test_accuracy_of_forced_models(meta, char_data):
         res = score(model, trials, depths, 64, decode, nullcontext(), "cpu", 7)
         return {(x["length"], x["depth"]): (x["accuracy"], x["correct"], x["trials"]) for x in res}
 
-    assert set(acc(Copier(tpl, 65)).values()) == {(1.0, 6, 6)}
-    assert set(acc(Copier(tpl, 65, wrong=True)).values()) == {(0.0, 0, 6)}
-    half = acc(Copier(tpl, 65, fail_after=0.5))  # right when the key is early in the prompt: per-depth bookkeeping
+    V = meta["vocab_size"]
+    assert set(acc(Copier(tpl, V)).values()) == {(1.0, 6, 6)}
+    assert set(acc(Copier(tpl, V, wrong=True)).values()) == {(0.0, 0, 6)}
+    half = acc(Copier(tpl, V, fail_after=0.5))  # right when the key is early in the prompt: per-depth bookkeeping
     assert all(half[L, d][0] == (1.0 if d < 0.5 else 0.0) for L, d in half)
-    res = score(Copier(tpl, 65, wrong=True), trials, depths, 64, decode, nullcontext(), "cpu", 20)
+    res = score(Copier(tpl, V, wrong=True), trials, depths, 64, decode, nullcontext(), "cpu", 20)
     assert res[0]["token_accuracy"] == 0 and len(res[0]["wrong_examples"]) == 2
     assert res[-1]["multiplier"] == 2.0
 
@@ -227,8 +234,8 @@ def test_cli_on_a_tiny_finetuned_checkpoint(passkey_data, char_data, tmp_path):
     assert "ft (eval p=0)" in r.stdout and (tmp_path / "res" / "pk.png").read_bytes()[:4] == b"\x89PNG"
 
 
-def test_errors(char_data, tmp_path, monkeypatch):
-    args = dict(block_size=32, vocab_size=65, n_layer=1, n_head=2, n_embd=16, attn="softmax", pos="learned")
+def test_errors(char_data, meta, tmp_path, monkeypatch):
+    args = dict(block_size=32, vocab_size=meta["vocab_size"], n_layer=1, n_head=2, n_embd=16, attn="softmax", pos="learned")
     d = tmp_path / "learned"
     d.mkdir()
     save_checkpoint({"model": GPT(GPTConfig(**args)).state_dict(), "model_args": args, "iter_num": 0,

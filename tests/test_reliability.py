@@ -181,7 +181,7 @@ def test_eval_rejects_tokens_outside_the_vocab(trained, tmp_path):
     ck = torch.load(trained / "ckpt.pt", weights_only=False)
     data = tmp_path / "data"
     data.mkdir()
-    np.full(5000, 70, dtype=np.uint16).tofile(data / "val.bin")  # the char model has 65 symbols
+    np.full(5000, ck["model_args"]["vocab_size"] + 5, dtype=np.uint16).tofile(data / "val.bin")  # past its vocabulary
     ck["config"]["data_dir"] = str(data)
     (tmp_path / "run").mkdir()
     torch.save(ck, tmp_path / "run" / "ckpt.pt")

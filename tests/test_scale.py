@@ -109,3 +109,14 @@ def test_gpt2_fineweb_configs(attn):
     with torch.device("meta"):  # the real 124M model, without allocating it
         model = GPT(GPTConfig(vocab_size=50304, **args))
     assert 123e6 < model.get_num_params() < 125e6
+
+
+@pytest.mark.parametrize("name", ["eval_gpt2_fineweb", "eval_gpt2_fineweb_docs"])
+def test_gpt2_fineweb_eval_configs(name):
+    """eval_length.py reads both FineWeb evaluation configs; the second one evaluates inside single documents."""
+    src = open(os.path.join(ROOT, "eval_length.py")).read()
+    g = {}
+    exec(src[src.index("# ---"):src.index("# ---", src.index("# ---") + 5)], g)  # eval_length.py's config block
+    cfg = configure(g, [os.path.join(ROOT, f"config/{name}.py")])
+    assert cfg["ckpts"].split(",") == [f"out-gpt2-fineweb-{a}" for a in ("softmax", "lssa", "lssar")]
+    assert cfg["multipliers"] == "1,2,4,8,16" and cfg["doc_sep"] == ("eot" if name.endswith("docs") else "")

@@ -4,9 +4,7 @@ the float64 oracle. (fp32 at length is covered in test_attention.py.)"""
 
 import pytest
 import torch
-from test_attention import CASE_IDS, CASES, _sharp_qkv, oracle
-
-from model import AttnSpec, causal_attention
+from test_attention import CASE_IDS, CASES, _sharp_qkv, attention, oracle
 
 T = 16 * 64
 
@@ -22,7 +20,7 @@ def test_bf16_autocast_finite_outputs_and_grads(attn, p):
     q, k, v = (x.float().requires_grad_() for x in bf16_qkv(30, 10.0))
     proj = torch.nn.Linear(64, 64)
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        out = causal_attention(*(proj(x) for x in (q, k, v)), AttnSpec.of(attn, p))
+        out = attention(*(proj(x) for x in (q, k, v)), attn, p)
         loss = (out.float() ** 2).mean()
     assert torch.isfinite(out).all()
     loss.backward()
@@ -39,7 +37,7 @@ def test_lssar_bf16_matches_oracle(p, inputs):
         g = torch.Generator().manual_seed(32)
         q, k, v = (torch.randn(1, 2, T, 64, generator=g).to(torch.bfloat16) for _ in range(3))
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        got = causal_attention(q, k, v, AttnSpec.of("lssar", p))
+        got = attention(q, k, v, "lssar", p)
     assert got.dtype == torch.bfloat16 and torch.isfinite(got).all()
     # The oracle sees the same bf16-rounded inputs. Measured on the random inputs at p = 15: 2.7e-3 * max|v|
     # with QK-norm and scores in fp32 (what causal_attention does), 2.5e-2 if either is left in bf16.

@@ -1,51 +1,89 @@
-"""sweep.py end to end on a tiny budget: prepares its data, trains each variant, skips finished runs, resumes
-an unfinished one, and evaluates everything (plus re-weighting switched on at evaluation) into one table."""
+"""sweep.py end to end on a tiny budget: prepares its data, trains each run (x seeds x grid settings), skips
+finished runs, resumes an unfinished one, evaluates everything (plus evaluation-time rows) into one table with
+mean +- std over seeds, and refuses bad run specs in one line."""
 
 import csv
 import json
-import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
-from conftest import INPUT, ROOT
+from conftest import ROOT
 
 
-def sweep(tmp_path, *extra):
-    cmd = [sys.executable, "sweep.py", "--variants=softmax,lssa", f"--out_root={tmp_path}",
-           f"--data_dir={tmp_path / 'data'}", f"--input={INPUT}", "--eval_tokens=512", "--multipliers=1,4",
+def sweep(tmp_path, corpus_file, *extra, check=True):
+    cmd = [sys.executable, "sweep.py", "--runs=softmax,lssa", f"--out_root={tmp_path}",
+           f"--data_dir={tmp_path / 'data'}", f"--input={corpus_file}", "--eval_tokens=512", "--multipliers=1,4",
            f"--results={tmp_path / 'res' / 'sweep'}", "--device=cpu",
            "--train_args=--n_layer=1 --n_embd=32 --batch_size=4 --eval_iters=1 --eval_interval=2 --log_interval=1",
            *extra]
-    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
-    assert r.returncode == 0, r.stdout + r.stderr
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
+    if check:
+        assert r.returncode == 0, r.stdout + r.stderr
     return r
 
 
-def test_sweep(tmp_path):
-    if not os.path.exists(INPUT):
-        pytest.skip(f"{INPUT} not found")
-    r = sweep(tmp_path, "--max_iters=3")
+def test_sweep(tmp_path, corpus_file):
+    r = sweep(tmp_path, corpus_file, "--max_iters=3")
     assert (tmp_path / "data" / "train.bin").exists()  # prepared on the way
     res = json.loads((tmp_path / "res" / "sweep.json").read_text())
-    assert [x["label"] for x in res["runs"]] == ["softmax", "lssa", "lssa (eval p=15)"]
+    assert [x["label"] for x in res["runs"]] == ["softmax", "lssa", "lssa (eval reweight_p=15)"]  # the default eval row
     assert all(len(x["results"]) == 2 and x["iter_num"] == 3 for x in res["runs"])
+    assert [x["n"] for x in res["rows"]] == [1, 1, 1]
     md = (tmp_path / "res" / "sweep.md").read_text()
-    assert "| lssa (eval p=15) | 0 -> 15 |" in md and "| softmax | 0 |" in md
+    assert "| lssa (eval reweight_p=15) | 0 -> 15 | 1 |" in md and "| softmax | 0 | 1 |" in md
     for f in ("sweep.csv", "sweep.png", "sweep_detail.png"):
         assert (tmp_path / "res" / f).stat().st_size > 0
     ckpt = tmp_path / "out-shakespeare-char-softmax" / "ckpt.pt"
+    assert torch.load(ckpt, weights_only=False)["config"]["warmup_iters"] == 1  # a short sweep leaves warmup
     mtime = ckpt.stat().st_mtime_ns
 
     # finished runs are skipped
-    r = sweep(tmp_path, "--max_iters=3")
-    assert "finished checkpoint at iter 3" in r.stdout and ckpt.stat().st_mtime_ns == mtime
+    r = sweep(tmp_path, corpus_file, "--max_iters=3")
+    assert "finished checkpoint at iter 3" in r.stdout + r.stderr and ckpt.stat().st_mtime_ns == mtime
 
     # an unfinished run (target raised) resumes from its checkpoint instead of starting over
-    sweep(tmp_path, "--max_iters=5", "--variants=softmax")
+    sweep(tmp_path, corpus_file, "--max_iters=5", "--runs=softmax")
     assert torch.load(ckpt, weights_only=False)["iter_num"] == 5
     with open(ckpt.parent / "log.csv") as f:
         iters = [int(row["iter"]) for row in csv.DictReader(f) if row["kind"] == "train"]
     assert iters == [1, 2, 3, 4, 5]
+
+
+def test_grid_with_seeds(tmp_path, corpus_file):
+    """Runs x grid settings x seeds; rows aggregate the seeds (mean, sample std, n) of each run; eval-time rows that
+    do not apply (RoPE scaling on a NoPE run) are left out."""
+    sweep(tmp_path, corpus_file, "--max_iters=2", "--runs=lssar,softmax:pos=none", "--grid=reweight_p=3,15",
+          "--seeds=1337,7", "--eval_extra=softmax:pos=none+rope_scaling=yarn,lssar+logn_scale=true")
+    res = json.loads((tmp_path / "res" / "sweep.json").read_text())
+    labels = [r["label"] for r in res["rows"]]
+    assert labels == ["lssar reweight_p=3", "lssar reweight_p=15", "softmax pos=none reweight_p=3",
+                      "softmax pos=none reweight_p=15", "lssar reweight_p=3 (eval logn_scale=true)",
+                      "lssar reweight_p=15 (eval logn_scale=true)"]  # no RoPE to scale in the pos=none runs
+    assert (tmp_path / "out-shakespeare-char-lssar-reweight_p3-seed7" / "ckpt.pt").exists()
+    by = {r["label"]: r for r in res["rows"]}
+    row = by["lssar reweight_p=3"]
+    assert row["n"] == 2 and row["seeds"] == [1337, 7] and row["reweight_p"] == 3
+    losses = np.array([[x["loss"] for x in r["results"]] for r in res["runs"] if r["label"] == "lssar reweight_p=3"])
+    np.testing.assert_allclose(row["loss_mean"], losses.mean(0))
+    np.testing.assert_allclose(row["loss_std"], losses.std(0, ddof=1))
+    assert losses[0, 0] != losses[1, 0]  # the seeds really differ
+    assert by["lssar reweight_p=3 (eval logn_scale=true)"]["eval"] == {"logn_scale": True}
+    assert "±" in (tmp_path / "res" / "sweep.md").read_text()
+
+
+@pytest.mark.parametrize("args,msg", [
+    (["--runs=softmax,flash"], "unknown attention 'flash'"),
+    (["--runs=softmax,softmax"], "without repeats"),
+    (["--runs=lssar:pos"], "name:key=value"),
+    (["--seeds=1,1"], "distinct integers"),
+    (["--grid=reweight_p"], "key=v1,v2"),
+    (["--eval_extra=lssa+n_layer=2"], "write run+key=value"),
+])
+def test_bad_specs(tmp_path, corpus_file, args, msg):
+    r = sweep(tmp_path, corpus_file, *args, check=False)
+    assert r.returncode != 0 and msg in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
+    assert not (tmp_path / "res").exists() and not list(tmp_path.glob("out-*"))

@@ -9,7 +9,8 @@ prepare_state.json into out_dir.
     python data/fineweb/prepare.py --dataset=HuggingFaceFW/fineweb-edu
     python data/fineweb/prepare.py --local 'dl/*.parquet' --out_dir=DIR   # parquet / jsonl / json / txt files
 
-Every document becomes <|endoftext|> followed by its GPT-2 BPE tokens; the token stream is continuous, so
+Every document becomes <|endoftext|> followed by its GPT-2 BPE tokens (--encoding: another tiktoken encoding
+with an <|endoftext|> token; meta.pkl records it); the token stream is continuous, so
 documents run across shard boundaries. Output does not depend on --workers. A re-run with the same
 arguments resumes: it re-tokenises the stream but keeps the shards already written. .txt files are read
 by the datasets 'text' builder: one document per line. tiktoken fetches its BPE files on first use; offline,
@@ -48,6 +49,13 @@ BATCH_TASKS = 16  # worker tasks per batch of documents read from the stream (se
 _enc = None  # the tokenizer of this process (the parent loads it first, so an offline machine fails fast)
 
 
+def _init_worker(encoding):
+    # a spawned worker (macOS, Windows) starts without the parent's tokenizer: load the same one by name
+    global _enc
+    if _enc is None:
+        _enc = get_encoder(encoding)
+
+
 def default_workers():
     return max(1, (os.cpu_count() or 2) - 1)
 
@@ -58,17 +66,14 @@ def shard_prefix(dataset):
 
 
 def tokenize(text):
-    """<|endoftext|> then the document's GPT-2 tokens, as uint16. Runs in the worker processes."""
-    global _enc
-    if _enc is None:  # a spawned worker (macOS, Windows) starts without the parent's tokenizer
-        _enc = get_encoder()
+    """<|endoftext|> then the document's tokens, as uint16. Runs in the worker processes (see _init_worker)."""
     # encode_ordinary: text that happens to contain '<|endoftext|>' stays text, never a separator
     ids = [_enc.eot_token]
     ids.extend(_enc.encode_ordinary(text))
     return np.array(ids, dtype=np.uint16)
 
 
-def tokenized(texts, workers, chunksize):
+def tokenized(texts, workers, chunksize, encoding='gpt2'):
     """Token arrays of the documents, in stream order. Pool.imap keeps order, so the shards are the same
     for any number of workers. imap on its own would read the whole (possibly 10B-token) stream into
     its task queue, so the stream goes in batches: the next batch is read and queued while the workers
@@ -77,7 +82,7 @@ def tokenized(texts, workers, chunksize):
         yield from map(tokenize, texts)
         return
     batch_docs = workers * chunksize * BATCH_TASKS
-    with Pool(workers) as pool:
+    with Pool(workers, initializer=_init_worker, initargs=(encoding,)) as pool:
         pending, batch = None, []
         for text in texts:
             batch.append(text)
@@ -177,6 +182,7 @@ def check_state(out_dir, state):
                          "use another --out_dir or delete those shards")
     with open(path) as f:
         old = json.load(f)
+    old.setdefault('encoding', 'gpt2')  # state files from before the tokenizer was recorded were all GPT-2
     changed = [f"{k} {old.get(k)!r} -> {state[k]!r}" for k in state if old.get(k) != state[k]]
     if changed:
         raise SystemExit(one_line(f"{out_dir} holds shards prepared with other arguments ({'; '.join(changed)}); "
@@ -184,9 +190,10 @@ def check_state(out_dir, state):
 
 
 def prepare(dataset=DATASET, sample=SAMPLE, local=None, text_field='text', out_dir=None, shard_tokens=SHARD_TOKENS,
-            val_tokens=None, max_tokens=0, workers=None, chunksize=16, name=None):
+            val_tokens=None, max_tokens=0, workers=None, chunksize=16, name=None, encoding='gpt2'):
     """Tokenise the dataset (or the local files) into out_dir; returns the summary printed at the end.
-    name: the shard file prefix, by default from the dataset (fineweb, fineweb_edu, openwebtext)."""
+    name: the shard file prefix, by default from the dataset (fineweb, fineweb_edu, openwebtext);
+    encoding: the tiktoken encoding (it needs an <|endoftext|> token, the document separator)."""
     val_tokens = shard_tokens if val_tokens is None else val_tokens
     workers = workers or default_workers()
     name = name or shard_prefix(dataset)
@@ -197,18 +204,21 @@ def prepare(dataset=DATASET, sample=SAMPLE, local=None, text_field='text', out_d
             raise SystemExit(f"--{flag} must be >= {low}, got {v}")
 
     global _enc
-    _enc = get_encoder()  # before the stream, so an offline machine fails fast and downloads nothing
+    _enc = get_encoder(encoding)  # before the stream, so an offline machine fails fast and downloads nothing
     assert _enc.n_vocab < 2**16, "tokens are stored as uint16"
+    if '<|endoftext|>' not in _enc.special_tokens_set:
+        raise SystemExit(f"--encoding {encoding} has no <|endoftext|> token to separate documents; use one that has")
     builder, files = resolve_local(local) if local else (None, None)
     # what decides the token stream and how it is cut; max_tokens is left out, so a longer run can extend a short one
     state = {'name': name, 'dataset': None if files else dataset, 'sample': None if files else sample,
-             'local': files, 'text_field': text_field, 'shard_tokens': shard_tokens, 'val_tokens': val_tokens}
+             'local': files, 'text_field': text_field, 'shard_tokens': shard_tokens, 'val_tokens': val_tokens,
+             'encoding': encoding}
     os.makedirs(out_dir, exist_ok=True)
     check_state(out_dir, state)
     records = open_stream(dataset, sample, files, builder)
     write_atomic(os.path.join(out_dir, STATE_FILE), lambda f: f.write(json.dumps(state, indent=1).encode()))
     write_atomic(os.path.join(out_dir, 'meta.pkl'),
-                 lambda f: pickle.dump({'vocab_size': _enc.n_vocab, 'tokenizer': 'gpt2'}, f))
+                 lambda f: pickle.dump({'vocab_size': _enc.n_vocab, 'tokenizer': encoding}, f))
     for tmp in glob.glob(os.path.join(out_dir, f'{name}_*.bin.tmp*')):
         os.remove(tmp)  # left by a run that was killed mid-write (common.write_shard cleans up otherwise)
 
@@ -246,7 +256,7 @@ def prepare(dataset=DATASET, sample=SAMPLE, local=None, text_field='text', out_d
 
     stop = False
     bar = new_bar()
-    docs = tokenized(texts_of(records, text_field), workers, chunksize)
+    docs = tokenized(texts_of(records, text_field), workers, chunksize, encoding)
     try:
         for toks in docs:
             stats['documents'] += 1
@@ -304,6 +314,7 @@ def build_parser(description, dataset=DATASET, sample=SAMPLE, out_dir=None):
     p.add_argument('--max_tokens', type=int, default=0, help="stop after this many train tokens (default 0: all)")
     p.add_argument('--workers', type=int, default=default_workers(), help="tokeniser processes (default: CPUs - 1)")
     p.add_argument('--chunksize', type=int, default=16, help="documents per worker task (default 16)")
+    p.add_argument('--encoding', default='gpt2', help="tiktoken encoding name, recorded in meta.pkl (default gpt2)")
     return p
 
 
@@ -312,7 +323,7 @@ def main(argv=None, description=__doc__, dataset=DATASET, sample=SAMPLE, out_dir
     return prepare(dataset=args.dataset, sample=getattr(args, 'sample', None), local=args.local,
                    text_field=args.text_field, out_dir=args.out_dir, shard_tokens=args.shard_tokens,
                    val_tokens=args.val_tokens, max_tokens=args.max_tokens, workers=args.workers,
-                   chunksize=args.chunksize)
+                   chunksize=args.chunksize, encoding=args.encoding)
 
 
 if __name__ == '__main__':

@@ -2,12 +2,13 @@
 Prepare Tiny Shakespeare with the GPT-2 BPE tokenizer (tiktoken).
 Writes train.bin / val.bin (uint16 token ids) and meta.pkl into out_dir.
 
-    python data/shakespeare/prepare.py [--input PATH] [--out_dir DIR]
+    python data/shakespeare/prepare.py [--input PATH] [--out_dir DIR] [--encoding gpt2]
 
 The text comes from the same places as data/shakespeare_char/prepare.py
 (--input, then $TINYSHAKESPEARE_PATH, then out_dir/input.txt, then a download).
 tiktoken fetches its BPE files on first use; offline, point TIKTOKEN_CACHE_DIR
-at a folder that already holds them.
+at a folder that already holds them. --encoding picks another tiktoken encoding (any name tiktoken or
+one of its tiktoken_ext plugins knows); meta.pkl records it, and sampling decodes with it.
 """
 import argparse
 import os
@@ -24,17 +25,17 @@ except ImportError:
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
-def get_encoder():
+def get_encoder(encoding='gpt2'):
     try:
-        return tiktoken.get_encoding("gpt2")
-    except (OSError, ValueError) as e:  # requests' errors are OSErrors; a corrupt download is a ValueError
+        return tiktoken.get_encoding(encoding)
+    except (OSError, ValueError) as e:  # requests' errors are OSErrors; a corrupt download or unknown name a ValueError
         reason = f"{type(e).__name__}: {one_line(e)}"[:160]  # requests' messages run to several hundred chars
-        raise SystemExit(f"could not load the GPT-2 BPE files for tiktoken ({reason}); "
-                         f"set TIKTOKEN_CACHE_DIR to a folder holding the GPT-2 BPE files") from None
+        raise SystemExit(f"could not load the {encoding!r} BPE files for tiktoken ({reason}); "
+                         f"set TIKTOKEN_CACHE_DIR to a folder holding them") from None
 
-def prepare(input_path=None, out_dir=None):
+def prepare(input_path=None, out_dir=None, encoding='gpt2'):
     out_dir = out_dir or HERE
-    enc = get_encoder()  # before the text, so an offline machine fails fast and downloads nothing
+    enc = get_encoder(encoding)  # before the text, so an offline machine fails fast and downloads nothing
     data = get_text(input_path, out_dir)
 
     # split by characters (first 90% train) and encode each part on its own, as nanoGPT does;
@@ -44,8 +45,8 @@ def prepare(input_path=None, out_dir=None):
     val_ids = enc.encode_ordinary(data[int(n * 0.9):])
     assert enc.n_vocab < 2**16, "ids are stored as uint16"
 
-    # 'tokenizer' tells sampling code to decode with tiktoken rather than an itos table
-    write_split(out_dir, train_ids, val_ids, {'vocab_size': enc.n_vocab, 'tokenizer': 'gpt2'})
+    # 'tokenizer' tells sampling code to decode with this tiktoken encoding rather than an itos table
+    write_split(out_dir, train_ids, val_ids, {'vocab_size': enc.n_vocab, 'tokenizer': encoding})
     print(f"{n:,} chars, vocab size {enc.n_vocab}, train {len(train_ids):,} tokens, "
           f"val {len(val_ids):,} tokens -> {out_dir}")
     return {'chars': n, 'vocab_size': enc.n_vocab, 'train_tokens': len(train_ids), 'val_tokens': len(val_ids)}
@@ -54,5 +55,6 @@ if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--input', default=None, help="local copy of input.txt (else $TINYSHAKESPEARE_PATH, else download)")
     parser.add_argument('--out_dir', default=None, help="where to write train.bin/val.bin/meta.pkl (default: this folder)")
+    parser.add_argument('--encoding', default='gpt2', help="tiktoken encoding name (default gpt2)")
     args = parser.parse_args()
-    prepare(args.input, args.out_dir)
+    prepare(args.input, args.out_dir, args.encoding)

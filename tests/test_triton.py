@@ -1,0 +1,338 @@
+"""kernels/triton_attn.py against the float64 oracle of test_attention.py: forward and gradients (dq, dk, dv w.r.t.
+the raw q, k, v, through a float64 QK-norm + row-scale step written here), LSSA and LSSAR (p = 3, 15), the exp kind
+(SSMax, softmax), Tq < Tk with pos_offset, exactly uniform rows, fp16, torch.compile. Without CUDA the kernels
+run through Triton's interpreter (TRITON_INTERPRET=1, set by the module) with 16 x 16 blocks, so every length
+here crosses block edges; tests marked `cuda` need a GPU (bf16, long T)."""
+
+import math
+import os
+
+import pytest
+import torch
+
+if not torch.cuda.is_available():
+    # before anything imports triton (pytest imports every test module before running any test): triton reads
+    # the flag when its own @jit functions are defined, at import (kernels/triton_attn.py sets it too, but only
+    # helps if it is the first to import triton)
+    os.environ.setdefault("TRITON_INTERPRET", "1")
+try:
+    from kernels import triton_attn as ta  # (sets TRITON_INTERPRET=1 on a machine without CUDA)
+except ImportError:  # no triton here (e.g. not Linux): conftest.py deselects this file's tests, marked `triton`
+    ta = None
+pytestmark = pytest.mark.triton
+from model import REWEIGHT_EXEMPT_ROWS  # noqa: E402
+from tests.test_attention import make_qkv, oracle  # noqa: E402
+
+DEV = "cuda" if torch.cuda.is_available() else "cpu"
+cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def prepare(q, k, kind, off):
+    """What the model does before the kernel, in float64: LSSA / SSMax (QK-norm, q scaled by log(d) log(N_t)) or
+    softmax (q / sqrt(d)); differentiable, so the gradients reach the raw q, k."""
+    if kind == "softmax":
+        return q / math.sqrt(q.shape[-1]), k
+    n = torch.arange(off + 1, off + q.shape[2] + 1, dtype=torch.float64, device=q.device).view(-1, 1)
+    qn = q / q.norm(dim=-1, keepdim=True) * (math.log(q.shape[-1]) * torch.log(n))
+    return qn, k / k.norm(dim=-1, keepdim=True)
+
+
+def kernel(q, k, v, p, off, attn="lssa", dtype=torch.float32, v_dtype=None):
+    """triton_attention on raw float64 CPU q, k, v: prepared in float64, cast to `dtype` (v to v_dtype), run on
+    DEV; the output comes back to the CPU (all differentiably)."""
+    q, k, v = (x.to(DEV) for x in (q, k, v))
+    qp, kp = prepare(q, k, attn, off)
+    kind = "softplus" if attn == "lssa" else "exp"
+    return ta.triton_attention(qp.to(dtype), kp.to(dtype), v.to(v_dtype or dtype), off, p, kind).cpu()
+
+
+def grads(fn, q, k, v, go):
+    """fn(q, k, v) and its gradients for the output gradient go, as float64 (CPU tensors in and out)."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    out = fn(q, k, v)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), go.to(out.dtype))
+    return [t.double() for t in (out, dq, dk, dv)]
+
+
+def rel_errors(got, want):
+    """Largest error of each of out, dq, dk, dv relative to the largest magnitude among them (as
+    tests/test_backends.py: a gradient that is exactly 0, e.g. dq of a one-key row, only has absolute rounding)."""
+    ref = max(w.abs().max().item() for w in want)
+    for g in got:
+        assert torch.isfinite(g).all()
+    return [(g - w).abs().max().item() / max(ref, 1e-30) for g, w in zip(got, want, strict=True)]
+
+
+def check(q, k, v, p, off, attn="lssa", tol=None, go=None, **kw):
+    go = torch.randn(v.shape[:2] + q.shape[2:], generator=torch.Generator().manual_seed(1), dtype=torch.float64) \
+        if go is None else go
+    want = grads(lambda a, b, c: oracle(a, b, c, attn, p, pos_offset=off), q, k, v, go)
+    got = grads(lambda a, b, c: kernel(a, b, c, p, off, attn, **kw), q, k, v, go)
+    errs = rel_errors(got, want)
+    tol = tol or (1e-5 if p == 0 else 5e-5)  # as the math backend (test_backends.py)
+    assert max(errs) <= tol, dict(zip(("out", "dq", "dk", "dv"), errs, strict=True))
+    return got
+
+
+# ----------------------------------------------------------------------------------------------------
+# LSSA / LSSAR, fp32, against the oracle
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.0, 3.0, 15.0], ids=["p0", "p3", "p15"])
+@pytest.mark.parametrize("D", [16, 64])
+@pytest.mark.parametrize("T", [1, 3, 17, 64, 130, 257])
+def test_matches_oracle_fp32(T, D, p):
+    B, H = (2, 2) if T <= 17 else (1, 1)  # several batch x head programs where it is cheap
+    q, k, v = make_qkv(B, H, T, T, D, seed=T + D, scale=2.0)
+    check(q, k, v, p, 0)
+
+
+@pytest.mark.parametrize("p", [0.0, 15.0], ids=["p0", "p15"])
+@pytest.mark.parametrize("Tq,Tk,off", [(7, 131, 124), (7, 131, 60), (7, 131, 0), (1, 40, 39), (20, 50, 5)])
+def test_pos_offset(Tq, Tk, off, p):
+    """Tq < Tk (KV cache): query t at position off + t. off = Tk - Tq is the default placement, off = 0 puts the
+    re-weighting's exempt rows in the block, (20, 50, 5) has query and key blocks misaligned."""
+    q, k, v = make_qkv(1, 2, Tq, Tk, 16, seed=Tq + off, scale=2.0)
+    _, _, dk, dv = check(q, k, v, p, off)
+    # keys after the last query's position are invisible: no gradient, and changing them changes nothing
+    assert not dk[:, :, off + Tq:].any() and not dv[:, :, off + Tq:].any()
+    k2, v2 = k.clone(), v.clone()
+    k2[:, :, off + Tq:], v2[:, :, off + Tq:] = 100.0, -100.0
+    with torch.no_grad():
+        assert torch.equal(kernel(q, k, v, p, off), kernel(q, k2, v2, p, off))
+
+
+def test_causality():
+    T = 40
+    q, k, v = make_qkv(1, 2, T, T, 16, seed=3, scale=2.0)
+    with torch.no_grad():
+        base = kernel(q, k, v, 15.0, 0)
+        for t in (0, 2, 15, 16, 31):  # block edges at 16, 32
+            k2, v2 = k.clone(), v.clone()
+            k2[:, :, t + 1:] *= -3.0
+            v2[:, :, t + 1:] += 5.0
+            out = kernel(q, k2, v2, 15.0, 0)
+            assert torch.equal(out[:, :, :t + 1], base[:, :, :t + 1]), f"future keys leaked into rows <= {t}"
+            assert not torch.equal(out[:, :, t + 1:], base[:, :, t + 1:])
+
+
+def test_exempt_rows_come_from_model():
+    """The kernel's O_t = 0 rows are model.REWEIGHT_EXEMPT_ROWS (rows 1, 2 keep below-average weights)."""
+    assert ta._constants(15.0, "softplus")["EXEMPT"] == REWEIGHT_EXEMPT_ROWS
+    q, k, v = make_qkv(1, 2, 6, 6, 16, seed=19)
+    check(q, k, v, 3.0, 0)
+
+
+# ----------------------------------------------------------------------------------------------------
+# uniform rows: the re-weighting's all-zero rows
+# ----------------------------------------------------------------------------------------------------
+def orthogonal_qkv(B, H, T, d, seed, every=1):
+    """Queries orthogonal to every key (disjoint supports: each product in q.k is exactly 0), so every score is
+    exactly 0 and each row's weights are exactly uniform. every=2: only odd rows; even rows get random queries."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.randn(B, H, T, d, generator=g, dtype=torch.float64)
+    k = torch.zeros(B, H, T, d, dtype=torch.float64)
+    k[..., d // 2:] = torch.randn(B, H, T, d // 2, generator=g, dtype=torch.float64)
+    q[:, :, every - 1::every, d // 2:] = 0.0
+    v = torch.randn(B, H, T, d, generator=g, dtype=torch.float64) + 3.0  # clearly non-zero means
+    return q, k, v
+
+
+POW2_ROWS = [n - 1 for n in (4, 8, 16, 32, 64, 128)]  # N_t a power of two: N identical weights sum exactly
+
+
+@pytest.mark.parametrize("p", [0.0, 3.0, 15.0], ids=["p0", "p3", "p15"])
+def test_uniform_rows(p):
+    """Every score 0, so A_tj = 1 / N_t exactly. Rows 0-2 (O = 0), and every row without re-weighting, output the
+    mean of the visible v; with re-weighting, rows >= 3 have N A - 1 = 0, R = 0: output exactly 0 where N_t is a
+    power of two (elsewhere the row sum may round and the row legitimately survives, see test_attention.py).
+    Gradients are finite everywhere (0 through the all-zero rows)."""
+    T = 130
+    q, k, v = orthogonal_qkv(1, 2, T, 16, seed=17)
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    out = kernel(qg, kg, vg, p, 0)
+    mean = v.cumsum(dim=2) / torch.arange(1, T + 1, dtype=torch.float64).view(T, 1)
+    rows = range(T) if p == 0 else range(REWEIGHT_EXEMPT_ROWS)
+    for t in rows:
+        torch.testing.assert_close(out[:, :, t].double(), mean[:, :, t], rtol=1e-5, atol=1e-5)
+    if p > 0:
+        for t in POW2_ROWS:
+            assert torch.equal(out[:, :, t], torch.zeros_like(out[:, :, t])), f"row {t} should be exactly 0"
+    out.sum().backward()
+    for x in (qg, kg, vg):
+        assert torch.isfinite(x.grad).all()
+
+
+@pytest.mark.parametrize("p", [3.0, 15.0], ids=["p3", "p15"])
+def test_zero_rows_among_others(p):
+    """Exactly uniform (all-zero after re-weighting) rows interleaved with ordinary rows: the ordinary rows, the
+    zero rows and all gradients match the oracle. Uniform rows at N_t other than powers of two are left out (of
+    the comparison and, through dout = 0, of the gradients): whether they survive depends on how the row sum
+    rounds, in fp32 here and in fp64 in the oracle."""
+    T = 130
+    q, k, v = orthogonal_qkv(1, 2, T, 16, seed=21, every=2)
+    uniform = torch.zeros(T, dtype=torch.bool)
+    uniform[1::2] = True  # rows 1 (O = 0: the mean), 3 (N = 4: exactly 0), 5, 7, ...
+    keep = ~uniform | torch.isin(torch.arange(T), torch.tensor(POW2_ROWS + [1]))
+    go = torch.randn(1, 2, T, 16, generator=torch.Generator().manual_seed(2), dtype=torch.float64)
+    go[:, :, ~keep] = 0.0
+    want = grads(lambda a, b, c: oracle(a, b, c, "lssa", p, pos_offset=0), q, k, v, go)
+    got = grads(lambda a, b, c: kernel(a, b, c, p, 0), q, k, v, go)
+    want[0], got[0] = want[0][:, :, keep], got[0][:, :, keep]
+    errs = rel_errors(got, want)
+    assert max(errs) <= 5e-5, errs
+    for t in POW2_ROWS:  # all odd: uniform, and exactly 0 in both
+        i = keep[:t].sum()  # row t among the kept rows
+        assert not want[0][:, :, i].any() and not got[0][:, :, i].any()
+
+
+# ----------------------------------------------------------------------------------------------------
+# the exp kind (SSMax, softmax) through the same kernels
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("attn,p,scale", [("ssmax", 0.0, 2.0), ("ssmax", 15.0, 2.0), ("softmax", 0.0, 4.0),
+                                          ("softmax", 3.0, 4.0)])
+def test_exp_kind(attn, p, scale):
+    """softmax at scale 4 has scores of +-30 and more: exercises the online row max and its rescaling."""
+    q, k, v = make_qkv(1, 2, 70, 70, 16, seed=5, scale=scale)
+    check(q, k, v, p, 0, attn=attn)
+
+
+# ----------------------------------------------------------------------------------------------------
+# dtypes, layouts, interface
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("p", [0.0, 15.0], ids=["p0", "p15"])
+@pytest.mark.parametrize("qk_dtype", [torch.float16, torch.float32], ids=["qk16", "qk32"])
+def test_fp16(qk_dtype, p):
+    """fp16 v (and the probabilities cast to it for P @ V), with fp16 or fp32 q, k; output in v's dtype. An fp16
+    q.k is off by ~5e-4 x the score scale (~10 here), and the p-th power amplifies score errors ~p-fold: 2e-2 then
+    (measured 8e-3 on dq at p = 15); model.py keeps q, k in fp32 for this reason."""
+    q, k, v = make_qkv(1, 2, 40, 40, 16, seed=6, scale=2.0)
+    tol = 2e-2 if p > 0 and qk_dtype == torch.float16 else 1e-2
+    check(q, k, v, p, 0, tol=tol, dtype=qk_dtype, v_dtype=torch.float16)
+    assert kernel(q, k, v, p, 0, dtype=qk_dtype, v_dtype=torch.float16).dtype == torch.float16
+
+
+def test_non_contiguous_and_head_size_not_power_of_two():
+    B, H, T, d = 2, 3, 21, 24  # d = 24: padded to 32 inside the kernel
+    g = torch.Generator().manual_seed(8)
+    q, k, v = (torch.randn(B, T, H, d, generator=g, dtype=torch.float64).transpose(1, 2) for _ in range(3))
+    assert not q.is_contiguous()
+    check(q, k, v, 15.0, 0)
+
+
+def test_supports():
+    q = torch.zeros(1, 2, 5, 16, device=DEV)
+    assert ta.supports(q, q, q, "softplus", 15.0) is None
+    assert ta.supports(q, q, q, "exp", 0.0) is None
+    assert "kind" in ta.supports(q, q, q, "relu", 0.0)
+    big = torch.zeros(1, 2, 5, 256, device=DEV)
+    assert "head size" in ta.supports(big, big, big, "softplus", 0.0)
+    assert "dtype" in ta.supports(q.double(), q.double(), q.double(), "softplus", 0.0)
+    assert ta.supports(q, q[:, :1], q[:, :1], "softplus", 0.0) is not None
+    if DEV == "cpu":
+        assert "bfloat16" in ta.supports(q, q, q.bfloat16(), "softplus", 0.0)  # the interpreter gets bf16 wrong
+    with pytest.raises(ValueError, match="pos_offset"):
+        ta.forward(q, q, q, 3, 0.0)
+    empty = q[:, :, :0]  # no query rows: empty output, zero gradients, nothing launched
+    out, S, M, Z = ta.forward(empty, q, q, 5, 15.0)
+    assert out.shape == (1, 2, 0, 16) and S.shape == (1, 2, 0)
+    dq, dk, dv = ta.backward(out, empty, q, q, out, S, M, Z, 5, 15.0)
+    assert dq.shape == empty.shape and not dk.any() and not dv.any()
+
+
+def test_torch_compile_no_graph_breaks():
+    """The custom ops are opaque to dynamo: no graph break, and the compiled function (forward and backward)
+    gives the eager result."""
+    q, k, v = make_qkv(1, 2, 20, 20, 16, seed=9, scale=2.0)
+
+    def fn(q, k, v):
+        return ta.triton_attention(q * 1.5, k, v, 0, 15.0).square().sum()
+
+    args = [x.float().to(DEV).requires_grad_() for x in (q, k, v)]
+    explained = torch._dynamo.explain(fn)(*args)
+    assert explained.graph_break_count == 0 and explained.graph_count == 1
+    want = fn(*args)
+    want_grads = torch.autograd.grad(want, args)
+    for backend in ("aot_eager", "inductor"):  # aot_eager: the fake / autograd registrations; inductor: the default
+        torch._dynamo.reset()
+        got = torch.compile(fn, fullgraph=True, backend=backend)(*args)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        for a, b in zip(torch.autograd.grad(got, args), want_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
+# ----------------------------------------------------------------------------------------------------
+# GPU only
+# ----------------------------------------------------------------------------------------------------
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("qk_dtype,p", [(torch.bfloat16, 0.0), (torch.float32, 0.0), (torch.float32, 15.0)],
+                         ids=["qk16-p0", "qk32-p0", "qk32-p15"])
+def test_bf16_cuda(qk_dtype, p):
+    """bf16 v; bf16 q, k only without re-weighting (a bf16 cosine is off by ~4e-3, ~0.1 in a score scaled by
+    log(d) log(N), which the p-th power amplifies: model.py keeps q, k in fp32)."""
+    q, k, v = make_qkv(2, 3, 300, 300, 64, seed=10, scale=2.0)
+    check(q, k, v, p, 0, tol=2e-2, dtype=qk_dtype, v_dtype=torch.bfloat16)
+
+
+def chunked_oracle_grads(q, k, v, p, go, rows=512):
+    """out, dq, dk, dv of the float64 oracle, by query chunks (the oracle's pos_offset places a chunk; rows are
+    independent given q, k, v): memory O(rows x T) instead of the full T x T matrix."""
+    q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
+    outs = []
+    for c0 in range(0, q.shape[2], rows):
+        c1 = min(c0 + rows, q.shape[2])
+        out = oracle(q[:, :, c0:c1], k[:, :, :c1], v[:, :, :c1], "lssa", p, pos_offset=c0)
+        out.backward(go[:, :, c0:c1])
+        outs.append(out.detach())
+    return [torch.cat(outs, dim=2), q.grad, k.grad, v.grad]
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("T", [1000, 4097, 16384])
+@pytest.mark.parametrize("p", [0.0, 15.0], ids=["p0", "p15"])
+def test_long_cuda(T, p):
+    """Long rows (the oracle by chunks, on the CPU), fp32."""
+    q, k, v = make_qkv(1, 1, T, T, 64, seed=T, scale=2.0)
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want = chunked_oracle_grads(q, k, v, p, go)
+    got = grads(lambda a, b, c: kernel(a, b, c, p, 0), q, k, v, go)
+    errs = rel_errors(got, want)
+    assert max(errs) <= (1e-5 if p == 0 else 5e-5), errs
+
+
+# ----------------------------------------------------------------------------------------------------
+# the backend: dispatch from a spec, and the fallback when a kernel fails
+# ----------------------------------------------------------------------------------------------------
+TRITON_CASES = [("lssa", 0.0), ("lssar", 0.0), ("lssa", 3.0), ("softmax", 15.0), ("ssmax", 0.0), ("ssmax", 15.0),
+                ("ssmax_learn", 0.0), ("ssmax_learn", 15.0)]
+
+
+@pytest.mark.parametrize("attn,p", TRITON_CASES, ids=[f"{a}-p{p:g}" for a, p in TRITON_CASES])
+def test_backend_matches_the_oracle(attn, p):
+    """causal_attention(..., backend='triton'): the spec's prepare step (QK-norm, scales, learned per-head s) then
+    the kernels, forward and gradients, queries after a KV cache."""
+    from tests.test_attention import attention
+    q, k, v = make_qkv(2, 3, 21, 50, 16, seed=5, scale=2.0)
+    go = torch.randn(2, 3, 21, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
+    want = grads(lambda a, b, c: oracle(a, b, c, attn, p, pos_offset=29), q, k, v, go)
+    got = grads(lambda a, b, c: attention(a.float(), b.float(), c.float(), attn, p, 29, backend="triton"), q, k, v, go)
+    assert max(rel_errors(got, want)) < (1e-5 if p == 0 and attn != "lssar" else 5e-5)
+
+
+def test_a_failing_kernel_falls_back_to_math(monkeypatch):
+    """A compile or launch failure warns once (kind, shape, error) and the call is computed by the math backend,
+    forward and backward; a training run goes on."""
+    def broken(*a, **k):
+        raise RuntimeError("out of resources: shared memory")
+
+    q, k, v = make_qkv(1, 2, 20, 20, 16, seed=7, scale=2.0)
+    go = torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    want = grads(lambda a, b, c: oracle(a, b, c, "lssa", 15.0), q, k, v, go)
+    for name in ("forward", "backward"):
+        monkeypatch.setattr(ta, "_WARNED", set())
+        with monkeypatch.context() as m:
+            m.setattr(ta, name, broken)
+            with pytest.warns(UserWarning, match=f"triton {name} kernel failed for kind=softplus p=15.*out of resources"):
+                got = grads(lambda a, b, c: kernel(a, b, c, 15.0, 0), q, k, v, go)
+        assert max(rel_errors(got, want)) < 5e-5
