@@ -307,33 +307,12 @@ def evaluate(specs, *, multipliers="1,2,4,8,16", lengths="", tokens=0, stride=0,
     for d, ov in specs:
         if d not in loaded:
             loaded[d] = load_checkpoint(d, dev)
-        ck = loaded[d]
-        cfg, margs = ck["config"], ck["model_args"]
-        if not applies(margs, ov):
-            skipped.append({"ckpt": d, "eval": ov, "why": f"pos={margs.get('pos')!r} has no RoPE to extend"})
+        if not applies(loaded[d]["model_args"], ov):
+            skipped.append({"ckpt": d, "eval": ov, "why": f"pos={loaded[d]['model_args'].get('pos')!r} has no RoPE to extend"})
             print(f"skipped {d} with {ov}: {skipped[-1]['why']}", file=sys.stderr)
             continue
-        lens = checkpoint_lengths(d, margs, lengths=lengths, multipliers=multipliers)
-        val = load_stream(cfg["dataset"], "val", cfg.get("data_dir", ""))
-        plans = None  # document-aware mode: each length's windows, documents used, documents long enough
-        if doc_sep:
-            docs = documents(val, doc_separator(load_meta(cfg["dataset"], cfg.get("data_dir", "")), doc_sep))
-            plans = {L: doc_window_plan(docs, L, tokens) for L in lens}
-        budget = token_budget(len(val), lens, requested=tokens, stride=stride) if plans is None else tokens
-        top = int(val[:budget + 1].max() if plans is None else val.max())
-        if top >= margs["vocab_size"]:
-            raise SystemExit(f"eval error: vocab mismatch: {d} has {margs['vocab_size']} tokens but its validation "
-                             f"data holds token id {top}; evaluate it on the dataset it was trained on")
-        eff, trained, label = eval_time(d, margs, ov)
-        overrides = dict(ov)
-        if backend:
-            overrides["attn_backend"] = backend
-        checked_config(margs, dev, **overrides)  # a backend that cannot compute this model fails now, not mid-run
-        jobs.append(dict(ckpt=d, ckpt_data=ck, val=val, plans=plans, lens=lens, budget=budget, overrides=overrides,
-                         label=label, attn=eff.attn, reweight_p=eff.reweight_p, trained_reweight_p=trained.reweight_p,
-                         eval=ov, pos=eff.pos, rope_scaling=eff.rope_scaling, rope_factor=eff.rope_factor,
-                         logn_scale=eff.logn_scale, block_size=margs["block_size"], dataset=cfg["dataset"],
-                         iter_num=ck["iter_num"]))
+        jobs.append(plan_job(d, loaded[d], ov, dev, lengths=lengths, multipliers=multipliers, tokens=tokens,
+                             stride=stride, backend=backend, doc_sep=doc_sep))
     if not jobs:
         raise SystemExit("eval error: no checkpoint takes the eval-time settings asked for; see the lines above")
     total_tokens = sum(j["budget"] * len(j["lens"]) if j["plans"] is None else
@@ -342,26 +321,8 @@ def evaluate(specs, *, multipliers="1,2,4,8,16", lengths="", tokens=0, stride=0,
     with tqdm(total=total_tokens, unit="tok", unit_scale=True, desc="eval_length", file=sys.stderr) as pbar:
         for j in jobs:
             model = model_from_checkpoint(j["ckpt_data"], dev, **j["overrides"]).eval()
-            results = []
-            for L in j["lens"]:
-                pbar.set_postfix_str(f"{j['label']} @ {L}")
-                t0 = time.time()
-                extra, plan = {}, None
-                if j["plans"] is not None:
-                    plan, used, long_enough = j["plans"][L]
-                    extra = {"documents": used, "documents_long_enough": long_enough}
-                    if used < min_docs:
-                        extra["warning"] = (f"only {used} document(s) of >= {L + 1} tokens"
-                                            + ("" if used else ": no loss at this length"))
-                        tqdm.write(f"{j['label']} @ {L}: {extra['warning']} (min_docs={min_docs})", file=sys.stderr)
-                    if not plan:
-                        results.append({"length": L, "multiplier": L / j["block_size"], "loss": None, "tokens": 0,
-                                        **extra})
-                        continue
-                total, count, bks = loss_at_length(model, j["val"], L, budget=j["budget"], stride=stride, plan=plan, ctx=ctx,
-                                                   device=dev, buckets=buckets, batch_tokens=batch_tokens, pbar=pbar)
-                results.append({"length": L, "multiplier": L / j["block_size"], "loss": total / count, "tokens": count,
-                                **extra, "seconds": round(time.time() - t0, 2), "position_buckets": bks})
+            results = [loss_record(model, j, L, stride=stride, ctx=ctx, device=dev, buckets=buckets,
+                                   batch_tokens=batch_tokens, min_docs=min_docs, pbar=pbar) for L in j["lens"]]
             runs.append({k: j[k] for k in ("label", "ckpt", "attn", "reweight_p", "trained_reweight_p", "eval", "pos",
                                            "rope_scaling", "rope_factor", "logn_scale", "block_size", "dataset",
                                            "iter_num", "overrides", "budget")} | {"results": results})
@@ -375,6 +336,48 @@ def evaluate(specs, *, multipliers="1,2,4,8,16", lengths="", tokens=0, stride=0,
         "device": dev, "dtype": dt, "batch_tokens": batch_tokens, "attn_backend": backend or "checkpoint's",
     }
     return {"protocol": protocol, "runs": runs} | ({"skipped": skipped} if skipped else {})
+
+
+def plan_job(d, ck, ov, dev, *, lengths, multipliers, tokens, stride, backend, doc_sep):
+    """Everything about evaluating checkpoint d (loaded: ck) with eval-time overrides ov that can be checked before
+    any evaluation: lengths, data, token budget (or each length's windows inside documents), vocabulary, backend."""
+    cfg, margs = ck["config"], ck["model_args"]
+    lens = checkpoint_lengths(d, margs, lengths=lengths, multipliers=multipliers)
+    val = load_stream(cfg["dataset"], "val", cfg.get("data_dir", ""))
+    plans = None  # document-aware mode: each length's windows, documents used, documents long enough
+    if doc_sep:
+        docs = documents(val, doc_separator(load_meta(cfg["dataset"], cfg.get("data_dir", "")), doc_sep))
+        plans = {L: doc_window_plan(docs, L, tokens) for L in lens}
+    budget = token_budget(len(val), lens, requested=tokens, stride=stride) if plans is None else tokens
+    top = int(val[:budget + 1].max() if plans is None else val.max())
+    if top >= margs["vocab_size"]:
+        raise SystemExit(f"eval error: vocab mismatch: {d} has {margs['vocab_size']} tokens but its validation "
+                         f"data holds token id {top}; evaluate it on the dataset it was trained on")
+    eff, trained, label = eval_time(d, margs, ov)
+    overrides = dict(ov) | ({"attn_backend": backend} if backend else {})
+    checked_config(margs, dev, **overrides)  # a backend that cannot compute this model fails now, not mid-run
+    return dict(ckpt=d, ckpt_data=ck, val=val, plans=plans, lens=lens, budget=budget, overrides=overrides, label=label,
+                attn=eff.attn, reweight_p=eff.reweight_p, trained_reweight_p=trained.reweight_p, eval=ov, pos=eff.pos,
+                rope_scaling=eff.rope_scaling, rope_factor=eff.rope_factor, logn_scale=eff.logn_scale,
+                block_size=margs["block_size"], dataset=cfg["dataset"], iter_num=ck["iter_num"])
+
+
+def loss_record(model, j, L, *, stride, ctx, device, buckets, batch_tokens, min_docs, pbar):
+    """One length's result of a job: its loss, tokens, loss by position (and, inside documents, what it used)."""
+    t0, extra, plan = time.time(), {}, None
+    if j["plans"] is not None:
+        plan, used, long_enough = j["plans"][L]
+        extra = {"documents": used, "documents_long_enough": long_enough}
+        if used < min_docs:
+            extra["warning"] = f"only {used} document(s) of >= {L + 1} tokens" + ("" if used else ": no loss at this length")
+            tqdm.write(f"{j['label']} @ {L}: {extra['warning']} (min_docs={min_docs})", file=sys.stderr)
+        if not plan:
+            return {"length": L, "multiplier": L / j["block_size"], "loss": None, "tokens": 0, **extra}
+    pbar.set_postfix_str(f"{j['label']} @ {L}")
+    total, count, bks = loss_at_length(model, j["val"], L, budget=j["budget"], stride=stride, plan=plan, ctx=ctx,
+                                       device=device, buckets=buckets, batch_tokens=batch_tokens, pbar=pbar)
+    return {"length": L, "multiplier": L / j["block_size"], "loss": total / count, "tokens": count, **extra,
+            "seconds": round(time.time() - t0, 2), "position_buckets": bks}
 
 
 def save_json(res, out_prefix, command):

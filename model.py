@@ -2,6 +2,7 @@
 The whole GPT in one file, with a switchable attention normalisation.
 
 Read top to bottom:
+  0. GPTConfig, the model's configuration
   1. the attention variants (the formulas: one registry entry each) and the canonical attention spec
   2. the re-weighting (stage 2), written once
   3. `causal_attention`, the one entry point, and a plain reference implementation of it
@@ -24,6 +25,62 @@ import torch.nn as nn
 from torch.nn import functional as F
 
 import kernels
+
+# -----------------------------------------------------------------------------
+# 0. the model's configuration (stored, canonical, in every checkpoint)
+
+
+@dataclass
+class GPTConfig:
+    block_size: int = 1024      # training context; rope/none models may be run longer, learned ones may not
+    vocab_size: int = 50304
+    n_layer: int = 12
+    n_head: int = 12
+    n_embd: int = 768
+    dropout: float = 0.0
+    bias: bool = True
+    attn: str = "softmax"       # a variant of VARIANTS (or a shorthand such as 'lssar', stored resolved)
+    reweight_p: float = 0.0     # > 0: re-weighting stage with this power (LSSAR: attn='lssa', reweight_p=15)
+    pos: str = "rope"           # rope | learned | none | alibi
+    rope_base: float = 10000.0
+    rope_scaling: str = "none"  # evaluation-time RoPE extension: none | pi | ntk | yarn (rope_inv_freq)
+    rope_factor: float = 0.0    # its factor s; 0 = per evaluated length: max(1, length / block_size)
+    logn_scale: bool = False    # scale scores by max(1, log(N_i) / log(block_size)) (log-length scaling)
+    attn_backend: str = "auto"  # auto | reference | math | sdpa | flex | triton (see kernels/)
+    attn_chunk: int = 256       # query rows per chunk in the math backend (memory O(chunk x T))
+
+    def __post_init__(self):
+        """Resolve the attention to its canonical form (stored so in checkpoints) and validate; errors name the fix."""
+        self.attn, self.reweight_p = canonical_attn(self.attn, self.reweight_p)
+        if self.pos not in ("rope", "learned", "none", "alibi"):
+            raise ValueError(f"unknown pos={self.pos!r}; choose rope, learned, none or alibi")
+        if self.rope_scaling not in ROPE_SCALINGS:
+            raise ValueError(f"unknown rope_scaling={self.rope_scaling!r}; choose one of {', '.join(ROPE_SCALINGS)}")
+        if self.rope_scaling != "none" and self.pos != "rope":
+            raise ValueError(f"rope_scaling={self.rope_scaling!r} extends RoPE; this model has pos={self.pos!r}")
+        if not (self.rope_factor == 0 or self.rope_factor >= 1):
+            raise ValueError(f"rope_factor must be 0 (per evaluated length) or >= 1, got {self.rope_factor}")
+        self.spec  # noqa: B018 - validates the attention spec (e.g. ALiBi on a variant with its own bias)
+        if self.n_embd % self.n_head:
+            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
+        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+            raise ValueError("RoPE needs an even head size (n_embd / n_head)")
+        if self.attn_backend not in ("reference", *kernels.BACKENDS):
+            raise ValueError(f"unknown attn_backend={self.attn_backend!r}; choose one of "
+                             f"{', '.join(('reference', *kernels.BACKENDS))}")
+
+    @property
+    def spec(self):
+        return AttnSpec(self.attn, self.reweight_p, alibi=self.pos == "alibi",
+                        logn_len=self.block_size if self.logn_scale else 0)
+
+    def rope(self, length):
+        """(inv_freq, attention temperature) of RoPE for a forward over `length` positions (rope_scaling)."""
+        d = self.n_embd // self.n_head
+        factor = 1.0 if self.rope_scaling == "none" else (self.rope_factor or max(1.0, length / self.block_size))
+        temp = yarn_temperature(factor) if self.rope_scaling == "yarn" else 1.0
+        return rope_inv_freq(d, self.rope_base, self.rope_scaling, factor, self.block_size), temp
+
 
 # -----------------------------------------------------------------------------
 # 1. attention variants: the formulas, one registry entry each
@@ -113,7 +170,6 @@ def alibi_slopes(h, H):
 def alibi_bias(i, j, h, H):
     """-m_h (i - j): a linear penalty on the distance to the key, its slope m_h fixed per head (pos='alibi')."""
     return -alibi_slopes(h, H) * (i - j)
-REWEIGHT_EXEMPT_ROWS = 3  # rows i = 0, 1, 2 use offset O_i = 0 "to avoid early instability"
 
 
 def attn_names():
@@ -203,6 +259,8 @@ def _with_alibi(kind, var):
 # -----------------------------------------------------------------------------
 # 2. the re-weighting (stage 2), written once: the reference, the math backend's forward and backward, and flex's
 # second pass call these; the Triton kernels compute the same two equations per tile.
+
+REWEIGHT_EXEMPT_ROWS = 3  # rows i = 0, 1, 2 use offset O_i = 0 "to avoid early instability"
 
 
 def reweight_offset(pos, dtype):
@@ -401,58 +459,6 @@ def apply_rope(x, cos, sin):
     x1, x2 = x.float().chunk(2, dim=-1)
     out = torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
     return out.to(x.dtype)
-
-
-@dataclass
-class GPTConfig:
-    block_size: int = 1024      # training context; rope/none models may be run longer, learned ones may not
-    vocab_size: int = 50304
-    n_layer: int = 12
-    n_head: int = 12
-    n_embd: int = 768
-    dropout: float = 0.0
-    bias: bool = True
-    attn: str = "softmax"       # a variant of VARIANTS (or a shorthand such as 'lssar', stored resolved)
-    reweight_p: float = 0.0     # > 0: re-weighting stage with this power (LSSAR: attn='lssa', reweight_p=15)
-    pos: str = "rope"           # rope | learned | none | alibi
-    rope_base: float = 10000.0
-    rope_scaling: str = "none"  # evaluation-time RoPE extension: none | pi | ntk | yarn (rope_inv_freq)
-    rope_factor: float = 0.0    # its factor s; 0 = per evaluated length: max(1, length / block_size)
-    logn_scale: bool = False    # scale scores by max(1, log(N_i) / log(block_size)) (log-length scaling)
-    attn_backend: str = "auto"  # auto | reference | math | sdpa | flex | triton (see kernels/)
-    attn_chunk: int = 256       # query rows per chunk in the math backend (memory O(chunk x T))
-
-    def __post_init__(self):
-        """Resolve the attention to its canonical form (stored so in checkpoints) and validate; errors name the fix."""
-        self.attn, self.reweight_p = canonical_attn(self.attn, self.reweight_p)
-        if self.pos not in ("rope", "learned", "none", "alibi"):
-            raise ValueError(f"unknown pos={self.pos!r}; choose rope, learned, none or alibi")
-        if self.rope_scaling not in ROPE_SCALINGS:
-            raise ValueError(f"unknown rope_scaling={self.rope_scaling!r}; choose one of {', '.join(ROPE_SCALINGS)}")
-        if self.rope_scaling != "none" and self.pos != "rope":
-            raise ValueError(f"rope_scaling={self.rope_scaling!r} extends RoPE; this model has pos={self.pos!r}")
-        if not (self.rope_factor == 0 or self.rope_factor >= 1):
-            raise ValueError(f"rope_factor must be 0 (per evaluated length) or >= 1, got {self.rope_factor}")
-        self.spec  # noqa: B018 - validates the attention spec (e.g. ALiBi on a variant with its own bias)
-        if self.n_embd % self.n_head:
-            raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
-            raise ValueError("RoPE needs an even head size (n_embd / n_head)")
-        if self.attn_backend not in ("reference", *kernels.BACKENDS):
-            raise ValueError(f"unknown attn_backend={self.attn_backend!r}; choose one of "
-                             f"{', '.join(('reference', *kernels.BACKENDS))}")
-
-    @property
-    def spec(self):
-        return AttnSpec(self.attn, self.reweight_p, alibi=self.pos == "alibi",
-                        logn_len=self.block_size if self.logn_scale else 0)
-
-    def rope(self, length):
-        """(inv_freq, attention temperature) of RoPE for a forward over `length` positions (rope_scaling)."""
-        d = self.n_embd // self.n_head
-        factor = 1.0 if self.rope_scaling == "none" else (self.rope_factor or max(1.0, length / self.block_size))
-        temp = yarn_temperature(factor) if self.rope_scaling == "yarn" else 1.0
-        return rope_inv_freq(d, self.rope_base, self.rope_scaling, factor, self.block_size), temp
 
 
 @dataclass

@@ -7,6 +7,7 @@ context into one table and two plots, with mean +- std over seeds.
     python sweep.py --seeds=1337,1,2 --runs=...        # a grid (README: the exact command of the committed one)
     python sweep.py --runs=softmax,lssar --grid="reweight_p=3,15" --max_iters=300 --results=results/quick/sweep
     python sweep.py --input=my.txt --data_dir=data/my_char --results=results/my/sweep   # any text, char-level
+    python sweep.py --replot=results/shakespeare_char/grid.json   # redraw the plots of a committed sweep
 
 A run is an attention name of model.py's registry, optionally with train.py overrides after colons:
 `lssar:pos=none`, `softmax:reweight_p=15`. --grid crosses every run with settings ("key=v1,v2;key2=..."),
@@ -47,6 +48,7 @@ multipliers = "1,2,4,8,16"
 eval_tokens = 32768      # validation tokens per length (the same at every length); 0 = all that fit
 device = "auto"
 results = "results/shakespeare_char/sweep"
+replot = ""              # a sweep's results .json: redraw its two plots without training or evaluating anything
 # -----------------------------------------------------------------------------
 EVAL_KEYS = ("reweight_p", "rope_scaling", "rope_factor", "logn_scale")
 
@@ -181,6 +183,8 @@ def aggregate(res, keys, labels):
 
 def main():
     configure(globals())
+    if replot:
+        return redraw(replot)
     check_range({"max_iters": max_iters, "eval_tokens": eval_tokens}, 0, prefix="sweep error")
     trained = expand_runs()
     seed_list = parse_list(seeds, int) if seeds.strip() else []
@@ -235,6 +239,32 @@ def markdown(res):
     return "\n".join(lines) + "\n"
 
 
+def redraw(path):
+    """--replot: the plots of a saved sweep (.json with its aggregated rows), next to it."""
+    import json
+
+    try:
+        with open(path) as f:
+            res = json.load(f)
+    except (OSError, ValueError) as e:
+        raise SystemExit(f"sweep error: cannot read {path!r} ({e.__class__.__name__}); pass a sweep's results .json") from None
+    if not isinstance(res, dict) or not res.get("rows"):
+        raise SystemExit(f"sweep error: {path!r} holds no sweep rows; pass a .json written by sweep.py")
+    for p in plot(res, path.removesuffix(".json")):
+        print(f"wrote {p}")
+
+
+def colour(i, n):
+    """Distinct colours for up to 20 rows (tab10, then tab20), cycling beyond."""
+    return f"C{i % 10}" if n <= 10 else plt_cmap("tab20")(i % 20)
+
+
+def plt_cmap(name):
+    import matplotlib
+
+    return matplotlib.colormaps[name]
+
+
 def plot(res, prefix):
     """<prefix>.png: mean loss vs length with a +-1 std band over seeds; <prefix>_detail.png: last / 1x per row."""
     import matplotlib
@@ -242,26 +272,31 @@ def plot(res, prefix):
     import matplotlib.pyplot as plt
 
     rows = res["rows"]
-    fig, ax = plt.subplots(figsize=(8, 5))
+    n = len(rows)
+    fig, ax = plt.subplots(figsize=(8 if n <= 10 else 11, 5))
     for i, r in enumerate(rows):
         m, s = np.array(r["loss_mean"]), np.array(r["loss_std"])
         style = "--" if r["eval"] else "-"
-        ax.plot(r["lengths"], m, style, marker="o", color=f"C{i % 10}", label=f"{r['label']} (n={r['n']})")
+        ax.plot(r["lengths"], m, style, marker="osD^v"[i // 10 % 5] if n > 10 else "o", color=colour(i, n),
+                label=f"{r['label']} (n={r['n']})")
         if r["n"] > 1:
-            ax.fill_between(r["lengths"], m - s, m + s, color=f"C{i % 10}", alpha=0.15)
+            ax.fill_between(r["lengths"], m - s, m + s, color=colour(i, n), alpha=0.12)
     for bs in sorted({r["lengths"][0] / r["multipliers"][0] for r in rows}):
         ax.axvline(bs, color="gray", linestyle=":", linewidth=1)
     ax.set_xscale("log", base=2)
     ax.set(xlabel="evaluation context length (tokens)", ylabel="validation loss (nats / token)",
            title="Loss vs context length (mean over seeds, band: +-1 std)")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, ncol=2)
+    if n <= 10:
+        ax.legend(fontsize=7, ncol=2)
+    else:  # many rows: the legend beside the axes, in the rows' order
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), borderaxespad=0)
     fig.tight_layout()
     fig.savefig(prefix + ".png", dpi=120)
     plt.close(fig)
     fig, ax = plt.subplots(figsize=(max(7, 0.55 * len(rows) + 2), 4.5))
     bars = ax.bar(range(len(rows)), [r["ratio_mean"] for r in rows], yerr=[r["ratio_std"] for r in rows],
-                  color=[f"C{i % 10}" for i in range(len(rows))], capsize=3)
+                  color=[colour(i, len(rows)) for i in range(len(rows))], capsize=3)
     ax.bar_label(bars, fmt="%.2f", fontsize=7)
     ax.axhline(1.0, color="gray", linewidth=1)
     ax.set_xticks(range(len(rows)), [r["label"] for r in rows], rotation=35, ha="right", fontsize=7)

@@ -74,6 +74,15 @@ def test_grid_with_seeds(tmp_path, corpus_file):
     assert by["lssar reweight_p=3 (eval logn_scale=true)"]["eval"] == {"logn_scale": True}
     assert "±" in (tmp_path / "res" / "sweep.md").read_text()
 
+    # --replot redraws both plots from the JSON alone (no training, no evaluation)
+    pngs = [tmp_path / "res" / f for f in ("sweep.png", "sweep_detail.png")]
+    for png in pngs:
+        png.unlink()
+    r = subprocess.run([sys.executable, "sweep.py", f"--replot={tmp_path / 'res' / 'sweep.json'}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert all(png.stat().st_size > 0 for png in pngs) and "eval_length" not in r.stderr
+
 
 @pytest.mark.parametrize("args,msg", [
     (["--runs=softmax,flash"], "unknown attention 'flash'"),
@@ -82,6 +91,7 @@ def test_grid_with_seeds(tmp_path, corpus_file):
     (["--seeds=1,1"], "distinct integers"),
     (["--grid=reweight_p"], "key=v1,v2"),
     (["--eval_extra=lssa+n_layer=2"], "write run+key=value"),
+    (["--replot=missing.json"], "cannot read 'missing.json'"),
 ])
 def test_bad_specs(tmp_path, corpus_file, args, msg):
     r = sweep(tmp_path, corpus_file, *args, check=False)
