@@ -67,6 +67,14 @@ def make_corpus(n_chars=200_000, seed=0):
     return "\n\n".join(speeches) + "\n"
 
 
+@pytest.fixture(autouse=True)
+def _strict_kernels_on_gpu(request, monkeypatch):
+    """GPU tests run the Triton kernels strictly: a kernel that fails to compile or launch raises instead of
+    passing on the math backend's fallback (kernels/triton_attn.py, SOFTPLUS_ATTN_STRICT)."""
+    if request.node.get_closest_marker("cuda"):
+        monkeypatch.setenv("SOFTPLUS_ATTN_STRICT", "1")
+
+
 @pytest.fixture(scope="session")
 def corpus_file(tmp_path_factory):
     """make_corpus() as a text file, what the prepare scripts read with --input."""

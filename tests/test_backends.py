@@ -282,6 +282,26 @@ def test_bench_quick(tmp_path):
     assert not (tmp_path / "bad.json").exists()
 
 
+def test_bench_reports_a_failing_case_and_goes_on(monkeypatch):
+    """A case whose computation raises (e.g. a Triton kernel failing on a GPU under SOFTPLUS_ATTN_STRICT=1) is
+    reported as failed with its error; the other cases of the group are still timed."""
+    import bench
+
+    real = bench.build
+
+    def build(c, dev, dt):
+        if c["kind"] == "lssa":
+            raise RuntimeError("PassManager::run failed\n  (sm_90)")
+        return real(c, dev, dt)
+
+    monkeypatch.setattr(bench, "build", build)
+    monkeypatch.setattr(bench, "repeats", 1)
+    cases = [dict(what="attn", kind=k, backend="math", T=16, grad=False) for k in ("softmax", "lssa")]
+    bench.time_cases(cases, "cpu", "float32", "[1/1]")
+    assert cases[0]["seconds"] > 0 and "seconds" not in cases[1]
+    assert cases[1]["skipped"] == "failed: RuntimeError: PassManager::run failed (sm_90)"
+
+
 def test_bench_sigterm_stops_the_memory_child(tmp_path):
     """SIGTERM to bench.py ends it and the memory-measurement subprocess it is waiting for, keeping what it saved."""
     import signal

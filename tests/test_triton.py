@@ -336,3 +336,19 @@ def test_a_failing_kernel_falls_back_to_math(monkeypatch):
             with pytest.warns(UserWarning, match=f"triton {name} kernel failed for kind=softplus p=15.*out of resources"):
                 got = grads(lambda a, b, c: kernel(a, b, c, 15.0, 0), q, k, v, go)
         assert max(rel_errors(got, want)) < 5e-5
+
+
+def test_strict_mode_raises_instead_of_falling_back(monkeypatch):
+    """SOFTPLUS_ATTN_STRICT=1 (set for the `cuda` tests and by .ci/gpu_acceptance): a failing kernel raises, so a
+    GPU check cannot pass on the math fallback."""
+    def broken(*a, **k):
+        raise RuntimeError("out of resources: shared memory")
+
+    monkeypatch.setenv(ta.STRICT_ENV, "1")
+    q, k, v = make_qkv(1, 2, 20, 20, 16, seed=7, scale=2.0)
+    go = torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
+    for name in ("forward", "backward"):
+        with monkeypatch.context() as m:
+            m.setattr(ta, name, broken)
+            with pytest.raises(RuntimeError, match="out of resources"):
+                grads(lambda a, b, c: kernel(a, b, c, 15.0, 0), q, k, v, go)
