@@ -34,6 +34,19 @@ def one_line(x):
     return " ".join(str(x).split())
 
 
+def read_results(path, who, script):
+    """A results .json for --replot, or a one-line error ('<who> error: ...') naming what to pass instead; the
+    caller checks that it holds its own kind of results."""
+    import json
+
+    try:
+        with open(path) as f:
+            return json.load(f)
+    except (OSError, ValueError) as e:  # missing, unreadable, not JSON
+        raise SystemExit(f"{who} error: cannot read results {path!r} ({one_line(e)}); pass a .json that {script} "
+                         "wrote") from None
+
+
 def pick_device(device="auto"):
     """auto -> cuda, mps or cpu, whichever this machine has; an explicit device it does not have is a one-line
     error (torch would fail later, with a traceback, after files were written)."""

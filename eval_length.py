@@ -46,11 +46,11 @@ from common import (
     load_meta,
     load_stream,
     model_from_checkpoint,
-    one_line,
     parse_names,
     parse_numbers,
     parse_reweight_list,
     pick_device,
+    read_results,
 )
 from configurator import configure
 from model import GPTConfig
@@ -482,12 +482,7 @@ def plot_results(res, out_prefix):
 def main():
     configure(globals())
     if replot:
-        try:
-            with open(replot) as f:
-                res = json.load(f)
-        except (OSError, ValueError) as e:  # missing, not JSON
-            raise SystemExit(f"eval error: cannot read results {replot!r} ({one_line(e)}); pass a .json that "
-                             "eval_length.py wrote") from None
+        res = read_results(replot, "eval", "eval_length.py")
         runs = res.get("runs") if isinstance(res, dict) else None
         if not runs or not all(isinstance(r, dict) and r.get("results") and
                                 all(isinstance(x, dict) and {"length", "loss"} <= set(x) for x in r["results"])

@@ -25,7 +25,6 @@ checkpoint: context length x depth).
 """
 
 import csv
-import json
 import os
 import sys
 import time
@@ -45,10 +44,10 @@ from common import (
     load_meta,
     load_stream,
     model_from_checkpoint,
-    one_line,
     parse_names,
     parse_numbers,
     pick_device,
+    read_results,
 )
 from configurator import configure
 from eval_length import applies, checkpoint_lengths, eval_settings, eval_time, length_spec, save_json
@@ -366,12 +365,7 @@ def plot_results(res, out_prefix):
 def main():
     configure(globals())
     if replot:
-        try:
-            with open(replot) as f:
-                res = json.load(f)
-        except (OSError, ValueError) as e:  # missing, not JSON
-            raise SystemExit(f"eval error: cannot read results {replot!r} ({one_line(e)}); pass a .json that "
-                             "eval_passkey.py wrote") from None
+        res = read_results(replot, "eval", "eval_passkey.py")
         runs, need = res.get("runs") if isinstance(res, dict) else None, {"length", "depth", "accuracy", "trials"}
         if not runs or not all(isinstance(r, dict) and r.get("results") and
                                all(isinstance(x, dict) and need <= set(x) for x in r["results"]) for r in runs):

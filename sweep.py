@@ -24,7 +24,7 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from common import ROOT, check_range, data_dir_for, load_checkpoint, parse_list
+from common import ROOT, check_range, data_dir_for, load_checkpoint, parse_list, read_results
 from configurator import configure
 from eval_length import evaluate, write_results
 from model import attn_names, demo_runs
@@ -241,13 +241,7 @@ def markdown(res):
 
 def redraw(path):
     """--replot: the plots of a saved sweep (.json with its aggregated rows), next to it."""
-    import json
-
-    try:
-        with open(path) as f:
-            res = json.load(f)
-    except (OSError, ValueError) as e:
-        raise SystemExit(f"sweep error: cannot read {path!r} ({e.__class__.__name__}); pass a sweep's results .json") from None
+    res = read_results(path, "sweep", "sweep.py")
     if not isinstance(res, dict) or not res.get("rows"):
         raise SystemExit(f"sweep error: {path!r} holds no sweep rows; pass a .json written by sweep.py")
     for p in plot(res, path.removesuffix(".json")):

@@ -91,7 +91,7 @@ def test_grid_with_seeds(tmp_path, corpus_file):
     (["--seeds=1,1"], "distinct integers"),
     (["--grid=reweight_p"], "key=v1,v2"),
     (["--eval_extra=lssa+n_layer=2"], "write run+key=value"),
-    (["--replot=missing.json"], "cannot read 'missing.json'"),
+    (["--replot=missing.json"], "cannot read results 'missing.json'"),
 ])
 def test_bad_specs(tmp_path, corpus_file, args, msg):
     r = sweep(tmp_path, corpus_file, *args, check=False)
