@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from common import check_range, checked_config, load_checkpoint, load_stream, model_from_checkpoint, parse_names, pick_device
 from configurator import configure
-from eval_length import checkpoint_lengths, length_spec
+from eval_length import checkpoint_lengths, colour, length_spec
 from model import AttentionProbe
 
 # -----------------------------------------------------------------------------
@@ -125,7 +125,8 @@ def plot(res, out_prefix):
     for ax, key in zip(axes.flat, STATS, strict=True):
         for i, r in enumerate(res["runs"]):
             xs = [x["length"] for x in r["lengths"]]
-            ax.plot(xs, [mean_stat(x, key) for x in r["lengths"]], marker="o", color=f"C{i}", label=r["label"])
+            ax.plot(xs, [mean_stat(x, key) for x in r["lengths"]], marker="o", color=colour(i, len(res["runs"])),
+                    label=r["label"])
         if key == "entropy":
             xs = sorted({x["length"] for r in res["runs"] for x in r["lengths"]})
             ax.plot(xs, np.log(xs), color="gray", linestyle="--", linewidth=1, label="uniform over all keys (log N)")

@@ -199,17 +199,23 @@ def loss_at_length(model, data, L, *, budget=0, stride=0, plan=None, ctx=None, d
 ROPE_CHOICES = ("ckpt", "none", "pi", "ntk", "yarn")
 
 
-def eval_settings(*, reweight_p="ckpt", rope_scaling="ckpt", rope_factor=0.0, logn_scale="ckpt"):
+def eval_settings(*, reweight_p="ckpt", rope_scaling="ckpt", rope_factor=0.0, logn_scale="ckpt", prefix="eval error"):
     """The eval-time overrides to evaluate each checkpoint with: the product of the three comma lists, each value
-    'ckpt' (as trained) or a setting; returns [{GPTConfig field: value}] ({} = as trained)."""
-    ps = parse_reweight_list(reweight_p, prefix="eval error")
-    ropes, logns = parse_names(rope_scaling, "rope_scaling", "eval error", "ckpt,yarn"), parse_names(
-        str(logn_scale).lower(), "logn_scale", "eval error", "ckpt,true")
+    'ckpt' (as trained) or a setting; returns [{GPTConfig field: value}] ({} = as trained). Values may be given
+    as text (sweep.py's --eval_extra); anything else is a one-line error starting with prefix."""
+    ps = parse_reweight_list(reweight_p, prefix=prefix)
+    ropes, logns = parse_names(rope_scaling, "rope_scaling", prefix, "ckpt,yarn"), parse_names(
+        str(logn_scale).lower(), "logn_scale", prefix, "ckpt,true")
     bad = [r for r in ropes if r not in ROPE_CHOICES] + [x for x in logns if x not in ("ckpt", "true", "false")]
     if bad:
-        raise SystemExit(f"eval error: unknown {bad[0]!r}; rope_scaling takes {', '.join(ROPE_CHOICES)} and "
+        raise SystemExit(f"{prefix}: unknown {bad[0]!r}; rope_scaling takes {', '.join(ROPE_CHOICES)} and "
                          "logn_scale ckpt, true, false")
-    check_range({"rope_factor": rope_factor}, 0, prefix="eval error")
+    try:
+        rope_factor = float(rope_factor)
+    except ValueError:
+        raise SystemExit(f"{prefix}: rope_factor must be a number >= 0 (0 = length / block_size), got "
+                         f"{rope_factor!r}") from None
+    check_range({"rope_factor": rope_factor}, 0, prefix=prefix)
     out = []
     for p, r, lg in itertools.product(ps, ropes, logns):
         o = {} if p == "ckpt" else {"reweight_p": p}
@@ -426,12 +432,19 @@ def table(res):
     return "\n".join(lines)
 
 
+def colour(i, n):
+    """The colour of line / bar i of n: tab10 up to 10, tab20 beyond (cycling past 20), so rows stay apart."""
+    import matplotlib
+
+    return f"C{i % 10}" if n <= 10 else matplotlib.colormaps["tab20"](i % 20)
+
+
 def _curves(ax, res, xy, xlabel, ylabel, title, fontsize=8):
     """One line per run (same colour in every plot; dashed when reweight_p was changed at evaluation), the
     training length marked, log2 x-axis."""
     for i, r in enumerate(res["runs"]):
         xs, ys = xy(r)
-        ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, color=f"C{i}", label=r["label"],
+        ax.plot(xs, ys, marker="o" if len(xs) < 12 else None, color=colour(i, len(res["runs"])), label=r["label"],
                 linestyle="--" if r["reweight_p"] != r["trained_reweight_p"] else "-")
     for bs in sorted({r["block_size"] for r in res["runs"]}):
         ax.axvline(bs, color="gray", linestyle=":", linewidth=1)
@@ -462,7 +475,7 @@ def plot_results(res, out_prefix):
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = [r["label"] for r in res["runs"]]
     ratios = [scored(r)[-1]["loss"] / scored(r)[0]["loss"] for r in res["runs"]]
-    bars = a1.bar(range(len(labels)), ratios, color=[f"C{i}" for i in range(len(labels))])
+    bars = a1.bar(range(len(labels)), ratios, color=[colour(i, len(labels)) for i in range(len(labels))])
     a1.bar_label(bars, fmt="%.2f", fontsize=8)
     a1.axhline(1.0, color="gray", linewidth=1)
     a1.set_xticks(range(len(labels)), labels, rotation=30, ha="right", fontsize=8)

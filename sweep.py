@@ -26,7 +26,7 @@ from tqdm import tqdm
 
 from common import ROOT, check_range, data_dir_for, load_checkpoint, parse_list, read_results
 from configurator import configure
-from eval_length import evaluate, write_results
+from eval_length import colour, eval_settings, evaluate, write_results
 from model import attn_names, demo_runs
 
 # -----------------------------------------------------------------------------
@@ -152,9 +152,8 @@ def eval_rows(trained):
         if base not in parse_list(runs):
             print(f"sweep: --eval_extra item {item!r} left out: {base!r} is not one of --runs")
             continue
-        ov = {k: (float(v) if k in ("reweight_p", "rope_factor") else v.lower() == "true" if k == "logn_scale" else v)
-              for k, v in kv.items()}
-        ov |= {"rope_factor": ov.get("rope_factor", 0.0)} if "rope_scaling" in ov else {}
+        # eval_length's own reading of these settings (values checked here, before any training)
+        [ov] = eval_settings(**kv, prefix=f"sweep error: --eval_extra item {item!r}")
         for i, (name, run_kv, spec) in enumerate(trained):  # that run, with each of its grid settings
             if spec == base:
                 rows.append((i, ov, run_label(name, run_kv) + " (eval " + ", ".join(f"{k}={v}" for k, v in kv.items()) + ")"))
@@ -246,17 +245,6 @@ def redraw(path):
         raise SystemExit(f"sweep error: {path!r} holds no sweep rows; pass a .json written by sweep.py")
     for p in plot(res, path.removesuffix(".json")):
         print(f"wrote {p}")
-
-
-def colour(i, n):
-    """Distinct colours for up to 20 rows (tab10, then tab20), cycling beyond."""
-    return f"C{i % 10}" if n <= 10 else plt_cmap("tab20")(i % 20)
-
-
-def plt_cmap(name):
-    import matplotlib
-
-    return matplotlib.colormaps[name]
 
 
 def plot(res, prefix):

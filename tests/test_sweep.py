@@ -91,6 +91,10 @@ def test_grid_with_seeds(tmp_path, corpus_file):
     (["--seeds=1,1"], "distinct integers"),
     (["--grid=reweight_p"], "key=v1,v2"),
     (["--eval_extra=lssa+n_layer=2"], "write run+key=value"),
+    (["--eval_extra=lssa+reweight_p=abc"], "reweight_p must be >= 0"),  # checked before any training
+    (["--eval_extra=lssa+reweight_p=-3"], "reweight_p must be >= 0"),
+    (["--eval_extra=softmax+rope_scaling=yarn+rope_factor=x"], "rope_factor must be a number"),
+    (["--eval_extra=softmax+rope_scaling=long"], "unknown 'long'"),
     (["--replot=missing.json"], "cannot read results 'missing.json'"),
 ])
 def test_bad_specs(tmp_path, corpus_file, args, msg):
