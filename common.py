@@ -34,17 +34,23 @@ def one_line(x):
     return " ".join(str(x).split())
 
 
-def read_results(path, who, script):
-    """A results .json for --replot, or a one-line error ('<who> error: ...') naming what to pass instead; the
-    caller checks that it holds its own kind of results."""
+def read_results(path, who, script, need=(), what=""):
+    """A results .json for --replot, or a one-line error ('<who> error: ...') naming what to pass instead. With
+    `need` (keys), it must hold runs whose every result has those keys (`what` describes them in the error);
+    otherwise the caller checks its own kind of results."""
     import json
 
     try:
         with open(path) as f:
-            return json.load(f)
+            res = json.load(f)
     except (OSError, ValueError) as e:  # missing, unreadable, not JSON
         raise SystemExit(f"{who} error: cannot read results {path!r} ({one_line(e)}); pass a .json that {script} "
                          "wrote") from None
+    runs = res.get("runs") if isinstance(res, dict) else None
+    if need and not (runs and all(isinstance(r, dict) and r.get("results") and
+                                  all(isinstance(x, dict) and set(need) <= set(x) for x in r["results"]) for r in runs)):
+        raise SystemExit(f"{who} error: {path!r} holds no {what}; pass a .json that {script} wrote")
+    return res
 
 
 def pick_device(device="auto"):

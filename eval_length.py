@@ -495,13 +495,8 @@ def plot_results(res, out_prefix):
 def main():
     configure(globals())
     if replot:
-        res = read_results(replot, "eval", "eval_length.py")
-        runs = res.get("runs") if isinstance(res, dict) else None
-        if not runs or not all(isinstance(r, dict) and r.get("results") and
-                                all(isinstance(x, dict) and {"length", "loss"} <= set(x) for x in r["results"])
-                                for r in runs):
-            raise SystemExit(f"eval error: {replot!r} holds no eval_length results (runs with lengths and losses); "
-                             "pass a .json that eval_length.py wrote")
+        res = read_results(replot, "eval", "eval_length.py", need=("length", "loss"),
+                           what="eval_length results (runs with lengths and losses)")
         for p in plot_results(res, replot.removesuffix(".json")):
             print(f"wrote {p}")
         return

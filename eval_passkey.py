@@ -365,12 +365,8 @@ def plot_results(res, out_prefix):
 def main():
     configure(globals())
     if replot:
-        res = read_results(replot, "eval", "eval_passkey.py")
-        runs, need = res.get("runs") if isinstance(res, dict) else None, {"length", "depth", "accuracy", "trials"}
-        if not runs or not all(isinstance(r, dict) and r.get("results") and
-                               all(isinstance(x, dict) and need <= set(x) for x in r["results"]) for r in runs):
-            raise SystemExit(f"eval error: {replot!r} holds no passkey results (runs with lengths, depths and "
-                             "accuracies); pass a .json that eval_passkey.py wrote")
+        res = read_results(replot, "eval", "eval_passkey.py", need=("length", "depth", "accuracy", "trials"),
+                           what="passkey results (runs with lengths, depths and accuracies)")
         print(table(res))
         print(f"wrote {plot_results(res, replot.removesuffix('.json'))}")
         return
