@@ -1,12 +1,20 @@
 """
-Small helpers shared by train.py, sample.py and eval_length.py: device and precision, datasets,
-checkpoints (written atomically, read back into a model with its full config) and tokenizers.
+Small helpers shared by train.py, sample.py and eval_length.py: device and precision, datasets and their
+fingerprints, checkpoints (written atomically, read back into a model with its full config), the run folder
+(its lock, an overwritten run kept aside), output paths checked before any work, and tokenizers.
 """
 
+import atexit
+import errno
 import glob
+import hashlib
 import math
 import os
 import pickle
+import shutil
+import socket
+import tempfile
+import time
 from contextlib import nullcontext
 from dataclasses import replace
 
@@ -32,6 +40,39 @@ def _mps_available():
 def one_line(x):
     """An exception or any text as one line: a SystemExit message stays a single line whatever it quotes."""
     return " ".join(str(x).split())
+
+
+def writable_dir(path, key, prefix="config error", value=None):
+    """Stop with one line unless `path` is a folder this process can write to, or one it can create: checked by
+    creating and removing a file in it (or in its nearest existing parent), so that nothing is left behind and a
+    read-only disk is caught even for root, for whom os.access always says yes. value: what the user passed as
+    key (default: path)."""
+    path = os.path.abspath(path or ".")
+    value = path if value is None else value
+    probe = path
+    while not os.path.lexists(probe):
+        probe = os.path.dirname(probe)
+    if not os.path.isdir(probe):
+        what = "is a file" if probe == os.path.abspath(value) else f"cannot be created: {probe} is a file"
+        raise SystemExit(f"{prefix}: {key}={value!r} {what}; pass a folder (or a new path) you can write to")
+    try:
+        fd, tmp = tempfile.mkstemp(dir=probe, prefix=".write_test_")
+        os.close(fd)
+        os.remove(tmp)
+    except OSError as e:
+        raise SystemExit(f"{prefix}: {key}={value!r} is not writable ({e.strerror or one_line(e)}: {probe}); pass a "
+                         "folder you can write to") from None
+    return path
+
+
+def writable_prefix(out, key="out", prefix="config error", exts=(".json",)):
+    """An output prefix (results/eval -> results/eval.json, ...): its folder writable or creatable and no file
+    it names an existing folder; checked before any work, so that nothing is computed to be lost at the end."""
+    writable_dir(os.path.dirname(os.path.abspath(out)), key, prefix, value=out)
+    for ext in exts:
+        if os.path.isdir(out + ext):
+            raise SystemExit(f"{prefix}: {key}={out!r} would write {out + ext}, which is a folder; pass another --{key}")
+    return out
 
 
 def read_results(path, who, script, need=(), what=""):
@@ -225,6 +266,87 @@ def load_meta(dataset, data_dir=""):
     return meta
 
 
+def check_token_ids(parts, vocab_size, where, hint):
+    """Every token id of every part below vocab_size: a vectorised max over each memmap in chunks (a few seconds
+    for billions of tokens), so that data of another tokenizer or dtype stops here in one line, not as an index
+    error at whichever step first draws the bad window."""
+    chunk = 1 << 24
+    for i, p in enumerate(parts):
+        for s in range(0, len(p), chunk):
+            top = int(p[s:s + chunk].max())
+            if top >= vocab_size:
+                raise SystemExit(f"dataset error: {where} holds token id {top} (part {i + 1} of {len(parts)}, near token "
+                                 f"{s:,}) but its vocabulary has {vocab_size} tokens; the .bin is of another dtype or "
+                                 f"tokenizer than meta.pkl: re-run `{hint}`")
+
+
+# A dataset's fingerprint, recorded in every checkpoint and compared wherever a checkpoint meets data again: what
+# the ids mean (the char table, or the BPE encoding), and per split the size of every part and a hash of its
+# tokens (all of them for parts up to FULL_HASH_TOKENS, else FINGERPRINT_BLOCKS evenly spaced blocks of
+# BLOCK_TOKENS plus the last one): milliseconds even for 10B tokens of FineWeb.
+FULL_HASH_TOKENS, FINGERPRINT_BLOCKS, BLOCK_TOKENS = 1 << 22, 32, 4096
+
+
+def vocab_id(meta):
+    """A short hash of what the token ids mean: the char table, or the BPE encoding's name and size."""
+    if meta is None:
+        what = "tiktoken gpt2 (no meta.pkl)"
+    elif "stoi" in meta:
+        what = repr(sorted((int(i), c) for i, c in meta["itos"].items()))
+    else:
+        what = f"tiktoken {meta.get('tokenizer', 'gpt2')} {meta['vocab_size']}"
+    return hashlib.sha256(what.encode()).hexdigest()[:16]
+
+
+def split_id(parts):
+    """A short hash of a split: the size of every part and its tokens (a sample of them for large parts)."""
+    h = hashlib.sha256()
+    for p in parts:
+        n = len(p)
+        h.update(np.int64(n).tobytes())
+        if n <= FULL_HASH_TOKENS:
+            h.update(np.ascontiguousarray(p).tobytes())
+            continue
+        for s in np.linspace(0, n - BLOCK_TOKENS, FINGERPRINT_BLOCKS + 1).astype(np.int64):
+            h.update(np.ascontiguousarray(p[s:s + BLOCK_TOKENS]).tobytes())
+    return h.hexdigest()[:16]
+
+
+def data_fingerprint(meta, data_dir, **splits):
+    """{'dir', 'vocab', 'vocab_size', <split>: hash} of a dataset; splits: name=parts (load_split's)."""
+    return {"dir": os.path.abspath(data_dir), "vocab": vocab_id(meta),
+            "vocab_size": meta["vocab_size"] if meta else 50257, **{k: split_id(v) for k, v in splits.items()}}
+
+
+def dataset_fingerprint(dataset, data_dir="", splits=("val",)):
+    """data_fingerprint of the data a checkpoint's config names (its meta and the given splits)."""
+    return data_fingerprint(load_meta(dataset, data_dir), data_dir_for(dataset, data_dir),
+                            **{k: load_split(dataset, k, data_dir) for k in splits})
+
+
+def compare_data(trained, now, who, prefix, allow_other=False,
+                 other_fix="or pass --allow_other_data=True to evaluate on this data"):
+    """Whether the data `now` (data_fingerprint) is what the checkpoint `who` was trained on (`trained`, its
+    'data'; None for checkpoints older than fingerprints): 'same', 'unknown', or with allow_other 'other' (the
+    same vocabulary, other tokens). Another vocabulary, or other tokens without allow_other, stop with one line
+    (ending with other_fix, the way to go on with other data where there is one)."""
+    if not trained:
+        return "unknown"
+    if trained["vocab"] != now["vocab"]:
+        raise SystemExit(f"{prefix}: vocab mismatch: {who} was trained with another vocabulary than the one in "
+                         f"{now['dir']} ({trained['vocab_size']} vs {now['vocab_size']} tokens"
+                         f"{', the same size but other tokens' if trained['vocab_size'] == now['vocab_size'] else ''}); "
+                         f"use the data it was trained on (prepared in {trained['dir']})")
+    changed = [k for k in now if k not in ("dir", "vocab", "vocab_size") and k in trained and trained[k] != now[k]]
+    if not changed:
+        return "same"
+    if allow_other:
+        return "other"
+    raise SystemExit(f"{prefix}: data mismatch: the {' and '.join(changed)} split(s) in {now['dir']} are not the data "
+                     f"{who} was trained on (re-prepared from another text, or replaced); use the run's data (prepared "
+                     f"in {trained['dir']})" + (f", {other_fix}" if other_fix else ""))
+
+
 def get_tokenizer(meta):
     """(encode, decode) for a dataset's meta.pkl: char-level (stoi/itos) or tiktoken BPE (GPT-2 by default)."""
     if meta is not None and "stoi" in meta:
@@ -250,7 +372,8 @@ def get_tokenizer(meta):
 
 def save_checkpoint(obj, path):
     """torch.save to a temporary file in the same folder, fsync, then rename: a crash mid-write never
-    replaces the previous checkpoint with a half-written one."""
+    replaces the previous checkpoint with a half-written one (a kill -9 leaves the temporary <path>.tmp<pid>,
+    which tidy_run_dir removes at the next start). A write that fails (a full disk) is a one-line error."""
     tmp = f"{path}.tmp{os.getpid()}"
     try:
         with open(tmp, "wb") as f:
@@ -258,9 +381,132 @@ def save_checkpoint(obj, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
+    except (OSError, RuntimeError) as e:
+        # torch.save reports a failed write as a RuntimeError whose context is the OSError
+        err = e if isinstance(e, OSError) else e.__context__
+        if not isinstance(err, OSError):
+            raise
+        full = err.errno in (errno.ENOSPC, errno.EDQUOT)
+        raise SystemExit(f"checkpoint error: could not write {path} ({err.strerror or one_line(err)}); the previous "
+                         f"{os.path.basename(path)} is kept; {'free disk space' if full else 'fix the folder'} and "
+                         "resume with --init_from=resume") from None
     finally:
         if os.path.exists(tmp):  # the write failed or was interrupted: drop the partial file
             os.remove(tmp)
+
+
+# The run folder. train.py holds LOCK_FILE for as long as it writes the folder (lock_out_dir); --overwrite=True
+# moves the previous run's RUN_FILES into ASIDE and deletes them only once the new run has saved a checkpoint.
+LOCK_FILE, ASIDE, RUN_FILES = "train.lock", "previous-run", ("ckpt.pt", "best.pt", "log.csv", "wandb")
+
+
+def lock_out_dir(out_dir, prefix="train error"):
+    """Hold out_dir/train.lock until this process exits: an exclusive fcntl lock, which the kernel drops when
+    the process ends however it ends, on a file naming the holder. Another holder is a one-line error naming
+    it; a file left by a killed process (its lock gone with it) is taken over. Returns the locked file."""
+    import fcntl
+
+    path = os.path.join(out_dir, LOCK_FILE)
+    while True:
+        f = open(path, "a+")
+        try:
+            fcntl.flock(f, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            break
+        except OSError as e:  # a file system without locks: say so, and go on as before locks existed
+            f.close()
+            print(f"{out_dir}: cannot lock {LOCK_FILE} ({e.strerror or one_line(e)}); nothing stops a second training "
+                  "from writing this folder")
+            return None
+        if os.path.exists(path) and os.fstat(f.fileno()).st_ino == os.stat(path).st_ino:
+            return _take(f, path, out_dir)
+        f.close()  # its holder removed the file between our open and our lock: lock the one there now
+    holder = ""
+    for _ in range(10):  # a holder that has just locked writes its PID within microseconds
+        f.seek(0)
+        holder = one_line(f.read())
+        if holder:
+            break
+        time.sleep(0.05)
+    f.close()
+    raise SystemExit(f"{prefix}: {out_dir} is in use by another training ({holder or 'one that is just starting'}); "
+                     "wait for it to end or stop it, or choose another --out_dir")
+
+
+def _take(f, path, out_dir):
+    """The lock is ours: name this process in its file (a name already there is a killed holder's)."""
+    f.seek(0)
+    stale = one_line(f.read())
+    if stale:
+        print(f"{out_dir}: taking over the lock file of a training that is no longer running ({stale})")
+    f.seek(0)
+    f.truncate()
+    f.write(f"PID {os.getpid()} on {socket.gethostname()} since {time.strftime('%Y-%m-%d %H:%M:%S')}\n")
+    f.flush()
+    atexit.register(_unlock, f, path)
+    return f
+
+
+def _unlock(f, path):
+    try:
+        os.remove(path)  # while still locked: nobody else can hold this file now
+    except OSError:
+        pass
+    f.close()
+
+
+def set_aside(out_dir):
+    """--overwrite=True: move the previous run's files into out_dir/previous-run (restore_aside puts them back,
+    drop_aside deletes them). Returns the names moved."""
+    aside = os.path.join(out_dir, ASIDE)
+    os.makedirs(aside)
+    moved = [f for f in RUN_FILES if os.path.lexists(os.path.join(out_dir, f))]
+    for f in moved:
+        os.replace(os.path.join(out_dir, f), os.path.join(aside, f))
+    return moved
+
+
+def restore_aside(out_dir):
+    """Put a run set aside back in place of a replacement that never saved a checkpoint (whose files go)."""
+    aside = os.path.join(out_dir, ASIDE)
+    if not os.path.isdir(aside):
+        return False
+    for f in RUN_FILES:
+        new, old = os.path.join(out_dir, f), os.path.join(aside, f)
+        if os.path.isdir(new) and not os.path.islink(new):
+            shutil.rmtree(new)
+        elif os.path.lexists(new):
+            os.remove(new)
+        if os.path.lexists(old):
+            os.replace(old, new)
+    shutil.rmtree(aside)
+    return True
+
+
+def drop_aside(out_dir):
+    shutil.rmtree(os.path.join(out_dir, ASIDE), ignore_errors=True)
+
+
+def tidy_run_dir(out_dir):
+    """At the start of a training that holds the lock: what an earlier process killed mid-way left behind. The
+    temporary files of interrupted saves go; a run set aside by an --overwrite=True whose replacement never
+    saved a checkpoint comes back (one that did: the set-aside run goes). Returns what it did, as lines."""
+    done = []
+    tmps = [p for p in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*"))
+            if os.path.basename(p).split(".tmp")[0] in RUN_FILES]
+    for p in tmps:
+        os.remove(p)
+    if tmps:
+        done.append(f"removed {len(tmps)} temporary file(s) of interrupted saves ({', '.join(map(os.path.basename, tmps))})")
+    if os.path.isdir(os.path.join(out_dir, ASIDE)):
+        if os.path.exists(os.path.join(out_dir, "ckpt.pt")):
+            drop_aside(out_dir)
+            done.append(f"removed {ASIDE}/, the run an --overwrite=True replaced (its replacement saved a checkpoint)")
+        else:
+            restore_aside(out_dir)
+            done.append(f"restored the run that an interrupted --overwrite=True had moved to {ASIDE}/ (its "
+                        "replacement saved no checkpoint)")
+    return done
 
 
 def load_checkpoint(out_dir_or_file, device="cpu"):

@@ -6,7 +6,9 @@ nanoGPT-style configuration. A script keeps its defaults as module-level variabl
 which applies, in order, config files (`python train.py config/x.py`) and `--key=value` overrides to those
 variables, and returns the resulting {key: value} dict (saved into checkpoints). Only keys that already
 exist as int / float / bool / str defaults can be set, and a value must have the default's type
-(an int is accepted for a float); anything else is a one-line error naming the fix.
+(an int is accepted for a float); anything else is a one-line error naming the fix. configure(g, given=set())
+also collects the keys that a config file or an override set (train.py's resume compares those).
+script_defaults(path) reads a script's defaults without running it, for a dry parse of its arguments.
 """
 
 import difflib
@@ -44,8 +46,32 @@ def _unknown(key, keys, where):
     return SystemExit(f"config error: unknown key {key!r} from {where}{hint}")
 
 
-def configure(g, argv=None):
+class _Assigned(dict):
+    """A config file's namespace that remembers which names the file assigned (star imports included)."""
+
+    def __init__(self, *a):
+        super().__init__(*a)
+        self.assigned = set()
+
+    def __setitem__(self, k, v):
+        self.assigned.add(k)
+        super().__setitem__(k, v)
+
+
+def script_defaults(path):
+    """The defaults of a script laid out like train.py: the plain assignments between its first two
+    `# -----` lines, executed on their own (no imports, nothing run)."""
+    with open(path) as f:
+        src = f.read()
+    marks = [i for i, line in enumerate(src.splitlines()) if line.startswith("# ----")]
+    ns = {}
+    exec("\n".join(src.splitlines()[marks[0] + 1:marks[1]]), ns)
+    return {k: v for k, v in ns.items() if not k.startswith("_") and isinstance(v, SIMPLE)}
+
+
+def configure(g, argv=None, given=None):
     argv = sys.argv[1:] if argv is None else argv
+    given = set() if given is None else given
     keys = config_keys(g)
     for arg in argv:
         if not arg.startswith("--"):  # a config file: plain python that assigns some of the keys
@@ -57,7 +83,7 @@ def configure(g, argv=None):
                 raise SystemExit(f"config error: cannot read config file {arg!r} ({why}); "
                                  "pass an existing file such as config/train_shakespeare_char.py") from None
             print(f"Overriding config with {arg}")
-            ns = {k: g[k] for k in keys}
+            ns = _Assigned({k: g[k] for k in keys})
             try:
                 exec(compile(src, arg, "exec"), ns)
             except Exception as e:  # noqa: BLE001 - the user's file failed, not this code: say where, in one line
@@ -74,6 +100,8 @@ def configure(g, argv=None):
                 if k not in keys:
                     raise _unknown(k, keys, arg)
                 g[k] = _check(k, v, g[k], arg)
+                if k in ns.assigned:
+                    given.add(k)
         else:
             if "=" not in arg and isinstance(g.get(arg[2:]), bool):
                 arg += "=True"  # a bare --flag switches a boolean key on
@@ -91,5 +119,6 @@ def configure(g, argv=None):
                 except (SyntaxError, ValueError, TypeError, MemoryError, RecursionError):
                     pass  # left as text: _check reports the wrong type
             g[key] = _check(key, val, g[key], repr(arg))
+            given.add(key)
             print(f"Overriding: {key} = {g[key]!r}")
     return {k: g[k] for k in keys}

@@ -13,6 +13,8 @@ code; never a full T x T matrix) and summarised per layer and head:
   zeros    - fraction of the visible weights that are exactly 0
   max      - mean of each row's largest weight
 Unnormalised kinds (sigmoid, relu) are summarised on their rows divided by the row sum (entropy, sink, max).
+The validation data must be the data each checkpoint was trained on (its fingerprint); --allow_other_data=True
+takes other data of the same vocabulary, recorded in the results.
 Writes <out>.json (per layer and head) and <out>.png (means over layers and heads vs length).
 """
 
@@ -24,9 +26,18 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import check_range, checked_config, load_checkpoint, load_stream, model_from_checkpoint, parse_names, pick_device
+from common import (
+    check_range,
+    checked_config,
+    load_checkpoint,
+    load_stream,
+    model_from_checkpoint,
+    parse_names,
+    pick_device,
+    writable_prefix,
+)
 from configurator import configure
-from eval_length import checkpoint_lengths, colour, length_spec
+from eval_length import checkpoint_lengths, colour, data_record, length_spec
 from model import AttentionProbe
 
 # -----------------------------------------------------------------------------
@@ -36,6 +47,7 @@ lengths = ""
 windows = 4              # validation windows per length
 rows = 0                 # query rows summarised at the end of each window; 0 = the checkpoint's block_size
 out = "results/diagnostics"
+allow_other_data = False  # summarise on validation data other than the checkpoint's (same vocabulary), recorded
 device = "auto"
 # -----------------------------------------------------------------------------
 STATS = ("entropy", "sink", "zeros", "max")
@@ -85,13 +97,23 @@ def diagnose_checkpoint(ck, lens, n_windows, n_rows, dev, pbar=None):
     return out, model.config
 
 
-def diagnose(ckpt_dirs, *, multipliers="1,2,4,8,16", lengths="", n_windows=4, n_rows=0, device="auto"):
+def diagnose(ckpt_dirs, *, multipliers="1,2,4,8,16", lengths="", n_windows=4, n_rows=0, device="auto",
+             allow_other_data=False):
     dev = pick_device(device)
     loaded = {d: load_checkpoint(d, dev) for d in ckpt_dirs}
-    plans = {}
-    for d, ck in loaded.items():
+    plans, data = {}, {}
+    for d, ck in loaded.items():  # everything that can fail, before any work
         plans[d] = checkpoint_lengths(d, ck["model_args"], lengths=lengths, multipliers=multipliers)
-        checked_config(ck["model_args"], dev)  # e.g. a stored backend this device cannot run: fail before any work
+        checked_config(ck["model_args"], dev)  # e.g. a stored backend this device cannot run
+        data[d] = data_record(ck, d, "diagnose error", allow_other_data)
+        val, need = load_stream(ck["config"]["dataset"], "val", ck["config"].get("data_dir", "")), max(plans[d]) * n_windows + 1
+        if need > len(val):
+            raise SystemExit(f"diagnose error: {n_windows} windows of {max(plans[d])} tokens need {need} validation "
+                             f"tokens, the split of {d} has {len(val)}; lower --windows or the lengths")
+        top, vocab = int(val[:need].max()), ck["model_args"]["vocab_size"]
+        if top >= vocab:
+            raise SystemExit(f"diagnose error: vocab mismatch: {d} has {vocab} tokens but its validation data holds "
+                             f"token id {top}; diagnose it on the dataset it was trained on")
     labels = [os.path.basename(os.path.normpath(d)).removeprefix("out-") for d in ckpt_dirs]
     common_prefix = os.path.commonprefix(labels) if len(labels) > 1 else ""
     common_prefix = common_prefix[:common_prefix.rfind("-") + 1]  # out-shakespeare-char-lssa -> lssa
@@ -102,7 +124,7 @@ def diagnose(ckpt_dirs, *, multipliers="1,2,4,8,16", lengths="", n_windows=4, n_
             margs = ck["model_args"]
             res, cfg = diagnose_checkpoint(ck, plans[d], n_windows, n_rows or margs["block_size"], dev, pbar)
             runs.append({"label": labels[len(runs)].removeprefix(common_prefix), "ckpt": d, "attn": cfg.attn,
-                         "reweight_p": cfg.reweight_p, "block_size": margs["block_size"],
+                         "reweight_p": cfg.reweight_p, "block_size": margs["block_size"], "data": data[d],
                          "lengths": [{"length": L, "multiplier": L / margs["block_size"], "layers": res[L]}
                                      for L in plans[d]]})
     protocol = {"windows": n_windows, "rows": n_rows or "block_size", "data": "the first windows of val.bin",
@@ -164,9 +186,11 @@ def main():
     if not os.path.basename(out):  # '' or a folder: the files would be named .json, .csv, ...
         raise SystemExit(f"diagnose error: out names the result files without their extension, e.g. --out=results/diagnostics; "
                          f"got {out!r}")
+    writable_prefix(out, "out", "diagnose error", (".json", ".png"))
     length_spec(lengths, multipliers)
     ckpt_dirs = parse_names(ckpts, "ckpts", "diagnose error")
-    res = diagnose(ckpt_dirs, multipliers=multipliers, lengths=lengths, n_windows=windows, n_rows=rows, device=device)
+    res = diagnose(ckpt_dirs, multipliers=multipliers, lengths=lengths, n_windows=windows, n_rows=rows, device=device,
+                   allow_other_data=allow_other_data)
     res["command"] = "python " + " ".join(sys.argv)
     print(table(res))
     os.makedirs(os.path.dirname(out) or ".", exist_ok=True)

@@ -19,6 +19,10 @@ scores x max(1, log N_i / log block_size)).
 Document-aware mode (--doc_sep=eot for BPE shards, or a text separator such as "\n\n"): windows only inside
 single documents of at least L + 1 tokens, from the first such document on (--tokens per length, 0 = all);
 each length reports the tokens and documents it used and warns below --min_docs documents.
+Data identity: each checkpoint records a fingerprint of its dataset, and the validation data it is evaluated
+on must match it (re-prepared or replaced data is refused in one line); --allow_other_data=True evaluates on
+other data of the same vocabulary, and each run's results then record the data they used ("data"). A
+non-finite loss is an error naming the run and length, never a number in the results.
 Writes <out>.json, <out>.csv and two plots: <out>.png (loss vs length) and <out>_detail.png (loss at the
 largest length / loss at 1x, and loss by position inside the longest window).
 """
@@ -41,6 +45,8 @@ from common import (
     autocast_ctx,
     check_range,
     checked_config,
+    compare_data,
+    dataset_fingerprint,
     get_tokenizer,
     load_checkpoint,
     load_meta,
@@ -51,8 +57,10 @@ from common import (
     parse_reweight_list,
     pick_device,
     read_results,
+    writable_prefix,
 )
 from configurator import configure
+from kernels import DOTS
 from model import GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -65,10 +73,13 @@ reweight_p = "ckpt"      # comma list of eval-time re-weighting powers: ckpt = a
 rope_scaling = "ckpt"    # comma list of RoPE extensions (RoPE models): ckpt = as trained, none, pi, ntk, yarn
 rope_factor = 0.0        # their factor; 0 = per evaluated length (length / block_size)
 logn_scale = "ckpt"      # comma list: ckpt, true (scores x max(1, log N_i / log block_size)), false
+attn_dots = "ckpt"       # comma list: ckpt, auto, fp32, bf16, fp16: the q . k dots' precision (bf16 / fp16 emulated
+                         # exactly off the GPU: q, k rounded after the attention's prepare step)
 doc_sep = ""             # "" = windows over the whole stream; eot = inside documents split by the end-of-text token;
                          # or a text separator (escapes allowed, e.g. "\n\n")
 min_docs = 8             # document-aware mode: warn when a length finds fewer long-enough documents than this
 attn_backend = ""        # override the attention backend (auto | reference | math | sdpa | flex | triton); "" = the checkpoint's
+allow_other_data = False  # evaluate on validation data other than the checkpoint's (same vocabulary), recorded
 batch_tokens = 16384     # at most this many tokens per forward pass (bounds memory)
 position_buckets = 32    # loss-by-position buckets per length
 out = "results/eval_length"
@@ -199,11 +210,15 @@ def loss_at_length(model, data, L, *, budget=0, stride=0, plan=None, ctx=None, d
 ROPE_CHOICES = ("ckpt", "none", "pi", "ntk", "yarn")
 
 
-def eval_settings(*, reweight_p="ckpt", rope_scaling="ckpt", rope_factor=0.0, logn_scale="ckpt", prefix="eval error"):
-    """The eval-time overrides to evaluate each checkpoint with: the product of the three comma lists, each value
+def eval_settings(*, reweight_p="ckpt", rope_scaling="ckpt", rope_factor=0.0, logn_scale="ckpt", attn_dots="ckpt",
+                  prefix="eval error"):
+    """The eval-time overrides to evaluate each checkpoint with: the product of the comma lists, each value
     'ckpt' (as trained) or a setting; returns [{GPTConfig field: value}] ({} = as trained). Values may be given
     as text (sweep.py's --eval_extra); anything else is a one-line error starting with prefix."""
     ps = parse_reweight_list(reweight_p, prefix=prefix)
+    dots = parse_names(attn_dots, "attn_dots", prefix, "ckpt,bf16")
+    if any(d not in ("ckpt", *DOTS) for d in dots):
+        raise SystemExit(f"{prefix}: attn_dots takes ckpt, {', '.join(DOTS)} (the q . k dots' precision), got {attn_dots!r}")
     ropes, logns = parse_names(rope_scaling, "rope_scaling", prefix, "ckpt,yarn"), parse_names(
         str(logn_scale).lower(), "logn_scale", prefix, "ckpt,true")
     bad = [r for r in ropes if r not in ROPE_CHOICES] + [x for x in logns if x not in ("ckpt", "true", "false")]
@@ -217,8 +232,10 @@ def eval_settings(*, reweight_p="ckpt", rope_scaling="ckpt", rope_factor=0.0, lo
                          f"{rope_factor!r}") from None
     check_range({"rope_factor": rope_factor}, 0, prefix=prefix)
     out = []
-    for p, r, lg in itertools.product(ps, ropes, logns):
+    for p, r, lg, dt in itertools.product(ps, ropes, logns, dots):
         o = {} if p == "ckpt" else {"reweight_p": p}
+        if dt != "ckpt":
+            o["attn_dots"] = dt
         if r != "ckpt":
             o |= {"rope_scaling": r, "rope_factor": float(rope_factor) if r != "none" else 0.0}
         if lg != "ckpt":
@@ -238,7 +255,8 @@ def eval_time(ckpt_dir, margs, overrides):
     notes = [f"eval p={eff.reweight_p:g}" if "reweight_p" in overrides else "",
              f"rope={eff.rope_scaling}" + (f" x{eff.rope_factor:g}" if eff.rope_factor else "")
              if "rope_scaling" in overrides else "",
-             ("logn" if eff.logn_scale else "no logn") if "logn_scale" in overrides else ""]
+             ("logn" if eff.logn_scale else "no logn") if "logn_scale" in overrides else "",
+             f"dots={eff.attn_dots}" if "attn_dots" in overrides else ""]
     label = os.path.basename(os.path.normpath(ckpt_dir)).removeprefix("out-")
     notes = [n for n in notes if n]
     return eff, trained, label + (f" ({', '.join(notes)})" if notes else "")
@@ -302,7 +320,7 @@ def doc_window_plan(docs, L, budget=0):
 
 
 def evaluate(specs, *, multipliers="1,2,4,8,16", lengths="", tokens=0, stride=0, backend="", device="auto",
-             dtype="auto", buckets=32, batch_tokens=16384, doc_sep="", min_docs=8):
+             dtype="auto", buckets=32, batch_tokens=16384, doc_sep="", min_docs=8, allow_other_data=False):
     """Evaluate each (checkpoint dir, eval-time overrides: {} = as trained, see eval_settings) at every length;
     returns the results dict that write_results() saves. Fails before evaluating anything when a checkpoint or
     a length cannot work; skips (and records) overrides that do not apply to a checkpoint. The keywords mean
@@ -318,7 +336,7 @@ def evaluate(specs, *, multipliers="1,2,4,8,16", lengths="", tokens=0, stride=0,
             print(f"skipped {d} with {ov}: {skipped[-1]['why']}", file=sys.stderr)
             continue
         jobs.append(plan_job(d, loaded[d], ov, dev, lengths=lengths, multipliers=multipliers, tokens=tokens,
-                             stride=stride, backend=backend, doc_sep=doc_sep))
+                             stride=stride, backend=backend, doc_sep=doc_sep, allow_other_data=allow_other_data))
     if not jobs:
         raise SystemExit("eval error: no checkpoint takes the eval-time settings asked for; see the lines above")
     total_tokens = sum(j["budget"] * len(j["lens"]) if j["plans"] is None else
@@ -331,7 +349,7 @@ def evaluate(specs, *, multipliers="1,2,4,8,16", lengths="", tokens=0, stride=0,
                                    batch_tokens=batch_tokens, min_docs=min_docs, pbar=pbar) for L in j["lens"]]
             runs.append({k: j[k] for k in ("label", "ckpt", "attn", "reweight_p", "trained_reweight_p", "eval", "pos",
                                            "rope_scaling", "rope_factor", "logn_scale", "block_size", "dataset",
-                                           "iter_num", "overrides", "budget")} | {"results": results})
+                                           "iter_num", "overrides", "budget", "data")} | {"results": results})
             del model
     protocol = {
         "windows": f"sliding, stride {stride}" if stride else "non-overlapping",
@@ -344,11 +362,13 @@ def evaluate(specs, *, multipliers="1,2,4,8,16", lengths="", tokens=0, stride=0,
     return {"protocol": protocol, "runs": runs} | ({"skipped": skipped} if skipped else {})
 
 
-def plan_job(d, ck, ov, dev, *, lengths, multipliers, tokens, stride, backend, doc_sep):
+def plan_job(d, ck, ov, dev, *, lengths, multipliers, tokens, stride, backend, doc_sep, allow_other_data=False):
     """Everything about evaluating checkpoint d (loaded: ck) with eval-time overrides ov that can be checked before
-    any evaluation: lengths, data, token budget (or each length's windows inside documents), vocabulary, backend."""
+    any evaluation: lengths, data (the checkpoint's, by its fingerprint), token budget (or each length's windows
+    inside documents), vocabulary, backend."""
     cfg, margs = ck["config"], ck["model_args"]
     lens = checkpoint_lengths(d, margs, lengths=lengths, multipliers=multipliers)
+    data = data_record(ck, d, "eval error", allow_other_data)
     val = load_stream(cfg["dataset"], "val", cfg.get("data_dir", ""))
     plans = None  # document-aware mode: each length's windows, documents used, documents long enough
     if doc_sep:
@@ -362,10 +382,20 @@ def plan_job(d, ck, ov, dev, *, lengths, multipliers, tokens, stride, backend, d
     eff, trained, label = eval_time(d, margs, ov)
     overrides = dict(ov) | ({"attn_backend": backend} if backend else {})
     checked_config(margs, dev, **overrides)  # a backend that cannot compute this model fails now, not mid-run
-    return dict(ckpt=d, ckpt_data=ck, val=val, plans=plans, lens=lens, budget=budget, overrides=overrides, label=label,
+    return dict(ckpt=d, ckpt_data=ck, val=val, plans=plans, lens=lens, budget=budget, overrides=overrides, label=label, data=data,
                 attn=eff.attn, reweight_p=eff.reweight_p, trained_reweight_p=trained.reweight_p, eval=ov, pos=eff.pos,
                 rope_scaling=eff.rope_scaling, rope_factor=eff.rope_factor, logn_scale=eff.logn_scale,
                 block_size=margs["block_size"], dataset=cfg["dataset"], iter_num=ck["iter_num"])
+
+
+def data_record(ck, d, prefix, allow_other_data=False):
+    """The validation data a checkpoint's config names, compared with the fingerprint of the data it was trained
+    on (one-line errors: compare_data), as the results record it: where it is, its hash, and whether it is the
+    training data ('same'), other data allowed by --allow_other_data ('other'), or unknown (an older checkpoint)."""
+    cfg = ck["config"]
+    now = dataset_fingerprint(cfg["dataset"], cfg.get("data_dir", ""))
+    status = compare_data(ck.get("data"), now, d, prefix, allow_other_data)
+    return {"dir": now["dir"], "vocab": now["vocab"], "val": now["val"], "trained_on": status}
 
 
 def loss_record(model, j, L, *, stride, ctx, device, buckets, batch_tokens, min_docs, pbar):
@@ -382,6 +412,10 @@ def loss_record(model, j, L, *, stride, ctx, device, buckets, batch_tokens, min_
     pbar.set_postfix_str(f"{j['label']} @ {L}")
     total, count, bks = loss_at_length(model, j["val"], L, budget=j["budget"], stride=stride, plan=plan, ctx=ctx,
                                        device=device, buckets=buckets, batch_tokens=batch_tokens, pbar=pbar)
+    if not math.isfinite(total / count):  # a diverged checkpoint (or an eval-time setting that overflows it)
+        raise SystemExit(f"eval error: {j['label']} ({j['ckpt']}) at length {L}: the loss is {total / count}; nothing "
+                         "was written: evaluate a checkpoint that did not diverge (see its log.csv), or drop the "
+                         "eval-time setting")
     return {"length": L, "multiplier": L / j["block_size"], "loss": total / count, "tokens": count, **extra,
             "seconds": round(time.time() - t0, 2), "position_buckets": bks}
 
@@ -508,8 +542,9 @@ def main():
     if not os.path.basename(out):  # '' or a folder: the files would be named .json, .csv, ...
         raise SystemExit(f"eval error: out names the result files without their extension, e.g. --out=results/eval_length; "
                          f"got {out!r}")
+    writable_prefix(out, "out", "eval error", (".json", ".csv", ".png", "_detail.png"))
     length_spec(lengths, multipliers)
-    settings = eval_settings(reweight_p=reweight_p, rope_scaling=rope_scaling, rope_factor=rope_factor,
+    settings = eval_settings(reweight_p=reweight_p, rope_scaling=rope_scaling, rope_factor=rope_factor, attn_dots=attn_dots,
                              logn_scale=logn_scale)
     if doc_sep and stride:
         raise SystemExit("eval error: the document-aware mode (--doc_sep) uses non-overlapping windows; drop --stride")
@@ -517,7 +552,7 @@ def main():
     specs = [(d, o) for d in parse_names(ckpts, "ckpts", "eval error") for o in settings]
     res = evaluate(specs, multipliers=multipliers, lengths=lengths, tokens=tokens, stride=stride, backend=attn_backend,
                    device=device, dtype=dtype, buckets=position_buckets, batch_tokens=batch_tokens, doc_sep=doc_sep,
-                   min_docs=min_docs)
+                   min_docs=min_docs, allow_other_data=allow_other_data)
     print(table(res))
     command = "python " + " ".join(sys.argv)
     for p in write_results(res, out, command, plot):

@@ -38,7 +38,9 @@ from common import (
     ROOT,
     autocast_ctx,
     check_range,
+    compare_data,
     data_dir_for,
+    data_fingerprint,
     get_tokenizer,
     load_checkpoint,
     load_meta,
@@ -48,6 +50,7 @@ from common import (
     parse_numbers,
     pick_device,
     read_results,
+    writable_prefix,
 )
 from configurator import configure
 from eval_length import applies, checkpoint_lengths, eval_settings, eval_time, length_spec, save_json
@@ -242,6 +245,9 @@ def evaluate(ckpt_dirs, *, multipliers="1,2,4,8,16", lengths="", depths="0,0.25,
         attn, eff_p, trained_p = eff.attn, eff.reweight_p, trained.reweight_p
         lens = checkpoint_lengths(d, margs, lengths=lengths, multipliers=multipliers)
         meta = load_meta(cfg["dataset"], cfg.get("data_dir", ""))
+        # the template is encoded with this meta.pkl: it must be the vocabulary the checkpoint was trained with
+        compare_data(ck.get("data"), data_fingerprint(meta, data_dir_for(cfg["dataset"], cfg.get("data_dir", ""))), d,
+                     "eval error")
         tpl = passkey_template(meta)
         data, filler_desc = filler_source(cfg, meta, filler)
         trials_by_len = {L: make_trials(tpl, data, L, depth_list, n_trials, n_key, seed) for L in lens}
@@ -380,6 +386,7 @@ def main():
     if not os.path.basename(out):  # '' or a folder: the files would be named .json, .csv, ...
         raise SystemExit(f"eval error: out names the result files without their extension, e.g. --out=results/passkey; "
                          f"got {out!r}")
+    writable_prefix(out, "out", "eval error", (".json", ".csv", ".png"))
     ckpt_dirs = parse_names(ckpts, "ckpts", "eval error")
     res = evaluate(ckpt_dirs, multipliers=multipliers, lengths=lengths, depths=depths, n_trials=trials, seed=seed,
                    n_key=key_len, filler=filler, batch_size=batch, device=device, dtype=dtype, reweight_p=reweight_p,

@@ -15,6 +15,9 @@ import torch
 from common import (
     autocast_ctx,
     check_range,
+    compare_data,
+    data_dir_for,
+    data_fingerprint,
     get_tokenizer,
     load_checkpoint,
     load_meta,
@@ -43,7 +46,11 @@ device = "auto"
 dtype = "auto"
 # -----------------------------------------------------------------------------
 configure(globals())
-check_range({"num_samples": num_samples, "max_new_tokens": max_new_tokens}, 1)
+# bounded: the KV cache grows with every token, and a sample of billions would never end (sample longer texts in
+# pieces, each continuing the last with --start=FILE:...)
+MAX_NEW_TOKENS, MAX_SAMPLES = 100_000, 1_000
+check_range({"max_new_tokens": max_new_tokens}, 1, MAX_NEW_TOKENS)
+check_range({"num_samples": num_samples}, 1, MAX_SAMPLES)
 check_range({"temperature": temperature, "top_k": top_k}, 0)
 
 device = pick_device(device)
@@ -69,6 +76,9 @@ meta = load_meta(cfg["dataset"], cfg.get("data_dir", ""))
 if meta is not None and model_vocab_size(meta) != model.config.vocab_size:
     raise SystemExit(f"vocab mismatch: data/{cfg['dataset']}/meta.pkl has {meta['vocab_size']} tokens but the "
                      f"checkpoint's model has {model.config.vocab_size}; re-run that dataset's prepare.py")
+# the same size is not enough: ids must mean the characters (or BPE tokens) the model was trained on
+compare_data(ckpt.get("data"), data_fingerprint(meta, data_dir_for(cfg["dataset"], cfg.get("data_dir", ""))), out_dir,
+             "sample error")
 encode, decode = get_tokenizer(meta)
 vocab = meta["vocab_size"] if meta is not None else 50257  # ids the tokenizer decodes (no meta.pkl: GPT-2 shards)
 mc = model.config

@@ -8,10 +8,12 @@ Train a GPT with a chosen attention normalisation.
 Every module-level variable below is a config key that a config file or --key=value can set.
 """
 
+import atexit
 import csv
 import importlib.util
 import math
 import os
+import shutil
 import signal
 import sys
 import time
@@ -23,15 +25,22 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (
+    LOCK_FILE,
+    PREPARE_HINT,
     autocast_ctx,
     check_range,
+    check_token_ids,
     checked_config,
+    compare_data,
     data_dir_for,
+    data_fingerprint,
+    drop_aside,
     even_windows,
     get_batch,
     load_checkpoint,
     load_meta,
     load_split,
+    lock_out_dir,
     model_from_checkpoint,
     model_vocab_size,
     n_windows,
@@ -39,7 +48,11 @@ from common import (
     parse_reweight_p,
     pick_device,
     random_windows,
+    restore_aside,
     save_checkpoint,
+    set_aside,
+    tidy_run_dir,
+    writable_dir,
 )
 from configurator import configure
 from model import GPT, GPTConfig
@@ -50,10 +63,12 @@ out_dir = "out"
 eval_interval = 250      # evaluate and checkpoint every this many iterations (and at the end)
 log_interval = 10
 eval_iters = 20          # batches of the fixed evaluation windows
-eval_only = False
+eval_only = False        # evaluate the checkpoint in out_dir once, write nothing
 always_save_checkpoint = True  # ckpt.pt (latest) at every eval; False: only when val loss improves. best.pt: the best
-init_from = "scratch"    # scratch | resume (continue from out_dir/ckpt.pt) | DIR or FILE of another run to fine-tune
-overwrite = False        # scratch into an out_dir that holds a checkpoint: refused unless True
+init_from = "scratch"    # scratch | resume (continue out_dir/ckpt.pt with its own settings) | DIR or FILE of another
+                         # run to fine-tune
+overwrite = False        # scratch into an out_dir that holds a checkpoint: refused unless True (the old run is kept
+                         # aside until the new one has saved a checkpoint)
 finetune_reweight_p = "ckpt"  # fine-tuning only: ckpt = the init model's re-weighting power, or a number to train
                               # with instead (15 turns an LSSA run into LSSAR, 0 switches re-weighting off)
 # wandb (off by default; WANDB_MODE=offline works without a network)
@@ -76,12 +91,14 @@ bias = True
 attn = "softmax"         # a variant of model.VARIANTS (softmax, lssa, ssmax, sigmoid, relu) or the shorthand lssar
 reweight_p = 0.0         # re-weighting power, a number >= 0; 0 = off (attn=lssar means lssa with 15)
 pos = "rope"             # rope | learned | none | alibi
+gate = "none"            # none | forget: a forget gate per layer adds c_i - c_j to the scores (FoX: attn=softmax, pos=none)
 rope_base = 10000.0
 rope_scaling = "none"    # RoPE extension past the training length: none | pi | ntk | yarn (usually set at evaluation)
 rope_factor = 0.0        # its factor; 0 = per evaluated length (length / block_size)
 logn_scale = False       # scale scores by max(1, log(N_i) / log(block_size)) (usually set at evaluation)
 attn_backend = "auto"    # auto | reference | math | sdpa | flex | triton (auto: the fastest exact one, see kernels/)
 attn_chunk = 256
+attn_dots = "auto"       # precision of the q . k dots: auto | fp32 | bf16 | fp16 (model.GPTConfig.attn_dots)
 # AdamW and schedule
 learning_rate = 6e-4
 max_iters = 5000
@@ -99,8 +116,61 @@ dtype = "auto"           # auto (bf16 on a capable GPU, else fp32) | float32 | b
 compile = False
 seed = 1337
 # -----------------------------------------------------------------------------
-config = configure(globals())
+config_given = set()     # the keys a config file or --key=value set
+config = configure(globals(), given=config_given)
 MODEL_KEYS = [f.name for f in GPTConfig.__dataclass_fields__.values() if f.name != "vocab_size"]
+# A resume continues the checkpoint's run: every setting comes from its stored config, and one given here that
+# differs is refused, except these, which change how far, how often or where the run goes, not what it computes
+# (data_dir: where the data lies; the data itself is checked by its fingerprint). warmup_iters may also change
+# once the run is past both warmups. The INVOCATION keys say what this command does and are never restored.
+RESUME_FREE = ("max_iters", "lr_decay_iters", "eval_interval", "log_interval", "always_save_checkpoint", "compile",
+               "device", "attn_backend", "attn_chunk", "attn_dots", "data_dir", "wandb_log", "wandb_project",
+               "wandb_run_name")
+INVOCATION = ("out_dir", "init_from", "eval_only", "overwrite")
+master = int(os.environ.get("RANK", "0")) == 0  # DDP: rank 0 writes the out_dir (set again below, with the rest)
+
+
+def say(*a, **k):
+    if master:
+        print(*a, **k)
+
+
+def restore_run_config(stored, iter_num):
+    """Resume: the checkpoint's value for every key that defines the run; a different value given for one of them
+    is a one-line error naming the key and both values (RESUME_FREE keys given here win)."""
+    restored = []
+    for k, v in stored.items():
+        if k not in config or k in INVOCATION or config[k] == v:
+            continue
+        if k in config_given:
+            if k in RESUME_FREE or k == "warmup_iters" and iter_num >= max(v, config[k]):
+                continue
+            raise SystemExit(f"resume error: {k}={config[k]!r} was given but the run in {out_dir} was trained with "
+                             f"{k}={v!r}; drop --{k} (a resume continues the run with its own settings), or start a new "
+                             f"run: another --out_dir, or --init_from={out_dir} to fine-tune from it")
+        restored.append(f"{k}={v!r}")
+        config[k] = globals()[k] = v
+    if restored:
+        say(f"resume: from the checkpoint's config: {', '.join(restored)}")
+
+
+# Who writes out_dir, checked before anything else: --eval_only reads the run's checkpoint and writes nothing; a
+# training locks an existing out_dir first (a new one once everything is checked), then tidies what a killed
+# process left there, so that two trainings never write one folder.
+if eval_only and init_from not in ("scratch", "resume"):
+    raise SystemExit(f"config error: eval_only evaluates the checkpoint in out_dir; pass --out_dir={init_from} "
+                     "instead of --init_from")
+resume = init_from == "resume" or eval_only
+lock = None
+if not eval_only:
+    writable_dir(out_dir, "out_dir")
+    if master and os.path.isdir(out_dir):
+        lock = lock_out_dir(out_dir)
+        for line in tidy_run_dir(out_dir):
+            say(f"{out_dir}: {line}")
+ckpt = load_checkpoint(out_dir) if resume else None  # on the CPU: the model and optimizer move to the device below
+if resume:
+    restore_run_config(ckpt["config"], ckpt["iter_num"])
 # numbers out of range stop here, before anything is written (0 would divide by zero or train nothing)
 check_range({k: config[k] for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters",
                                     "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
@@ -167,32 +237,31 @@ torch.backends.cuda.matmul.allow_tf32 = True
 torch.backends.cudnn.allow_tf32 = True
 
 
-def say(*a, **k):
-    if master:
-        print(*a, **k)
-
-
 train_parts, val_parts = load_split(dataset, "train", data_dir), load_split(dataset, "val", data_dir)
 finetune_p = parse_reweight_p(finetune_reweight_p, "finetune_reweight_p")
-if finetune_p != "ckpt" and init_from in ("scratch", "resume"):
-    raise SystemExit(f"config error: finetune_reweight_p applies when fine-tuning (--init_from=DIR of another run); "
-                     f"with init_from={init_from} set --reweight_p instead")
+if finetune_p != "ckpt" and init_from == "scratch":
+    raise SystemExit("config error: finetune_reweight_p applies when fine-tuning (--init_from=DIR of another run); "
+                     "from scratch set --reweight_p instead")
 for name, parts in (("train", train_parts), ("val", val_parts)):
     if n_windows(parts, block_size, window_align) < 2:
         raise SystemExit(f"dataset {dataset} {name} split has {sum(map(len, parts))} tokens, too few for windows of "
                          f"block_size+1={block_size + 1}; lower --block_size or prepare more data")
 meta = load_meta(dataset, data_dir)
 vocab_size = model_vocab_size(meta)
-for name, parts in (("train", train_parts), ("val", val_parts)):
-    top = int(parts[0][:1 << 24].max())  # a prefix is enough to catch a .bin of another dtype or tokenizer
-    if top >= vocab_size:
-        raise SystemExit(f"dataset error: the {name} split in {data_dir_for(dataset, data_dir)} holds token id {top} but "
-                         f"its vocabulary has {vocab_size} tokens; the .bin is of another dtype or tokenizer than "
-                         "meta.pkl: re-run its prepare.py")
+for name, parts in (("train", train_parts), ("val", val_parts)):  # every token of every shard, not a prefix
+    check_token_ids(parts, meta["vocab_size"] if meta else 50257, f"the {name} split in {data_dir_for(dataset, data_dir)}",
+                    PREPARE_HINT.get(dataset, f"python data/{dataset}/prepare.py"))
+data_fp = data_fingerprint(meta, data_dir_for(dataset, data_dir), train=train_parts, val=val_parts)
 ckpt_path = os.path.join(out_dir, "ckpt.pt")
-if init_from != "resume" and not eval_only and not overwrite and os.path.exists(ckpt_path):
-    raise SystemExit(f"{out_dir} already holds a checkpoint of another run; continue it with --init_from=resume, "
-                     "choose another --out_dir, or pass --overwrite=True to replace it")
+
+
+def refuse_another_run():
+    if not resume and not overwrite and os.path.exists(ckpt_path):
+        raise SystemExit(f"{out_dir} already holds a checkpoint of another run; continue it with --init_from=resume, "
+                         "choose another --out_dir, or pass --overwrite=True to replace it")
+
+
+refuse_another_run()
 
 
 def check_vocab(ckpt, where, fix):
@@ -203,28 +272,29 @@ def check_vocab(ckpt, where, fix):
 
 # The model: its arguments are resolved once by GPTConfig (e.g. attn='lssar' -> 'lssa' with reweight_p=15) and
 # stored in that canonical form; resume and fine-tuning take the architecture from the checkpoint.
-iter_num, best_val_loss = 0, 1e9
-RUNTIME_KEYS = ("dropout", "attn_backend", "attn_chunk")  # may change on resume; the rest is architecture
+iter_num, best_val_loss, evaluated = 0, 1e9, True
+RUNTIME_KEYS = ("dropout", "attn_backend", "attn_chunk", "attn_dots")  # a fine-tune's own; on resume the checkpoint's (restored)
 try:
     asked = GPTConfig(**{k: config[k] for k in MODEL_KEYS}, vocab_size=vocab_size)
     runtime = {k: getattr(asked, k) for k in RUNTIME_KEYS}
-    if init_from == "resume":
-        ckpt = load_checkpoint(out_dir, device)
+    if resume:
         missing = [k for k in ("optimizer", "scaler", "rng", "best_val_loss") if k not in ckpt]
-        if missing:
+        if missing and not eval_only:
             raise SystemExit(f"checkpoint error: {out_dir} has no {', '.join(missing)} to resume from; fine-tune from "
                              f"it instead: --init_from={out_dir} --out_dir=ANOTHER_DIR")
         check_vocab(ckpt, f"the checkpoint in {out_dir}", "resume on the dataset it was trained on")
+        compare_data(ckpt.get("data"), data_fp, f"the run in {out_dir}", "resume error", other_fix="")
         model = model_from_checkpoint(ckpt, device, **runtime)
-        for k in MODEL_KEYS:
-            if getattr(model.config, k) != getattr(asked, k):
-                say(f"resume: keeping the checkpoint's {k}={getattr(model.config, k)!r} (config says {getattr(asked, k)!r})")
-        iter_num, best_val_loss = ckpt["iter_num"], ckpt["best_val_loss"]
+        iter_num, best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", 1e9)
+        evaluated = ckpt.get("evaluated", True)  # False: saved by a signal before its iteration's evaluation
     elif init_from == "scratch":
         model = GPT(asked).to(device)
     else:  # fine-tune: the architecture and weights of another run, a fresh optimizer and schedule from step 0
-        ckpt = load_checkpoint(init_from, device)
+        ckpt = load_checkpoint(init_from)
         check_vocab(ckpt, init_from, "fine-tune on data made with the same tokenizer")
+        if ckpt.get("data") and ckpt["data"]["vocab"] != data_fp["vocab"]:
+            raise SystemExit(f"vocab mismatch: {init_from} was trained with another vocabulary than dataset {dataset}'s "
+                             "(the same size, other tokens); fine-tune on data made with the same tokenizer")
         # p has no parameters: the same weights, trained with another second stage
         model = model_from_checkpoint(ckpt, device, **runtime, **({} if finetune_p == "ckpt" else {"reweight_p": finetune_p}))
         say(f"fine-tuning {init_from} (trained {ckpt['iter_num']} iterations)")
@@ -235,7 +305,19 @@ model_args = asdict(model.config)
 checked_config(model_args, device, needs_grad=not eval_only)  # e.g. attn_backend='sdpa' for LSSA: fail before writing
 gptconf = model.config
 made_out_dir = not os.path.isdir(out_dir)
-os.makedirs(out_dir, exist_ok=True)
+if master and not eval_only:
+    os.makedirs(out_dir, exist_ok=True)
+    if lock is None:  # a new out_dir: locked now that everything is checked (a lost race stops here, one line)
+        lock = lock_out_dir(out_dir)
+        refuse_another_run()  # a run that started and finished meanwhile
+# --overwrite=True: the previous run's files wait in out_dir/previous-run until this run has saved a checkpoint,
+# and come back if it fails before (here at exit, or at the next start after a kill -9: tidy_run_dir)
+aside = master and not resume and overwrite and os.path.exists(ckpt_path)
+if aside:
+    say(f"overwrite: moved {', '.join(set_aside(out_dir))} of the previous run to {out_dir}/previous-run; deleted once "
+        "this run has saved a checkpoint, restored if it stops before")
+    atexit.register(lambda: aside and restore_aside(out_dir) and print(
+        f"{out_dir}: this run stopped before saving a checkpoint; the previous run is restored"))
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 say(f"tokens per iteration: {tokens_per_iter:,} ({world_size} process(es) x {local_micro_steps} micro-batches x "
     f"{batch_size} x {block_size}) | device {device} | dtype {dtype} | {sum(map(len, train_parts)):,} train tokens")
@@ -244,13 +326,13 @@ say(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention {gptconf.
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-if init_from == "resume":
+if resume and not eval_only:
     optimizer.load_state_dict(ckpt["optimizer"])
     scaler.load_state_dict(ckpt["scaler"])
     torch.set_rng_state(ckpt["rng"]["cpu"])  # dropout continues exactly where it stopped
     if device_type == "cuda" and ckpt["rng"]["cuda"] is not None:
         torch.cuda.set_rng_state(ckpt["rng"]["cuda"])
-    ckpt = None  # free memory
+ckpt = None  # free memory
 raw_model = model
 if compile:
     say("compiling the model... (takes a minute)")
@@ -259,46 +341,65 @@ eval_model = model
 if ddp:
     model = DDP(model, device_ids=[local_rank] if device_type == "cuda" else None)
 
-if wandb_log and master:
+use_wandb = wandb_log and master and not eval_only
+if use_wandb:
     import wandb
     try:
         wandb.init(project=wandb_project, name=wandb_run_name, config=config, dir=out_dir)
     except wandb.errors.UsageError as e:  # e.g. no API key: leave no empty out_dir behind
-        if made_out_dir and not os.listdir(out_dir):
-            os.rmdir(out_dir)
+        if made_out_dir and set(os.listdir(out_dir)) <= {LOCK_FILE}:
+            shutil.rmtree(out_dir)
         raise SystemExit(f"config error: wandb: {one_line(e).rstrip('.')}; run `wandb login`, set WANDB_MODE=offline, "
                          "or drop --wandb_log") from None
 
 # log.csv: every training step and evaluation. On resume, rows written after the checkpoint by the run that died
-# are dropped, so the log reads as one uninterrupted run.
+# are dropped, so the log reads as one uninterrupted run. --eval_only writes nothing.
 log_path = os.path.join(out_dir, "log.csv")
-if master:
+writes = master and not eval_only
+
+
+def write_log(mode, rows):
+    try:
+        with open(log_path + (".tmp" if mode == "w" else ""), mode, newline="") as f:
+            csv.writer(f).writerows(rows)
+        if mode == "w":
+            os.replace(log_path + ".tmp", log_path)
+    except OSError as e:  # a full disk: one line (the checkpoints are kept as they are)
+        raise SystemExit(f"log error: could not write {log_path} ({e.strerror or one_line(e)}); free disk space and "
+                         "resume with --init_from=resume") from None
+
+
+if writes:
     rows = []
-    if init_from == "resume" and os.path.exists(log_path):
+    if resume and os.path.exists(log_path):
         with open(log_path, newline="") as f:
             rows = list(csv.reader(f))[1:]
         rows = [r for r in rows if int(r[0]) <= iter_num]
-    with open(log_path + ".tmp", "w", newline="") as f:
-        csv.writer(f).writerows([["iter", "kind", "loss", "val_loss", "lr", "seconds"], *rows])
-    os.replace(log_path + ".tmp", log_path)
+    write_log("w", [["iter", "kind", "loss", "val_loss", "lr", "seconds"], *rows])
 
 
 def log_row(*row):
-    if master:
-        with open(log_path, "a", newline="") as f:
-            csv.writer(f).writerow(row)
+    if writes:
+        write_log("a", [row])
 
 
-def checkpoint(*names):
+def checkpoint(*names, evaluated=True):
     """Everything an exact resume needs: weights, optimizer, scaler, RNG state, iteration (the data position is
-    a function of it), config and model arguments. Written atomically: a crash mid-write keeps the old file."""
+    a function of it) and whether its evaluation was done, config, model arguments and the data's fingerprint.
+    Written atomically: a crash mid-write keeps the old file. The first save of an --overwrite=True run deletes
+    the run it replaces."""
+    global aside
     state = {
         "model": raw_model.state_dict(), "optimizer": optimizer.state_dict(), "scaler": scaler.state_dict(),
         "model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
         "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
+        "evaluated": evaluated, "data": data_fp,
     }
     for name in names if master else ():
         save_checkpoint(state, os.path.join(out_dir, name))
+        if aside and name == "ckpt.pt":
+            drop_aside(out_dir)
+            aside = False
 
 
 # SIGINT (Ctrl-C) or SIGTERM (a scheduler's preemption): finish the current step, save, exit 128 + signal.
@@ -321,26 +422,28 @@ signal.signal(signal.SIGTERM, on_signal)
 t_start = time.time()
 t0 = time.time()
 start_iter = iter_num
-if init_from == "resume" and iter_num >= max_iters and not eval_only:
+if resume and evaluated and iter_num >= max_iters and not eval_only:
     say(f"the checkpoint is already at iteration {iter_num} >= max_iters={max_iters}; raise --max_iters to train on")
 while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
 
-    resumed_here = init_from == "resume" and iter_num == start_iter  # evaluated before that checkpoint was saved
-    if (iter_num % eval_interval == 0 or iter_num == max_iters) and not resumed_here or eval_only:
+    # a resumed checkpoint's evaluation is in the log already, unless a signal saved it before that evaluation
+    done_before = resume and iter_num == start_iter and evaluated
+    if eval_only or (iter_num % eval_interval == 0 or iter_num == max_iters) and not done_before:
         losses = estimate_loss()
         say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+        if not all(map(math.isfinite, losses.values())):  # never a number in the log
+            raise SystemExit(f"non-finite {'val' if not math.isfinite(losses['val']) else 'train'} loss at step "
+                             f"{iter_num}; stopped without saving, the last good checkpoint in {out_dir} is kept (try a "
+                             "lower learning_rate)")
         log_row(iter_num, "eval", f"{losses['train']:.6f}", f"{losses['val']:.6f}", lr, f"{time.time() - t_start:.1f}")
-        if wandb_log and master:
+        if use_wandb:
             wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
-        if not math.isfinite(losses["val"]):
-            raise SystemExit(f"non-finite val loss at step {iter_num}; stopped without saving, the last good "
-                             f"checkpoint in {out_dir} is kept (try a lower learning_rate)")
         improved = losses["val"] < best_val_loss
         best_val_loss = min(best_val_loss, losses["val"])
-        if not eval_only and iter_num > start_iter:
+        if not eval_only and (iter_num > start_iter or resume):
             names = (["ckpt.pt"] if improved or always_save_checkpoint else []) + (["best.pt"] if improved else [])
             checkpoint(*names)
             say(f"saved {' and '.join(names)} to {out_dir}" if names else "val loss did not improve: not saved")
@@ -385,7 +488,7 @@ while True:
         say(f"iter {iter_num}/{max_iters}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.0f} ms/iter, "
               f"{tokens_per_iter / dt:,.0f} tok/s, elapsed {time.time() - t_start:.0f}s, eta {eta:.0f}s")
     if stop_signal is not None:
-        checkpoint("ckpt.pt")
+        checkpoint("ckpt.pt", evaluated=False)  # this iteration's evaluation, if it has one, is redone on resume
         say(f"saved checkpoint at iteration {iter_num} to {out_dir}; continue with --init_from=resume", flush=True)
         if ddp:
             destroy_process_group()

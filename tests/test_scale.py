@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from common import get_batch, load_split, random_windows, read_shard, write_shard
-from configurator import configure
+from configurator import configure, script_defaults
 from conftest import ROOT, run
 from model import GPT, GPTConfig
 
@@ -96,10 +96,8 @@ def test_ddp_matches_one_process(sharded, tmp_path):
 
 @pytest.mark.parametrize("attn", ["softmax", "lssa", "lssar"])
 def test_gpt2_fineweb_configs(attn):
-    # train.py's own defaults (the block above its configure() call), then the config file on top
-    src = open(os.path.join(ROOT, "train.py")).read()
-    g = {}
-    exec(src[src.index("# I/O"):src.index("config = configure(globals())")], g)
+    # train.py's own defaults (its block of settings), then the config file on top
+    g = script_defaults(os.path.join(ROOT, "train.py"))
     cfg = configure(g, [os.path.join(ROOT, f"config/train_gpt2_fineweb_{attn}.py")])
     assert cfg["attn"] == attn and cfg["out_dir"] == f"out-gpt2-fineweb-{attn}" and cfg["pos"] == "rope"
     assert cfg["batch_size"] * cfg["block_size"] * cfg["gradient_accumulation_steps"] == 524288  # ~0.5M tokens

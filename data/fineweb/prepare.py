@@ -203,6 +203,8 @@ def prepare(dataset=DATASET, sample=SAMPLE, local=None, text_field='text', out_d
         if v < low:
             raise SystemExit(f"--{flag} must be >= {low}, got {v}")
 
+    common.writable_dir(out_dir, 'out_dir', 'prepare error')  # before any download or tokenising
+
     global _enc
     _enc = get_encoder(encoding)  # before the stream, so an offline machine fails fast and downloads nothing
     assert _enc.n_vocab < 2**16, "tokens are stored as uint16"

@@ -25,7 +25,7 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from common import PREPARE_HINT, load_meta, load_stream  # noqa: E402
+from common import PREPARE_HINT, check_range, load_meta, load_stream, writable_dir  # noqa: E402
 from data.shakespeare_char.prepare import write_split  # noqa: E402
 from eval_passkey import draw, filler_len, passkey_example, passkey_template  # noqa: E402
 
@@ -43,6 +43,10 @@ def examples(tpl, data, n, block_size, key_len, rng):
 
 def prepare(src=None, out_dir=None, block_size=64, n_train=20000, n_val=500, key_len=5, seed=1337):
     src, out_dir = src or DEFAULT_SRC, out_dir or HERE
+    # counts and the output folder before any work: 0 examples would write an empty dataset
+    check_range({'block_size': block_size, 'n_train': n_train, 'n_val': n_val, 'key_len': key_len}, 1,
+                prefix='prepare error')
+    writable_dir(out_dir, 'out_dir', 'prepare error')
     name = os.path.basename(os.path.normpath(src))
     hint = PREPARE_HINT.get(name, 'python data/shakespeare_char/prepare.py')
     for f in ('train.bin', 'val.bin', 'meta.pkl'):

@@ -17,11 +17,12 @@ import sys
 import tiktoken
 
 try:
-    from data.shakespeare_char.prepare import get_text, one_line, write_split
+    from data.shakespeare_char.prepare import check_splits, get_text, one_line, write_split
 except ImportError:
     # run as a script, only this folder is on sys.path; the text-source logic lives beside it, under the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-    from data.shakespeare_char.prepare import get_text, one_line, write_split
+    from data.shakespeare_char.prepare import check_splits, get_text, one_line, write_split
+from common import writable_dir  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -35,6 +36,7 @@ def get_encoder(encoding='gpt2'):
 
 def prepare(input_path=None, out_dir=None, encoding='gpt2'):
     out_dir = out_dir or HERE
+    writable_dir(out_dir, 'out_dir', 'prepare error')  # before the text is read or downloaded
     enc = get_encoder(encoding)  # before the text, so an offline machine fails fast and downloads nothing
     data = get_text(input_path, out_dir)
 
@@ -43,6 +45,7 @@ def prepare(input_path=None, out_dir=None, encoding='gpt2'):
     n = len(data)
     train_ids = enc.encode_ordinary(data[:int(n * 0.9)])
     val_ids = enc.encode_ordinary(data[int(n * 0.9):])
+    check_splits(len(train_ids), len(val_ids), f"a text of {n:,} characters")
     assert enc.n_vocab < 2**16, "ids are stored as uint16"
 
     # 'tokenizer' tells sampling code to decode with this tiktoken encoding rather than an itos table

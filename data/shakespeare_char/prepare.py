@@ -11,13 +11,21 @@ Where the text comes from, first match wins:
   4. a download of the char-rnn copy into out_dir/input.txt
 """
 import argparse
+import glob
 import http.client
 import os
 import pickle
+import sys
 import urllib.error
 import urllib.request
 
 import numpy as np
+
+# run as a script only this folder is on sys.path; common.py lives under the repo root
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+from common import writable_dir  # noqa: E402
 
 DATA_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 ENV_VAR = 'TINYSHAKESPEARE_PATH'
@@ -69,11 +77,30 @@ def get_text(input_path=None, out_dir=None):
             print(f"downloading {DATA_URL}")
             download(path)
     print(f"reading {path}")
-    with open(path, encoding='utf-8') as f:
-        return f.read()
+    try:
+        with open(path, encoding='utf-8') as f:
+            text = f.read()
+    except UnicodeDecodeError as e:  # latin-1, UTF-16, a binary file: say where, not a traceback
+        raise SystemExit(f"{path} is not UTF-8 text (byte 0x{e.object[e.start]:02x} at offset {e.start:,}: {e.reason}); "
+                         f"convert it first, e.g. iconv -f latin1 -t utf-8 {path} > input_utf8.txt") from None
+    except OSError as e:  # a folder, no permission
+        raise SystemExit(f"cannot read {path} ({e.strerror or one_line(e)}); pass a readable text file") from None
+    if not text:
+        raise SystemExit(f"{path} is empty: there is nothing to prepare (the vocabulary would have 0 characters); "
+                         "pass a text file that holds text")
+    return text
+
+def check_splits(n_train, n_val, what):
+    # training needs at least 2 tokens in each split (an input and its target)
+    if min(n_train, n_val) < 2:
+        raise SystemExit(f"{what} gives {n_train} train and {n_val} val tokens, too few for any training window "
+                         "(each split needs at least 2); pass a longer text")
 
 def write_split(out_dir, train_ids, val_ids, meta):
     os.makedirs(out_dir, exist_ok=True)
+    for name in ('train.bin', 'val.bin', 'meta.pkl'):  # left by a run killed mid-write (write_atomic's temporaries)
+        for tmp in glob.glob(os.path.join(glob.escape(out_dir), f'{name}.tmp.*')):
+            os.remove(tmp)
     for name, ids in (('train.bin', train_ids), ('val.bin', val_ids)):
         arr = np.array(ids, dtype=np.uint16)
         write_atomic(os.path.join(out_dir, name), arr.tofile)
@@ -81,6 +108,7 @@ def write_split(out_dir, train_ids, val_ids, meta):
 
 def prepare(input_path=None, out_dir=None):
     out_dir = out_dir or HERE
+    writable_dir(out_dir, 'out_dir', 'prepare error')  # before the text is read or downloaded
     data = get_text(input_path, out_dir)
 
     # the vocab is every character that occurs in the text, sorted so ids are stable across runs
@@ -94,6 +122,7 @@ def prepare(input_path=None, out_dir=None):
     n = len(data)
     train_ids = [stoi[c] for c in data[:int(n * 0.9)]]
     val_ids = [stoi[c] for c in data[int(n * 0.9):]]
+    check_splits(len(train_ids), len(val_ids), f"a text of {n:,} characters")
 
     write_split(out_dir, train_ids, val_ids, {'vocab_size': vocab_size, 'itos': itos, 'stoi': stoi})
     print(f"{n:,} chars, vocab size {vocab_size}, train {len(train_ids):,} tokens, "
