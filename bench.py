@@ -32,14 +32,15 @@ import sys
 import time
 
 import torch
+import torch.nn.functional as F
 
-from common import parse_list, pick_device
+from common import check_range, parse_list, parse_numbers, pick_device, writable_prefix
 from configurator import configure
 from kernels import BACKENDS
-from model import GPT, AttnSpec, GPTConfig, attn_names, causal_attention
+from model import GPT, VARIANTS, GPTConfig, attn_names, canonical_attn, causal_attention
 
 # -----------------------------------------------------------------------------
-kinds = ",".join(attn_names())  # every attention of model.py's registry
+kinds = ""               # "" = every attention of model.py's registry, and each with the forget gate (name+forget)
 backends = "sdpa,math,flex,triton"
 lengths = LENGTHS = "64,256,1024,4096,16384"
 grad_max_len = 4096      # forward+backward of attention alone up to this length
@@ -60,6 +61,12 @@ device = "auto"
 dtype = "auto"           # auto: bfloat16 autocast on CUDA, float32 on CPU
 out = ""                 # default results/bench/bench_<device>[_quick]
 mem_case = ""            # internal: measure the memory of one case (JSON) in this process and print it
+precision = False        # the precision study of the q . k dots instead of timings (PRECISION below): results/bench/
+                         # precision.{json,md}; with precision_ckpt also the q, k of a trained checkpoint's layers
+precision_ckpt = ""
+precision_lengths = "2048,4096,8192,16384"
+compare = ""             # a bench.py --device=cuda results .json: its Triton times next to the static estimates of
+                         # results/bench/sass.json (python -m kernels.sass), written to results/bench/estimate_vs_measured.md
 # -----------------------------------------------------------------------------
 
 
@@ -73,6 +80,19 @@ def _autocast(dev, dt):
 
 
 DEMO = dict(n_layer=4, n_head=4, n_embd=128, vocab_size=65)  # config/train_shakespeare_char.py
+
+
+def kind_args(kind):
+    """A bench kind -> GPTConfig's attention fields: a name of model.attn_names(), with '+forget' for the forget
+    gate (e.g. softmax+forget: FoX's attention)."""
+    name, plus, gate = kind.partition("+")
+    return dict(attn=name, gate="forget" if plus else "none")
+
+
+def bench_kinds():
+    """Every kind bench.py knows: each attention name, and each with the forget gate where the gate applies."""
+    gated = [f"{a}+forget" for a in attn_names() if VARIANTS[canonical_attn(a)[0]].row is None]
+    return attn_names() + gated
 GPT2 = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)  # config/train_gpt2_fineweb.py
 
 
@@ -87,22 +107,29 @@ def build(case, dev, dt):
             raise NotImplementedError("interpreter, not timed")
         q, k, v = (torch.randn(shape, device=dev, requires_grad=grad) for _ in range(3))
         go = torch.randn(shape, device=dev)
-        spec = AttnSpec.of(kind)
+        cfg = GPTConfig(block_size=T, n_head=attn_heads, n_embd=attn_heads * head_dim, **kind_args(kind))
+        spec = cfg.spec
+        # the variant's learnable per-head parameters at their initial values; a forget gate's c from random gates
+        params = {n: init(attn_heads, T).to(dev).requires_grad_(grad) for n, init in spec.variant.params.items()}
+        gate = None
+        if spec.gate:
+            logf = F.logsigmoid(torch.randn(attn_batch, attn_heads, T, device=dev) + 3.0)
+            gate = logf.cumsum(-1).requires_grad_(grad)
 
         def run():
             with _autocast(dev, dt):
                 if grad:
-                    y = causal_attention(q, k, v, spec, backend=case["backend"])
+                    y = causal_attention(q, k, v, spec, backend=case["backend"], params=params, gate=gate)
                     y.backward(go)
                     q.grad = k.grad = v.grad = None
                 else:
                     with torch.no_grad():
-                        causal_attention(q, k, v, spec, backend=case["backend"])
+                        causal_attention(q, k, v, spec, backend=case["backend"], params=params, gate=gate)
         return run
     if case.get("backend") == "triton" and not dev.startswith("cuda"):
         raise NotImplementedError("interpreter, not timed")
     size = GPT2 if case["model"] == "gpt2" else DEMO
-    model = GPT(GPTConfig(block_size=T, attn=kind, **size)).to(dev)
+    model = GPT(GPTConfig(block_size=T, **kind_args(kind), **size)).to(dev)
     fwd = torch.compile(model) if case.get("compile") else model
     B = case["batch"]
     x = torch.randint(0, size["vocab_size"], (B, T), device=dev)
@@ -249,7 +276,7 @@ def plan(dev):
     cases = []
     for T in Ls:
         for grad in ([False, True] if T <= grad_max_len else [False]):
-            for kind in parse_list(kinds):
+            for kind in parse_list(kinds) if kinds else bench_kinds():
                 for be in parse_list(backends):
                     cases.append(dict(what="attn", kind=kind, backend=be, T=T, grad=grad))
     if not quick:
@@ -271,21 +298,185 @@ def on_signal(signum, frame):
     raise SystemExit(128 + signum)
 
 
+MAX_REPEATS, MAX_LENGTH = 100, 1 << 20  # beyond these a run would not end in any useful time
+
+
+def check_numbers():
+    """Counts and sizes in range before anything runs: 0 repeats or a length of 0 would never finish a case."""
+    check_range({"repeats": repeats}, 1, MAX_REPEATS, prefix="bench error")
+    check_range({k: globals()[k] for k in ("attn_batch", "attn_heads", "head_dim", "train_len", "train_batch")}, 1,
+                MAX_LENGTH, prefix="bench error")
+    check_range({"grad_max_len": grad_max_len}, 0, prefix="bench error")
+    for key in ("lengths", "eval_lengths"):
+        if globals()[key]:  # "" skips those cases (lengths="": no attention-alone cases, e.g. the train-step stage
+            # of .ci/gpu_acceptance; eval_lengths="": no GPT-2-small forward)
+            parse_numbers(globals()[key], key, int, prefix="bench error", example="64,256,1024",
+                          ok=lambda x: 1 <= x <= MAX_LENGTH, what=f"integers in [1, {MAX_LENGTH}]")
+
+
+# -----------------------------------------------------------------------------
+# PRECISION: what the q . k dots need. The attention output's error when q and k are rounded to 16 bits after
+# model.prepare (the Triton kernels' tensor-core inputs, kernels.round_dots in the kernels' base-2 units) against
+# float64, LSSA and LSSAR, at head size head_dim and long rows. Every product and sum in float64 through the math
+# backend (the GPU's fp32 accumulation adds ~1e-7, far below 16-bit rounding). Inputs: "random" per head a shared
+# direction plus noise (q and k correlated as trained heads are: cosines spread around a head-specific mean), and
+# "ckpt" the q, k (after RoPE) of every layer of a trained checkpoint on its validation text. Error: max |out - ref|
+# / max |ref| over the whole output (the tests' measure), and the median over rows of |out_i - ref_i| / |ref_i|.
+
+
+def precision_random_qkv(T, H, d, seed):
+    """(1, H, T, d) float64 q, k, v: per head a unit direction u plus noise (cosines ~0.3-0.5 on average)."""
+    g = torch.Generator().manual_seed(seed)
+    u = torch.randn(1, H, 1, d, generator=g, dtype=torch.float64)
+    u = u / u.norm(dim=-1, keepdim=True)
+    q = 2.0 * u + torch.randn(1, H, T, d, generator=g, dtype=torch.float64) / d ** 0.5 * 2.0
+    k = 1.5 * u + torch.randn(1, H, T, d, generator=g, dtype=torch.float64) / d ** 0.5 * 2.0
+    v = torch.randn(1, H, T, d, generator=g, dtype=torch.float64)
+    return q, k, v
+
+
+def precision_checkpoint_qkv(path, T):
+    """([(q, k, v) float64 (1, H, T, d) of every layer], the model's GPTConfig) of a checkpoint on the first T
+    validation tokens."""
+    import model as M
+    from common import load_checkpoint, load_stream, model_from_checkpoint
+    ck = load_checkpoint(path)
+    gpt = model_from_checkpoint(ck, "cpu").eval()
+    cfg = ck["config"]
+    tokens = torch.from_numpy(load_stream(cfg["dataset"], "val", cfg.get("data_dir", ""))[:T].astype("int64"))[None]
+    seen, real = [], M.causal_attention
+
+    def record(q, k, v, spec, *a, **kw):
+        seen.append((q.double(), k.double(), v.double()))
+        return real(q, k, v, spec, *a, **kw)
+
+    M.causal_attention = record
+    try:
+        with torch.no_grad():
+            gpt(tokens)
+    finally:
+        M.causal_attention = real
+    return seen, gpt.config
+
+
+def precision_errors(q, k, v, spec):
+    """{dots: (max relative error, median row relative error)} of the output with q, k rounded, vs float64."""
+    import kernels
+    import model as M
+    from kernels import chunked
+    qs, ks = M.prepare(q, k, spec, 0)
+    out = {}
+    with torch.no_grad():
+        ref = chunked.forward(qs, ks, v, spec, 0, 256)
+        for dots in ("fp32", "fp16", "bf16"):
+            qr, kr = (qs.float().double(), ks.float().double()) if dots == "fp32" else kernels.round_dots(qs, ks, dots)
+            err = (chunked.forward(qr, kr, v, spec, 0, 256) - ref).abs()
+            row = err.norm(dim=-1) / ref.norm(dim=-1).clamp_min(1e-300)
+            out[dots] = (float(err.max() / ref.abs().max()), float(row.median()))
+    return out
+
+
+def precision_study():
+    from dataclasses import replace
+
+    import model as M
+    lens = parse_numbers(precision_lengths, "precision_lengths", prefix="bench error", example="2048,4096")
+    rows = []
+    for attn in ("lssa", "lssar"):
+        spec = M.AttnSpec.of(attn)
+        for T in lens:
+            q, k, v = precision_random_qkv(T, attn_heads, head_dim, T)
+            rows.append(dict(attn=attn, source="random", T=T, head_dim=head_dim, errors=precision_errors(q, k, v, spec)))
+            print(f"{attn} random T={T}: {rows[-1]['errors']}", flush=True)
+            if precision_ckpt:
+                layers, cfg = precision_checkpoint_qkv(precision_ckpt, T)
+                cspec = replace(cfg.spec, **dict(zip(("kind", "reweight_p"), M.canonical_attn(attn), strict=True)))
+                for i, (lq, lk, lv) in enumerate(layers):
+                    rows.append(dict(attn=attn, source=f"{os.path.basename(os.path.normpath(precision_ckpt))} layer {i}",
+                                     T=T, head_dim=lq.shape[-1], errors=precision_errors(lq, lk, lv, cspec)))
+                    print(f"{attn} {rows[-1]['source']} T={T}: {rows[-1]['errors']}", flush=True)
+    command = "python bench.py " + " ".join(sys.argv[1:])
+    path = out or os.path.join("results", "bench", "precision")
+    lines = [f"`{command}`", "", "Output error with q, k rounded after `prepare` (the q . k dots' inputs), against "
+             "float64: max |out - ref| / max |ref| (median row relative error in brackets).", "",
+             "| attention | q, k from | head size | T | fp32 | fp16 | bf16 |", "|---|---|---|---|---|---|---|"]
+    for r in rows:
+        e = r["errors"]
+        cells = " | ".join(f"{e[d][0]:.1e} ({e[d][1]:.1e})" for d in ("fp32", "fp16", "bf16"))
+        lines.append(f"| {r['attn']} | {r['source']} | {r['head_dim']} | {r['T']} | {cells} |")
+    with open(path + ".json", "w") as f:
+        json.dump({"command": command, "date": time.strftime("%Y-%m-%d"), "torch": torch.__version__, "rows": rows}, f,
+                  indent=1)
+    with open(path + ".md", "w") as f:
+        f.write("\n".join(lines) + "\n")
+    print("\n".join(lines))
+    print(f"wrote {path}.json, {path}.md")
+
+
+SASS_REPORT = os.path.join("results", "bench", "sass.json")  # kernels/sass.py's report
+
+
+def compare_with_estimates(path, sass_path=SASS_REPORT):
+    """Measured (a GPU run of this script) next to estimated (kernels/sass.py's report of the compiled code): each
+    Triton kind's time relative to Triton's exp kernel (softmax) and to SDPA, and the static estimate of the first
+    ratio (cycles per score over the same passes, sm_90, bf16, head size 64)."""
+    from kernels.fused import KERNEL_KIND
+    from kernels.sass import estimate_ratio
+    with open(sass_path) as f:
+        rows = json.load(f)["kernels"]
+    try:
+        with open(path) as f:
+            cases = json.load(f)["results"]
+    except (OSError, ValueError, KeyError) as e:
+        raise SystemExit(f"bench error: cannot read bench results {path!r} ({e}); pass --compare=<a .json of "
+                         "bench.py --device=cuda>") from None
+    att = [c for c in cases if c["what"] == "attn" and "seconds" in c]
+    triton = {(c["kind"], c["T"], c["grad"]): c["seconds"] for c in att if c["backend"] == "triton"}
+    sdpa = {(c["T"], c["grad"]): c["seconds"] for c in att if c["backend"] == "sdpa" and c["kind"] == "softmax"}
+    lines = [f"`python bench.py --compare={path}`", "",
+             f"Measured: {path} (bf16 autocast, {attn_batch} x {attn_heads} heads x T x {head_dim}). Estimated: "
+             f"{sass_path} (the compiled code for sm_90, bf16, head size 64: cycles per score over the same passes, "
+             "relative to the exp kernel; an estimate, not a measurement).", "",
+             "| kind | T | pass | measured x triton softmax | estimated x exp kernel | measured x SDPA |",
+             "|---|---|---|---|---|---|"]
+    for (kind, T, grad), sec in sorted(triton.items()):
+        args = kind_args(kind)
+        variant, p = canonical_attn(args["attn"])
+        est = estimate_ratio(rows, KERNEL_KIND.get(variant, "?"), p, args["gate"] == "forget",
+                             ("fwd", "dq", "dkdv") if grad else ("fwd",))
+        base, ref = triton.get(("softmax", T, grad)), sdpa.get((T, grad))
+        cells = [f"{sec / base:.2f}" if base else "", f"{est:.2f}" if est else "", f"{sec / ref:.2f}" if ref else ""]
+        lines.append(f"| {kind} | {T} | {'fwd+bwd' if grad else 'fwd'} | " + " | ".join(cells) + " |")
+    text = "\n".join(lines) + "\n"
+    print(text)
+    target = os.path.join(os.path.dirname(sass_path), "estimate_vs_measured.md")
+    with open(target, "w") as f:
+        f.write(text)
+    print(f"wrote {target}")
+
+
 def main():
     signal.signal(signal.SIGTERM, on_signal)
     dev = pick_device(device)
     dt = dtype if dtype != "auto" else ("bfloat16" if dev.startswith("cuda") else "float32")
+    if compare:
+        return compare_with_estimates(compare)
+    if precision:
+        writable_prefix(out or os.path.join("results", "bench", "precision"), "out", "bench error", (".json", ".md"))
+        return precision_study()
     if mem_case:  # subprocess mode
         case = json.loads(mem_case)
         warm = case.get("backend") == "flex" or case["what"] == "train"  # compiles / optimizer state come first
         print(json.dumps({"peak_bytes": peak_memory_here(build(case, dev, dt), dev, warm)}))
         return
-    for key, allowed in (("kinds", attn_names()), ("eval_kinds", attn_names()), ("train_kinds", attn_names()),
+    for key, allowed in (("kinds", bench_kinds()), ("eval_kinds", bench_kinds()), ("train_kinds", bench_kinds()),
                          ("backends", BACKENDS)):
         bad = [x for x in parse_list(globals()[key]) if x not in allowed]
         if bad:
             raise SystemExit(f"bench error: unknown {key} {', '.join(bad)}; choose from {', '.join(allowed)}")
+    check_numbers()
     path = out or os.path.join("results", "bench", f"bench_{dev.split(':')[0]}{'_quick' if quick else ''}")
+    writable_prefix(path, "out", "bench error", (".json", ".md"))
     cases = plan(dev)
     print(f"bench: {len(cases)} cases on {dev} ({dt}), best of {repeats}; results -> {path}.json")
     groups = {}

@@ -42,18 +42,25 @@ class GPTConfig:
     attn: str = "softmax"       # a variant of VARIANTS (or a shorthand such as 'lssar', stored resolved)
     reweight_p: float = 0.0     # > 0: re-weighting stage with this power (LSSAR: attn='lssa', reweight_p=15)
     pos: str = "rope"           # rope | learned | none | alibi
+    gate: str = "none"          # none | forget: a per-head forget gate per layer adds c_i - c_j to every score
+                                # (the Forgetting Transformer, Lin et al. 2025; FoX = softmax, gate='forget', pos='none')
     rope_base: float = 10000.0
     rope_scaling: str = "none"  # evaluation-time RoPE extension: none | pi | ntk | yarn (rope_inv_freq)
     rope_factor: float = 0.0    # its factor s; 0 = per evaluated length: max(1, length / block_size)
     logn_scale: bool = False    # scale scores by max(1, log(N_i) / log(block_size)) (log-length scaling)
     attn_backend: str = "auto"  # auto | reference | math | sdpa | flex | triton (see kernels/)
     attn_chunk: int = 256       # query rows per chunk in the math backend (memory O(chunk x T))
+    attn_dots: str = "auto"     # the q . k dots: auto (the backend's choice, DOTS_AUTO) | fp32 | bf16 | fp16: q, k
+                                # rounded to 16 bits after `prepare` (the GPU's tensor-core inputs; elsewhere an exact
+                                # emulation of them: products and sums in fp32)
 
     def __post_init__(self):
         """Resolve the attention to its canonical form (stored so in checkpoints) and validate; errors name the fix."""
         self.attn, self.reweight_p = canonical_attn(self.attn, self.reweight_p)
         if self.pos not in ("rope", "learned", "none", "alibi"):
             raise ValueError(f"unknown pos={self.pos!r}; choose rope, learned, none or alibi")
+        if self.gate not in ("none", "forget"):
+            raise ValueError(f"unknown gate={self.gate!r}; choose none or forget")
         if self.rope_scaling not in ROPE_SCALINGS:
             raise ValueError(f"unknown rope_scaling={self.rope_scaling!r}; choose one of {', '.join(ROPE_SCALINGS)}")
         if self.rope_scaling != "none" and self.pos != "rope":
@@ -65,6 +72,8 @@ class GPTConfig:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
             raise ValueError("RoPE needs an even head size (n_embd / n_head)")
+        if self.attn_dots not in kernels.DOTS:
+            raise ValueError(f"unknown attn_dots={self.attn_dots!r}; choose one of {', '.join(kernels.DOTS)}")
         if self.attn_backend not in ("reference", *kernels.BACKENDS):
             raise ValueError(f"unknown attn_backend={self.attn_backend!r}; choose one of "
                              f"{', '.join(('reference', *kernels.BACKENDS))}")
@@ -72,7 +81,7 @@ class GPTConfig:
     @property
     def spec(self):
         return AttnSpec(self.attn, self.reweight_p, alibi=self.pos == "alibi",
-                        logn_len=self.block_size if self.logn_scale else 0)
+                        logn_len=self.block_size if self.logn_scale else 0, gate=self.gate == "forget")
 
     def rope(self, length):
         """(inv_freq, attention temperature) of RoPE for a forward over `length` positions (rope_scaling)."""
@@ -124,6 +133,25 @@ def _log_relu(s):
     return torch.where(s > 0, torch.log(s.clamp_min(1e-30)), float("-inf"))
 
 
+def stickbreak(s, n, attend_current=False):
+    """Stick-breaking weights of a whole row (Tan et al. 2024): beta_ij = sigmoid(z_ij) with z_ij the score; the
+    keys are taken nearest first, each keeping beta of what the nearer ones left:
+        A_ij = beta_ij prod_{j<k<i} (1 - beta_ik)   for j < i,  i.e.  log A_ij = z_ij - sum_{k=j}^{i-1} softplus(z_ik)
+    and what no key took, prod_{k<i} (1 - beta_ik) = exp(-sum_{k<i} softplus(z_ik)), goes to the current token
+    (A_ii), so every row sums to 1. attend_current: the current token is the stick's first key (k <= i in the
+    product, j <= i) and also receives the remainder. s: (..., rows, keys) scores, -inf after each row's position
+    (keys start at position 0); n: (rows, 1) N_i, so row i's own key is at index n - 1."""
+    keys = torch.arange(s.shape[-1], device=s.device)
+    own = keys == (n.long() - 1)  # (rows, keys): the current token's key
+    sp = F.softplus(s, threshold=40.0)  # 0 where masked (s = -inf)
+    if not attend_current:
+        sp = sp.masked_fill(own, 0.0)
+    tail = sp.flip(-1).cumsum(-1).flip(-1)  # sum_{k >= j} softplus(z_ik): only k < i (or <= i) are non-zero
+    took = torch.where(own & (not attend_current), float("-inf"), s - tail).exp()  # A_ij; 0 where masked
+    left = (-tail[..., :1]).exp()  # the remainder: exp(-sum_{k < i} softplus(z_ik)) (or k <= i)
+    return took + own * left
+
+
 @dataclass(frozen=True)
 class Variant:
     equation: str              # the weight of key j in row i, as written in docs/attention.md
@@ -135,6 +163,8 @@ class Variant:
     bias: Callable | None = None    # bias(i, j, h, H) -> fixed additive score term (positions, head)
     params: dict = field(default_factory=dict)  # name -> init(n_head, block_size): learnable per-head tensors
     demo: bool | str = True    # part of the CPU demo sweep, or the reason it is not
+    row: Callable | None = None  # row(s, N) -> the weights of whole rows from their scores (-inf where masked), for
+                                 # a weight that depends on the other keys of the row (stick-breaking); normalise False
 
 
 VARIANTS = {
@@ -154,6 +184,13 @@ VARIANTS = {
                            learned_s_log_n, None, True, params={"ssmax_s": lambda n_head, block_size: torch.full(
                                (n_head,), 1.0 / math.log(block_size))},
                            demo="a baseline: in the full grid (README), not the quick-start sweep"),
+    # stick-breaking: trained without a position code (pos='none'), its stick decays with distance by itself
+    "stickbreak": Variant("sigmoid(z_ij) prod_{j<k<i} (1 - sigmoid(z_ik)), z = q.k / sqrt(d); the rest to j = i",
+                          False, inv_sqrt_d, None, False, row=lambda s, n: stickbreak(s, n),
+                          demo="an alternative trained with pos=none: in the full grid (README)"),
+    "stickbreak_self": Variant("sigmoid(z_ij) prod_{j<k<=i} (1 - sigmoid(z_ik)), j <= i; the rest to j = i", False,
+                               inv_sqrt_d, None, False, row=lambda s, n: stickbreak(s, n, attend_current=True),
+                               demo="stick-breaking's other convention: the current token in the stick"),
 }
 ATTN_ALIASES = {"lssar": ("lssa", 15.0)}  # shorthand -> (variant, reweight_p it implies)
 
@@ -202,19 +239,27 @@ def canonical_attn(attn, reweight_p=0.0):
 @dataclass(frozen=True)
 class AttnSpec:
     """What the attention is, resolved once (GPTConfig builds it): every backend receives only this.
-    The score of query row i is  s_ij = temperature * max(1, log N_i / log logn_len) * scale(N_i) * q_i . k_j + bias,
-    the last two factors being 1 unless set (evaluation-time scalings: YaRN's temperature, log-length scaling)."""
+    The score of query row i is
+        s_ij = temperature * max(1, log N_i / log logn_len) * scale(N_i) * q_i . k_j + bias(i, j, h) + c_i - c_j
+    the first two factors being 1 unless set (evaluation-time scalings: YaRN's temperature, log-length scaling) and
+    c_i - c_j the forget gate's term (gate): c the cumulative sum of a layer's log forget gates, a tensor that comes
+    with the call (the gate's only data-dependent input)."""
     kind: str                  # a key of VARIANTS
     reweight_p: float = 0.0    # stage 2's power; 0 = off
     alibi: bool = False        # add ALiBi's bias -m_h (i - j) (pos='alibi')
     logn_len: int = 0          # > 1: scale scores by max(1, log(N_i) / log(logn_len)) (logn_len = training length)
     temperature: float = 1.0   # every score x this (YaRN's attention temperature at evaluation)
+    gate: bool = False         # add c_i - c_j (gate='forget': the Forgetting Transformer's forget gate)
 
     def __post_init__(self):
         if (self.kind, self.reweight_p) != canonical_attn(self.kind, self.reweight_p):
             raise ValueError(f"AttnSpec needs a canonical (variant, p), got ({self.kind!r}, {self.reweight_p!r})")
         if self.alibi and VARIANTS[self.kind].bias is not None:
             raise ValueError(f"pos='alibi' adds a score bias; variant {self.kind!r} has its own")
+        if self.gate and VARIANTS[self.kind].row is not None:
+            raise ValueError(f"gate='forget' adds c_i - c_j to a score that one weight depends on; {self.kind} weighs a "
+                             "key by the scores of all nearer keys (its stick already decays with distance): use "
+                             "gate='none' with it, or a score-based attention (softmax, lssa, ssmax, sigmoid_l1, ...)")
         if self.logn_len == 1 or self.logn_len < 0 or not self.temperature > 0:
             raise ValueError(f"logn_len must be 0 (off) or >= 2 and temperature > 0, got {self.logn_len}, {self.temperature}")
 
@@ -235,17 +280,38 @@ class AttnSpec:
     def key(self):
         """The spec as a string (custom ops take strings, not objects; an f-string, which torch.compile traces);
         from_key inverts it."""
-        return f"{self.kind}|{self.reweight_p!r}|{int(self.alibi)}|{self.logn_len}|{self.temperature!r}"
+        return f"{self.kind}|{self.reweight_p!r}|{int(self.alibi)}|{self.logn_len}|{self.temperature!r}|{int(self.gate)}"
 
     @staticmethod
     def from_key(key):
-        kind, p, alibi, logn_len, temperature = key.split("|")
-        return AttnSpec(kind, float(p), alibi == "1", int(logn_len), float(temperature))
+        kind, p, alibi, logn_len, temperature, gate = key.split("|")
+        return AttnSpec(kind, float(p), alibi == "1", int(logn_len), float(temperature), gate == "1")
 
     @staticmethod
     def of(attn, reweight_p=0.0, **kw):
         return AttnSpec(*canonical_attn(attn, reweight_p), **kw)
 
+    # What a backend computes with (kernels/ never imports this file: it calls these on the spec it is handed).
+    exempt_rows = property(lambda self: REWEIGHT_EXEMPT_ROWS, doc="rows at positions below this get O_i = 0")
+    row_n = staticmethod(lambda pos_offset, Tq, like: row_n(pos_offset, Tq, like))
+
+    def stage1(self, s, n, direct):
+        """Stage-1 weights of scaled scores s (see `stage1`)."""
+        return stage1(s, self.variant, n, direct)
+
+    def reweight(self, phi, S, n, pos, inplace=False):
+        """Stage 2 of weights phi of the query rows at absolute positions pos (see `reweight`)."""
+        return reweight(phi, S, n, reweight_offset(pos, n.dtype).view(-1, 1), self.reweight_p, inplace)
+
+    def reweight_grad(self, g, phi, S, Z, aux):
+        return reweight_grad(g, phi, S, Z, aux, self.reweight_p)
+
+    def reweight_arg(self, A, n, pos):
+        """x = N A - O of the rows at positions pos (elementwise: usable inside flex's score_mod)."""
+        return reweight_arg(A, n, reweight_offset(pos, A.dtype))
+
+
+kernels.use_spec(AttnSpec)  # custom ops pass specs as key strings; kernels rebuild them with this class
 
 _ALIBI = {}
 
@@ -326,7 +392,10 @@ def reweight_grad(g, phi, S, Z, aux, p):
 
 def stage1(s, var, n, direct):
     """Stage-1 weights of scaled scores s (-inf where masked): exact for unnormalised kinds, up to a per-row
-    factor for normalised ones (exp(logw - row max): no overflow). direct uses var.weight (see kernels)."""
+    factor for normalised ones (exp(logw - row max): no overflow). direct uses var.weight (see kernels). Row-wise
+    variants (var.row) need whole rows: every key a row can see."""
+    if var.row is not None:
+        return var.row(s, n)
     if direct or (not var.normalise and var.weight is not None):
         return var.weight(s, n)
     logw = s if var.logw is None else var.logw(s, n)
@@ -358,26 +427,34 @@ def prepare(q, k, spec, pos_offset, params=None):
     return q * scale, k  # (the scale is in acc's dtype, or a float)
 
 
-def causal_attention(q, k, v, spec, pos_offset=None, *, backend="auto", params=None, chunk=256):
+def causal_attention(q, k, v, spec, pos_offset=None, *, backend="auto", params=None, chunk=256, dots="auto", gate=None):
     """Causal attention of the last Tq positions over Tk keys with the attention `spec` (an AttnSpec).
 
     q: (B, H, Tq, d), k, v: (B, H, Tk, d), after RoPE. Key j sits at absolute position j; query t at
     pos_offset + t (default Tk - Tq: the queries are the last Tq positions), and sees keys j <= its position;
     N = its position + 1. The same call serves a full forward (Tq = Tk) and KV-cache decoding (Tq < Tk).
     params: the variant's learnable per-head tensors. backend: 'reference' (below) or one of kernels.BACKENDS.
+    dots: the precision of the q . k dots (GPTConfig.attn_dots). gate: c (B, H, Tk), the cumulative log forget gates
+    at every key position, when spec.gate (the score gains c_i - c_j; queries take c at their positions).
     """
     Tq, Tk = q.shape[2], k.shape[2]
     pos_offset = Tk - Tq if pos_offset is None else int(pos_offset)
     if pos_offset < 0 or pos_offset + Tq > Tk:
         raise ValueError(f"pos_offset={pos_offset} with Tq={Tq} needs 0 <= pos_offset <= Tk - Tq = {Tk - Tq}")
-    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *(params or {}).values()))
-    qs, ks = prepare(q, k, spec, pos_offset, params)
+    if spec.gate != (gate is not None) or (gate is not None and gate.shape != k.shape[:3]):
+        raise ValueError(f"spec.gate={spec.gate} needs gate = c of shape (B, H, Tk) = {tuple(k.shape[:3])} exactly when set, "
+                         f"got {None if gate is None else tuple(gate.shape)}")
+    extra = (*(params or {}).values(), *(() if gate is None else (gate,)))
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *extra))
+    qs, ks = kernels.round_dots(*prepare(q, k, spec, pos_offset, params), dots)
+    gate = None if gate is None else gate.float() if gate.dtype != torch.float64 else gate
     if backend == "reference":
-        return reference_attention(qs, ks, v, spec, pos_offset)
-    return kernels.attend(qs, ks, v, spec, pos_offset, backend=backend, chunk=chunk, needs_grad=needs_grad)
+        return reference_attention(qs, ks, v, spec, pos_offset, gate)
+    return kernels.attend(qs, ks, v, spec, pos_offset, backend=backend, chunk=chunk, needs_grad=needs_grad, dots=dots,
+                          gate=gate)
 
 
-def reference_weights(qs, ks, spec, pos_offset):
+def reference_weights(qs, ks, spec, pos_offset, gate=None):
     """The final weights (B, H, Tq, Tk) of prepared qs, ks: the formulas above, plainly, with a full Tq x Tk matrix."""
     var, (Tq, Tk) = spec.variant, (qs.shape[2], ks.shape[2])
     n = row_n(pos_offset, Tq, qs)
@@ -385,6 +462,8 @@ def reference_weights(qs, ks, spec, pos_offset):
     s = qs @ ks.transpose(-2, -1)
     if var.bias is not None:
         s = s + var.bias(pos, keys, torch.arange(qs.shape[1], device=qs.device).view(-1, 1, 1), qs.shape[1])
+    if gate is not None:
+        s = s + (gate[..., pos_offset:pos_offset + Tq, None] - gate[..., None, :]).to(s.dtype)
     s = s.masked_fill(keys > pos, float("-inf"))
     w = stage1(s, var, n, direct=False)
     if not var.normalise:
@@ -396,20 +475,20 @@ def reference_weights(qs, ks, spec, pos_offset):
     return torch.where(Z > 0, R / Z.clamp_min(torch.finfo(Z.dtype).tiny), 0.0)
 
 
-def reference_attention(qs, ks, v, spec, pos_offset):
+def reference_attention(qs, ks, v, spec, pos_offset, gate=None):
     with torch.autocast(qs.device.type, enabled=False):
-        return (reference_weights(qs, ks, spec, pos_offset) @ v.to(qs.dtype)).to(v.dtype)
+        return (reference_weights(qs, ks, spec, pos_offset, gate) @ v.to(qs.dtype)).to(v.dtype)
 
 
 @torch.no_grad()
-def attention_weights(q, k, spec, pos_offset=None, *, params=None, chunk=256):
+def attention_weights(q, k, spec, pos_offset=None, *, params=None, chunk=256, gate=None):
     """The weights causal_attention uses (after both stages), chunk by chunk, for diagnostics: yields
     (absolute position of the chunk's first query row, w) with w (B, H, rows, keys seen by the chunk);
     never a full T x T matrix."""
     pos_offset = k.shape[2] - q.shape[2] if pos_offset is None else int(pos_offset)
     with torch.autocast(q.device.type, enabled=False):
         qs, ks = prepare(q, k, spec, pos_offset, params)
-        yield from kernels.weights(qs, ks, spec, pos_offset, chunk=chunk)
+        yield from kernels.weights(qs, ks, spec, pos_offset, chunk=chunk, gate=None if gate is None else gate.float())
 
 
 # -----------------------------------------------------------------------------
@@ -481,6 +560,18 @@ class CausalSelfAttention(nn.Module):
         # the variant's learnable per-head parameters (none for most kinds)
         self.attn_params = nn.ParameterDict({name: nn.Parameter(init(config.n_head, config.block_size))
                                              for name, init in config.spec.variant.params.items()})
+        if config.gate == "forget":  # one forget gate per head from the block's normalised input (init N(0, 0.02), 0)
+            self.fgate = nn.Linear(config.n_embd, config.n_head, bias=True)
+
+    def forget_gate(self, x, cache):
+        """c (B, H, cached + T): the cumulative sum over positions of log f_t = logsigmoid(w_h . x_t + b_h), in fp32,
+        continued from the cache's last position; c_i - c_j = sum_{l=j+1}^{i} log f_l (0 on the diagonal)."""
+        c = torch.cumsum(F.logsigmoid(self.fgate(x).float()).transpose(1, 2), dim=-1)  # (B, H, T)
+        if cache is not None:
+            if "c" in cache:
+                c = torch.cat([cache["c"], c + cache["c"][..., -1:]], dim=-1)
+            cache["c"] = c
+        return c
 
     def forward(self, x, spec, rope=None, cache=None, probe=None):
         B, T, C = x.shape
@@ -495,11 +586,13 @@ class CausalSelfAttention(nn.Module):
                 v = torch.cat([cache["v"], v], dim=2)
             cache["k"], cache["v"] = k, v
         params = {name: p for name, p in self.attn_params.items()}  # (dict(ParameterDict) breaks torch.compile's graph)
+        c = self.forget_gate(x, cache) if cfg.gate == "forget" else None
         if probe is not None and (probe.layers is None or self.layer in probe.layers):
             m = T if probe.last_rows is None else min(probe.last_rows, T)
-            for first, w in attention_weights(q[:, :, T - m:], k, spec, params=params, chunk=cfg.attn_chunk):
+            for first, w in attention_weights(q[:, :, T - m:], k, spec, params=params, chunk=cfg.attn_chunk, gate=c):
                 probe.fn(self.layer, first, w)
-        y = causal_attention(q, k, v, spec, backend=cfg.attn_backend, params=params, chunk=cfg.attn_chunk)
+        y = causal_attention(q, k, v, spec, backend=cfg.attn_backend, params=params, chunk=cfg.attn_chunk,
+                             dots=cfg.attn_dots, gate=c)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -15,8 +15,16 @@ A run is an attention name of model.py's registry, optionally with train.py over
 `lssar:pos=none+logn_scale=true`: a run as written in --runs, then settings) add evaluated rows of that run (and
 of its grid settings) without retraining. A run whose checkpoint is finished is skipped; an
 interrupted one is resumed. Writes <results>.json/.csv/.md and <results>.png, <results>_detail.png.
+
+    python sweep.py --ladder=64,256,1024 --runs=softmax,lssar --seeds=1337,1 --results=results/x/ladder
+A ladder trains every run at each context T (block_size T, batch_size ladder_tokens / T: the same tokens and steps
+at every rung) and evaluates it at --multipliers x its own T: <results>.json/.csv/.md, <results>.png (last / first
+length and the difference to softmax at the first, against T) and <results>_curves.png (each rung's curves).
 """
 
+import contextlib
+import dataclasses
+import io
 import os
 import subprocess
 import sys
@@ -25,16 +33,16 @@ import numpy as np
 from tqdm import tqdm
 
 from common import ROOT, check_range, data_dir_for, load_checkpoint, parse_list, read_results
-from configurator import configure
+from configurator import configure, script_defaults
 from eval_length import colour, eval_settings, evaluate, write_results
-from model import attn_names, demo_runs
+from model import GPTConfig, attn_names, demo_runs
 
 # -----------------------------------------------------------------------------
 runs = ",".join(demo_runs())  # attentions to train: model.py registry names, optionally name:key=value:...
 grid = ""                # settings crossed with every run: "key=v1,v2;key2=w1,w2" (train.py keys)
 seeds = "1337"           # training seeds (comma list); the config's default seed is 1337
 eval_extra = "lssa+reweight_p=15"  # extra evaluated rows: run+key=value[+key=value], run as in --runs; keys:
-                                   # reweight_p, rope_scaling, rope_factor, logn_scale
+                                   # reweight_p, rope_scaling, rope_factor, logn_scale, attn_dots
 retrain = False
 max_iters = 0            # 0 = the config's; > 0 overrides it for every run (with lr decay and a 10% warmup to match)
 train_args = ""          # extra --key=value overrides for train.py, space separated
@@ -48,9 +56,13 @@ multipliers = "1,2,4,8,16"
 eval_tokens = 32768      # validation tokens per length (the same at every length); 0 = all that fit
 device = "auto"
 results = "results/shakespeare_char/sweep"
-replot = ""              # a sweep's results .json: redraw its two plots without training or evaluating anything
+replot = ""              # a sweep's (or ladder's) results .json: redraw its plots without training or evaluating
+ladder = ""              # training contexts, e.g. "64,256,1024": every run trained at each context T (block_size T,
+                         # batch_size ladder_tokens / T, the same steps) and evaluated at multipliers x its own T
+ladder_tokens = 4096     # tokens per optimiser step at every rung of the ladder
+extra_seeds = ""         # ladder: run@T=seed items, one more seed for one run at one rung (e.g. ssmax@1024=2)
 # -----------------------------------------------------------------------------
-EVAL_KEYS = ("reweight_p", "rope_scaling", "rope_factor", "logn_scale")
+EVAL_KEYS = ("reweight_p", "rope_scaling", "rope_factor", "logn_scale", "attn_dots")
 
 
 def parse_run(spec):
@@ -115,21 +127,45 @@ def finished(out_dir):
     return ck["iter_num"], ck["iter_num"] >= target
 
 
-def train(name, kv, seed, out_dir, resume):
+def train_argv(name, kv, seed, out_dir, resume):
+    """train.py's arguments for one run."""
     schedule = [f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}",
                 f"--warmup_iters={max(1, max_iters // 10)}"] if max_iters else []
-    cmd = [sys.executable, "train.py", config, f"--attn={name}", *(f"--{k}={v}" for k, v in kv.items()),
-           f"--seed={seed}", f"--out_dir={out_dir}", f"--device={device}", f"--dataset={dataset}",
-           *([f"--data_dir={data_dir}"] if data_dir else []), *schedule,
-           *(["--init_from=resume"] if resume else []), *(["--overwrite=True"] if retrain else []), *train_args.split()]
+    return [config, f"--attn={name}", *(f"--{k}={v}" for k, v in kv.items()), f"--seed={seed}", f"--out_dir={out_dir}",
+            f"--device={device}", f"--dataset={dataset}", *([f"--data_dir={data_dir}"] if data_dir else []), *schedule,
+            *(["--init_from=resume"] if resume else []), *(["--overwrite=True"] if retrain else []), *train_args.split()]
+
+
+def check_runs(jobs):
+    """Every run's train.py arguments read as train.py reads them (its defaults, the config file, the overrides)
+    and its model settings by GPTConfig, before any run trains: a typo in the last run stops here, in one line."""
+    defaults = script_defaults(os.path.join(ROOT, "train.py"))
+    model_keys = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
+    for (name, kv, _), seed in jobs:
+        # config files are read from the repo root, where train.py runs
+        argv = [a if a.startswith("--") or os.path.isabs(a) else os.path.join(ROOT, a)
+                for a in train_argv(name, kv, seed, "out", False)]
+        try:
+            with contextlib.redirect_stdout(io.StringIO()):  # its "Overriding ..." lines
+                cfg = configure(dict(defaults), argv)
+            GPTConfig(**{k: cfg[k] for k in model_keys}, vocab_size=256)
+        except (SystemExit, ValueError) as e:
+            why = e.code if isinstance(e, SystemExit) else f"config error: {e}"
+            raise SystemExit(f"sweep error: run {run_label(name, kv)!r} seed {seed}: {why}") from None
+
+
+def train(name, kv, seed, out_dir, resume):
+    cmd = [sys.executable, "train.py", *train_argv(name, kv, seed, out_dir, resume)]
     log_path = os.path.join(out_dir, "train_stdout.txt")
     os.makedirs(out_dir, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     label = f"{run_label(name, kv)} seed {seed}"
+    tail = ""  # the run's last non-empty line: a failed run's error
     with open(log_path, "a") as log, tqdm(desc=f"train {label}", unit="it", file=sys.stderr) as bar:
         proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env)
         for line in proc.stdout:
             log.write(line)
+            tail = line.strip() or tail
             if line.startswith("iter "):  # "iter 50/1000: loss ..." drives the bar
                 done, total = line.split(":")[0].split()[1].split("/")
                 bar.total, bar.n = int(total), int(done)
@@ -137,8 +173,8 @@ def train(name, kv, seed, out_dir, resume):
             elif line.startswith("step "):
                 bar.write(f"  {label} {line.strip()}")
         if proc.wait() != 0:
-            tail = "".join(open(log_path).readlines()[-1:]).strip()
-            raise SystemExit(f"sweep error: training {label} failed (exit {proc.returncode}): {tail}; see {log_path}")
+            raise SystemExit(f"sweep error: training {label} failed (exit {proc.returncode}): {tail or 'no output'}; see "
+                             f"{log_path}")
 
 
 def eval_rows(trained):
@@ -184,14 +220,34 @@ def main():
     configure(globals())
     if replot:
         return redraw(replot)
-    check_range({"max_iters": max_iters, "eval_tokens": eval_tokens}, 0, prefix="sweep error")
+    check_range({"max_iters": max_iters, "eval_tokens": eval_tokens, "ladder_tokens": ladder_tokens}, 0,
+                prefix="sweep error")
     trained = expand_runs()
     seed_list = parse_list(seeds, int) if seeds.strip() else []
     if not seed_list or len(set(seed_list)) < len(seed_list):
         raise SystemExit(f"sweep error: seeds must be a comma list of distinct integers, got {seeds!r}")
+    if ladder:
+        return run_ladder(trained, seed_list)
     rows = eval_rows(trained)
+    seeds_of = [seed_list] * len(trained)
+    check_runs([(r, s) for r, ss in zip(trained, seeds_of, strict=True) for s in ss])
     ensure_data()
-    jobs = [(r, s) for r in trained for s in seed_list]
+    res = train_and_evaluate(trained, seeds_of, rows)
+    res["settings"] = {"runs": runs, "grid": grid, "seeds": seed_list, "eval_extra": eval_extra, "config": config,
+                       "max_iters": max_iters or "config's", "train_args": train_args, "dataset": dataset}
+    command = "python " + " ".join(sys.argv)
+    print(markdown(res))
+    paths = write_results(res, results, command, make_plot=False) + plot(res, results)
+    with open(results + ".md", "w") as f:
+        f.write(f"`{command}`\n\n" + markdown(res))
+    for p in [*paths, results + ".md"]:
+        print(f"wrote {p}")
+
+
+def train_and_evaluate(trained, seeds_of, rows):
+    """Train every run with its seeds (finished ones skipped, interrupted ones resumed), then evaluate every row
+    (run index, eval-time overrides, label) with each of its run's seeds; res with the aggregated rows."""
+    jobs = [(r, s) for r, ss in zip(trained, seeds_of, strict=True) for s in ss]
     for (name, kv, _), seed in tqdm(jobs, desc="sweep: train", unit="run", file=sys.stderr):
         out_dir = out_dir_for(name, kv, seed)
         it, done = finished(out_dir)
@@ -203,7 +259,7 @@ def main():
     specs, meta, labels = [], [], {}
     for k, (i, ov, label) in enumerate(rows):
         labels[k] = label
-        for seed in seed_list:
+        for seed in seeds_of[i]:
             specs.append((out_dir_for(*trained[i][:2], seed), ov))
             meta.append((k, seed))
     res = evaluate(specs, multipliers=multipliers, tokens=eval_tokens, device=device)
@@ -212,15 +268,180 @@ def main():
     for r, (k, seed) in zip(res["runs"], meta, strict=True):
         r["label"], r["seed"] = labels[k], seed
     res["rows"] = aggregate(res, [k for k, _ in meta], labels)
-    res["settings"] = {"runs": runs, "grid": grid, "seeds": seed_list, "eval_extra": eval_extra, "config": config,
-                       "max_iters": max_iters or "config's", "train_args": train_args, "dataset": dataset}
-    command = "python " + " ".join(sys.argv)
-    print(markdown(res))
-    paths = write_results(res, results, command, make_plot=False) + plot(res, results)
-    with open(results + ".md", "w") as f:
-        f.write(f"`{command}`\n\n" + markdown(res))
-    for p in [*paths, results + ".md"]:
+    return res
+
+
+# -----------------------------------------------------------------------------
+# the context ladder: the same runs trained at several contexts
+
+
+def ladder_extra_seeds(trained, rungs):
+    """--extra_seeds 'run@T=seed,...' -> {(run as written, T): [seeds]}; each item checked against --runs and the
+    rungs."""
+    out = {}
+    specs = [spec for _, _, spec in trained]
+    for item in parse_list(extra_seeds):
+        spec, at, rest = item.rpartition("@")
+        T, eq, seed = rest.partition("=")
+        if not at or not eq or spec not in specs or not T.isdigit() or int(T) not in rungs or not seed.lstrip("-").isdigit():
+            raise SystemExit(f"sweep error: --extra_seeds item {item!r}: write run@T=seed with a run of --runs and T one "
+                             f"of --ladder ({', '.join(map(str, rungs))})")
+        out.setdefault((spec, int(T)), []).append(int(seed))
+    return out
+
+
+def run_ladder(trained, seed_list):
+    """Every run at every rung T of --ladder, with ladder_tokens tokens per step; each rung evaluated at its own
+    multipliers x T; then the ladder's table, files and plots (<results>.json/.csv/.md/.png, <results>_curves.png)."""
+    from common import parse_numbers
+    rungs = parse_numbers(ladder, "ladder", prefix="sweep error", example="64,256,1024")
+    bad = [T for T in rungs if ladder_tokens % T or ladder_tokens < T]
+    if bad:
+        raise SystemExit(f"sweep error: ladder_tokens={ladder_tokens} is not a whole number of windows of T={bad[0]}; "
+                         "choose ladder_tokens as a multiple of every rung")
+    extra = ladder_extra_seeds(trained, rungs)
+    plans = []
+    for T in rungs:  # the rung's runs: the ladder's block_size and batch_size on top of each run's own settings
+        rung = [(name, kv | {"block_size": str(T), "batch_size": str(ladder_tokens // T)}, spec) for name, kv, spec in trained]
+        seeds_of = [seed_list + [s for s in extra.get((spec, T), []) if s not in seed_list] for _, _, spec in trained]
+        rows = [(i, ov, label.replace(f" block_size={T} batch_size={ladder_tokens // T}", ""))
+                for i, ov, label in eval_rows(rung)]
+        plans.append((T, rung, seeds_of, rows))
+    check_runs([(r, s) for _, rung, seeds_of, _ in plans for r, ss in zip(rung, seeds_of, strict=True) for s in ss])
+    ensure_data()
+    rung_results = []
+    for T, rung, seeds_of, rows in plans:
+        res = train_and_evaluate(rung, seeds_of, rows)
+        rung_results.append({"T": T, "rows": res["rows"], "runs": res["runs"], "protocol": res.get("protocol")})
+    out = {"rungs": rung_results, "summary": ladder_summary(rung_results),
+           "settings": {"runs": runs, "ladder": rungs, "ladder_tokens": ladder_tokens, "seeds": seed_list,
+                        "extra_seeds": extra_seeds, "eval_extra": eval_extra, "config": config,
+                        "max_iters": max_iters or "config's", "train_args": train_args, "dataset": dataset,
+                        "multipliers": multipliers, "eval_tokens": eval_tokens}}
+    write_ladder(out, results, "python " + " ".join(sys.argv))
+
+
+def ladder_summary(rung_results):
+    """Per rung and row: the first and last length's loss, last / first, and the difference to softmax at the
+    first length paired by seed (mean and std over the seeds both have), with the per-seed values."""
+    out = []
+    for rung in rung_results:
+        by_label = {}
+        for r in rung["runs"]:
+            by_label.setdefault(r["label"], {})[r["seed"]] = [x["loss"] for x in r["results"]]
+        ref = by_label.get("softmax", {})
+        for row in rung["rows"]:
+            per_seed = by_label[row["label"]]
+            common = sorted(set(per_seed) & set(ref))
+            d = np.array([per_seed[s][0] - ref[s][0] for s in common])
+            out.append({"T": rung["T"], "label": row["label"], "n": row["n"], "seeds": row["seeds"],
+                        "first": row["loss_mean"][0], "first_std": row["loss_std"][0],
+                        "last": row["loss_mean"][-1], "last_std": row["loss_std"][-1],
+                        "ratio": row["ratio_mean"], "ratio_std": row["ratio_std"],
+                        "diff_softmax": float(d.mean()) if len(d) else None,
+                        "diff_softmax_std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
+                        "diff_softmax_seeds": {str(s): float(x) for s, x in zip(common, d, strict=True)}})
+    return out
+
+
+def ladder_markdown(out, command):
+    rungs = [r["T"] for r in out["rungs"]]
+    mults = out["rungs"][0]["rows"][0]["multipliers"]
+    labels = list(dict.fromkeys(x["label"] for x in out["summary"]))
+    cell = {(x["label"], x["T"]): x for x in out["summary"]}
+    lines = [f"`{command}`", "", f"Loss in nats per character at {mults[0]:g}x and {mults[-1]:g}x each rung's training "
+             f"context T, their ratio, and the {mults[0]:g}x difference to softmax paired by seed (mean ± std over "
+             "the seeds; n seeds per cell).", "",
+             "| run | " + " | ".join(f"T = {T}: {mults[0]:g}x, {mults[-1]:g}x, ratio, x - softmax (n)" for T in rungs) + " |",
+             "|---|" + "---|" * len(rungs)]
+    for label in labels:
+        cells = []
+        for T in rungs:
+            x = cell.get((label, T))
+            if x is None:
+                cells.append("")
+                continue
+            diff = "" if x["diff_softmax"] is None or label == "softmax" else \
+                f", {x['diff_softmax']:+.3f} ± {x['diff_softmax_std']:.3f}"
+            cells.append(f"{x['first']:.3f}, {x['last']:.3f}, {x['ratio']:.2f} ± {x['ratio_std']:.2f}{diff} ({x['n']})")
+        lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def write_ladder(out, prefix, command):
+    import csv
+    import json
+    out["command"] = command
+    os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
+    with open(prefix + ".json", "w") as f:
+        json.dump(out, f, indent=1)
+    keys = ["T", "label", "n", "seeds", "first", "first_std", "last", "last_std", "ratio", "ratio_std", "diff_softmax",
+            "diff_softmax_std"]
+    with open(prefix + ".csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(keys)
+        for x in out["summary"]:
+            w.writerow([" ".join(map(str, x[k])) if k == "seeds" else x[k] for k in keys])
+    text = ladder_markdown(out, command)
+    with open(prefix + ".md", "w") as f:
+        f.write(text)
+    print(text)
+    for p in [prefix + ".json", prefix + ".csv", prefix + ".md", *plot_ladder(out, prefix)]:
         print(f"wrote {p}")
+
+
+def plot_ladder(out, prefix):
+    """<prefix>.png: last / first length against T, and the first length's difference to softmax (paired by seed,
+    +-1 std) against T, one line per run; <prefix>_curves.png: each rung's loss vs length curves, side by side."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    labels = list(dict.fromkeys(x["label"] for x in out["summary"]))
+    rungs = [r["T"] for r in out["rungs"]]
+    mults = out["rungs"][0]["rows"][0]["multipliers"]
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    for i, label in enumerate(labels):
+        xs = [x for x in out["summary"] if x["label"] == label]
+        T = [x["T"] for x in xs]
+        axes[0].errorbar(T, [x["ratio"] for x in xs], yerr=[x["ratio_std"] for x in xs], marker="o", capsize=3,
+                         color=colour(i, len(labels)), label=label)
+        if label != "softmax":
+            axes[1].errorbar(T, [x["diff_softmax"] for x in xs], yerr=[x["diff_softmax_std"] for x in xs], marker="o",
+                             capsize=3, color=colour(i, len(labels)), label=label)
+    axes[0].axhline(1.0, color="gray", linewidth=1)
+    axes[1].axhline(0.0, color="gray", linewidth=1)
+    for ax in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xticks(rungs, [str(T) for T in rungs])
+        ax.grid(alpha=0.3)
+    axes[0].set(xlabel="training context T (characters)", ylabel=f"loss at {mults[-1]:g}T / loss at {mults[0]:g}T",
+                title="Extrapolation penalty across the ladder (1.0 = flat)")
+    axes[1].set(xlabel="training context T (characters)", ylabel=f"loss at {mults[0]:g}T minus softmax's (nats)",
+                title="Cost at the training length, paired by seed (+-1 std)")
+    axes[0].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(prefix + ".png", dpi=120)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, len(rungs), figsize=(5 * len(rungs), 4.5), sharey=True, squeeze=False)
+    for ax, rung in zip(axes[0], out["rungs"], strict=True):
+        for i, label in enumerate(labels):
+            r = next((r for r in rung["rows"] if r["label"] == label), None)
+            if r is None:
+                continue
+            m, sd = np.array(r["loss_mean"]), np.array(r["loss_std"])
+            ax.plot(r["lengths"], m, "-o", markersize=3, color=colour(i, len(labels)), label=f"{label} (n={r['n']})")
+            ax.fill_between(r["lengths"], m - sd, m + sd, color=colour(i, len(labels)), alpha=0.12)
+        ax.set_xscale("log", base=2)
+        ax.axvline(rung["T"], color="gray", linestyle=":", linewidth=1)
+        ax.set(title=f"trained at T = {rung['T']}", xlabel="evaluation context length (characters)")
+        ax.grid(alpha=0.3)
+    axes[0][0].set_ylabel("validation loss (nats / character)")
+    axes[0][-1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(prefix + "_curves.png", dpi=120)
+    plt.close(fig)
+    return [prefix + ".png", prefix + "_curves.png"]
 
 
 def markdown(res):
@@ -239,8 +460,12 @@ def markdown(res):
 
 
 def redraw(path):
-    """--replot: the plots of a saved sweep (.json with its aggregated rows), next to it."""
+    """--replot: the plots of a saved sweep (.json with its aggregated rows) or ladder, next to it."""
     res = read_results(path, "sweep", "sweep.py")
+    if isinstance(res, dict) and res.get("rungs") and res.get("summary"):
+        for p in plot_ladder(res, path.removesuffix(".json")):
+            print(f"wrote {p}")
+        return
     if not isinstance(res, dict) or not res.get("rows"):
         raise SystemExit(f"sweep error: {path!r} holds no sweep rows; pass a .json written by sweep.py")
     for p in plot(res, path.removesuffix(".json")):

@@ -13,11 +13,31 @@ and computes the same formula; model.py holds the formulas and a plain reference
     auto    the fastest exact one for the spec, the device and whether gradients are needed (pick)
 
 A backend module has supports(spec, q, needs_grad) -> None or the one-line reason it cannot compute a call
-exactly, and attend(q, k, v, spec, pos_offset, chunk, needs_grad) -> output in v's dtype. Modules are imported
-on first use (flex compiles, Triton may be missing).
+exactly, and attend(q, k, v, spec, pos_offset, chunk, needs_grad, gate) -> output in v's dtype (gate: the forget
+gate's c (B, H, Tk) when spec.gate, whose gradient the backend returns too). Modules are imported on first use
+(flex compiles, Triton may be missing).
 """
 
 BACKENDS = ("auto", "math", "sdpa", "flex", "triton")
+
+# The spec's class (model.AttnSpec), handed over by model.py when it is imported: the arrow between the two files
+# points one way (model.py -> kernels/). A backend computes with the methods of the spec it is given (stage1,
+# reweight, reweight_grad, reweight_arg, exempt_rows, row_n, variant); custom ops, which take strings, rebuild a
+# spec from its key with the class; the Triton op's fallback builds the plain softplus / exp spec it computes.
+_SPEC = {}
+
+
+def use_spec(cls):
+    _SPEC["cls"] = cls
+
+
+def spec_from_key(key):
+    """The spec of AttnSpec.key() (what a custom op receives)."""
+    return _SPEC["cls"].from_key(key)
+
+
+def make_spec(attn, reweight_p=0.0, **kw):
+    return _SPEC["cls"].of(attn, reweight_p, **kw)
 
 
 def backend_module(name):
@@ -60,7 +80,37 @@ def pick(spec, q, needs_grad, full=True):
     return "math"
 
 
-def attend(q, k, v, spec, pos_offset, *, backend="auto", chunk=256, needs_grad=False):
+# The precision of the q . k dots (GPTConfig.attn_dots). auto: the backend's own choice; the Triton kernels then
+# take q, k in v's 16-bit dtype under bf16 / fp16 autocast (tensor cores, wgmma on sm_90), with or without the
+# re-weighting (the precision study in docs/backends.md: 16-bit dots changed the demo LSSAR's losses by less than
+# the seed spread), and in fp32 otherwise. bf16 / fp16: q, k rounded to 16 bits after model.prepare, for every
+# backend (round_dots): the Triton kernels' tensor-core inputs exactly, and on any other backend an emulation of
+# them (fp32 products and sums of the rounded values).
+DOTS = ("auto", "fp32", "bf16", "fp16")
+LOG2E = 1.4426950408889634
+
+
+def round_dots(q, k, dots):
+    """q, k as the dots' 16-bit inputs would hold them (identity for auto / fp32). q is rounded as the Triton
+    kernels round it, in base 2 (q log2(e)), so that the emulation and the kernels see the same scores."""
+    if dots in ("auto", "fp32"):
+        return q, k
+    import torch
+    dt = torch.bfloat16 if dots == "bf16" else torch.float16
+    return (q * LOG2E).to(dt).to(q.dtype) / LOG2E, k.to(dt).to(k.dtype)
+
+
+def dots_dtype(dots, v_dtype):
+    """The dtype the Triton kernels take q, k in: explicit, or for auto v's dtype when it has 16 bits (autocast),
+    else fp32."""
+    import torch
+    if dots == "auto":
+        return v_dtype if v_dtype in (torch.bfloat16, torch.float16) else torch.float32
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[dots]
+
+
+def attend(q, k, v, spec, pos_offset, *, backend="auto", chunk=256, needs_grad=False, dots="auto", gate=None):
+    """gate: c (B, H, Tk) fp32 when spec.gate (model.causal_attention checks it)."""
     if backend not in BACKENDS:
         raise ValueError(f"unknown attention backend {backend!r}; choose one of {', '.join(('reference', *BACKENDS))}")
     if backend == "auto":
@@ -69,10 +119,12 @@ def attend(q, k, v, spec, pos_offset, *, backend="auto", chunk=256, needs_grad=F
     if why:
         raise NotImplementedError(f"{why} (asked for {spec.kind} with reweight_p={spec.reweight_p:g}); "
                                   "use backend 'math' or 'auto'")
-    return backend_module(backend).attend(q, k, v, spec, pos_offset, chunk=chunk, needs_grad=needs_grad)
+    extra = dict(dots=dots_dtype(dots, v.dtype)) if backend == "triton" else {}
+    return backend_module(backend).attend(q, k, v, spec, pos_offset, chunk=chunk, needs_grad=needs_grad, gate=gate,
+                                          **extra)
 
 
-def weights(q, k, spec, pos_offset, *, chunk=256):
+def weights(q, k, spec, pos_offset, *, chunk=256, gate=None):
     """The final weights chunk by chunk (diagnostics): yields (first query position, w (B, H, rows, keys))."""
     from kernels import chunked
-    yield from chunked.weights(q, k, spec, pos_offset, chunk=chunk)
+    yield from chunked.weights(q, k, spec, pos_offset, chunk=chunk, gate=gate)

@@ -4,7 +4,7 @@ The `math` backend: every variant, any re-weighting power, forward and backward,
 The scores are computed in chunks of (batch x head, query rows), each against only the keys its rows can see,
 with at most ~CHUNK_ELEMENTS scores per chunk, so memory is O(chunk x T) in the forward AND the backward: the
 backward saves only q, k, v and the output and recomputes each chunk (FlashAttention's recomputation idea,
-without fusion). Stage 2's derivative is applied by hand (model.reweight_grad), stage 1's (elementwise, any
+without fusion). Stage 2's derivative is applied by hand (the spec's reweight_grad), stage 1's (elementwise, any
 variant) by autograd on the chunk.
 
 Forward and backward are torch.library custom ops under torch.compile (opaque calls: no graph break, nothing
@@ -15,7 +15,7 @@ from contextlib import contextmanager
 
 import torch
 
-from model import AttnSpec, reweight, reweight_grad, reweight_offset, row_n, stage1
+import kernels
 
 CHUNK_ELEMENTS = 2**21  # score-matrix elements per chunk: measured fastest on CPU (fits in cache, no mmap churn)
 
@@ -63,10 +63,12 @@ def causal_bias(r, dtype, device):
     return _BIAS[key]
 
 
-def chunk_scores(q, k, spec, first, c0, r, hs, H):
+def chunk_scores(q, k, spec, first, c0, r, hs, H, gate=None):
     """Scores of query rows c0 .. c0+r-1 (absolute positions first ..) of the flat heads hs against the keys they
-    can see, -inf on the causal triangle: (heads, r, first + r)."""
+    can see, -inf on the causal triangle: (heads, r, first + r). gate: the forget gate's c (B*H, Tk)."""
     s = q[hs, c0:c0 + r] @ k[hs, :first + r].transpose(-2, -1)
+    if gate is not None:  # c_i - c_j
+        s += gate[hs, first:first + r, None] - gate[hs, None, :first + r]
     # keys before `first` are visible to every row of the chunk: only the last r keys form a causal triangle
     s[..., first:] += causal_bias(r, s.dtype, s.device)
     if spec.variant.bias is not None:
@@ -76,18 +78,18 @@ def chunk_scores(q, k, spec, first, c0, r, hs, H):
     return s
 
 
-def stage1_vjp(s, var, n, direct, functional):
+def stage1_vjp(s, spec, n, direct, functional):
     """Stage 1's weights phi of scores s and a function mapping dL/dphi to dL/ds. Autograd on the chunk, or
     (functional=True: inside a custom op, where autograd records nothing) torch.func.vjp."""
     if functional:
-        return torch.func.vjp(lambda x: stage1(x, var, n, direct), s)
+        return torch.func.vjp(lambda x: spec.stage1(x, n, direct), s)
     with torch.enable_grad():
         s.requires_grad_(True)
-        phi = stage1(s, var, n, direct)
+        phi = spec.stage1(s, n, direct)
     return phi.detach(), lambda g: torch.autograd.grad(phi, s, g)
 
 
-def chunk_weights(q, k, spec, n_all, pos_offset, c0, rows, hs, H, direct, grad=False, functional=False):
+def chunk_weights(q, k, spec, n_all, pos_offset, c0, rows, hs, H, direct, grad=False, functional=False, gate=None):
     """Both stages for query rows c0 .. c0+rows-1 of flat heads hs. Returns (tk, R, st, vjp): the final weights
     are R * st['f'] with a per-row factor f (1, 1/S or 1/Z), so the row factors are applied to the small
     (rows x d) outputs, not to the (rows x T) weights. With grad=True, vjp maps dL/dphi to dL/ds (stage 1) and
@@ -95,19 +97,19 @@ def chunk_weights(q, k, spec, n_all, pos_offset, c0, rows, hs, H, direct, grad=F
     var, p = spec.variant, spec.reweight_p
     n = n_all[c0:c0 + rows]
     first = pos_offset + c0
-    s = chunk_scores(q, k, spec, first, c0, n.shape[0], hs, H)
+    s = chunk_scores(q, k, spec, first, c0, n.shape[0], hs, H, gate)
     if grad:
-        phi, vjp = stage1_vjp(s, var, n, direct, functional)
+        phi, vjp = stage1_vjp(s, spec, n, direct, functional)
     else:
-        phi, vjp = stage1(s, var, n, direct), None
+        phi, vjp = spec.stage1(s, n, direct), None
     st = {"f": torch.ones_like(n), "phi": phi}
     R = phi
     if var.normalise:
         st["S"] = S = phi.sum(dim=-1, keepdim=True)
         st["f"] = 1.0 / S
         if p > 0:
-            O = reweight_offset(torch.arange(first, first + n.shape[0], device=s.device), n.dtype).view(-1, 1)
-            R, Z, st["aux"] = reweight(phi, S, n, O, p, inplace=not grad)
+            pos = torch.arange(first, first + n.shape[0], device=s.device)
+            R, Z, st["aux"] = spec.reweight(phi, S, n, pos, inplace=not grad)
             st["Z"] = Z
             st["f"] = 1.0 / Z.clamp_min(torch.finfo(n.dtype).tiny)
     return first + n.shape[0], R, st, vjp
@@ -117,16 +119,16 @@ def _flat(t):
     return t.reshape(-1, t.shape[-2], t.shape[-1])  # (B, H, T, d) -> (B*H, T, d)
 
 
-def forward(q, k, v, spec, pos_offset, chunk, keep=None):
-    """q, k, v (B, H, T, d) in the accumulation dtype (fp32 or fp64); returns the output (B, H, Tq, d). With a
-    list `keep`, each chunk is computed with what the backward needs and appended to it."""
+def forward(q, k, v, spec, pos_offset, chunk, keep=None, gate=None):
+    """q, k, v (B, H, T, d) in the accumulation dtype (fp32 or fp64), gate (B, H, Tk) or None; returns the output
+    (B, H, Tq, d). With a list `keep`, each chunk is computed with what the backward needs and appended to it."""
     B, H, Tq, d = q.shape
-    n_all, direct = row_n(pos_offset, Tq, q), direct_ok(spec, pos_offset + Tq, d, q.dtype)
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    n_all, direct = spec.row_n(pos_offset, Tq, q), direct_ok(spec, pos_offset + Tq, d, q.dtype)
+    qf, kf, vf, gf = _flat(q), _flat(k), _flat(v), _flat_gate(gate, q.dtype)
     out = torch.empty(qf.shape[:-1] + vf.shape[-1:], dtype=v.dtype, device=v.device)
     chunks, rows = plan(qf.shape[0], Tq, kf.shape[1], chunk)
     for hs, c0 in chunks:
-        ch = chunk_weights(qf, kf, spec, n_all, pos_offset, c0, rows, hs, H, direct, grad=keep is not None)
+        ch = chunk_weights(qf, kf, spec, n_all, pos_offset, c0, rows, hs, H, direct, keep is not None, gate=gf)
         tk, R, st, _ = ch
         torch.mul(R @ vf[hs, :tk], st["f"], out=out[hs, c0:c0 + rows])
         if keep is not None:
@@ -134,12 +136,15 @@ def forward(q, k, v, spec, pos_offset, chunk, keep=None):
     return out.view(B, H, Tq, -1)
 
 
-def backward(dout, q, k, v, out, spec, pos_offset, chunk, kept=None, functional=False):
-    """dL/dq, dL/dk, dL/dv for the forward above, chunk by chunk: each chunk's weights recomputed, or taken from
-    `kept` (the forward's keep list; emptied as it goes). functional: see stage1_vjp."""
+def backward(dout, q, k, v, out, spec, pos_offset, chunk, kept=None, functional=False, gate=None):
+    """dL/dq, dL/dk, dL/dv (and dL/dgate, None without a gate) for the forward above, chunk by chunk: each
+    chunk's weights recomputed, or taken from `kept` (the forward's keep list; emptied as it goes). functional:
+    see stage1_vjp. The gate's gradient is the score gradient's row sums at the queries' positions minus its
+    column sums at the keys'."""
     B, H, Tq, d = q.shape
-    n_all, direct = row_n(pos_offset, Tq, q), direct_ok(spec, pos_offset + Tq, d, q.dtype)
-    qf, kf, vf = _flat(q), _flat(k), _flat(v)
+    n_all, direct = spec.row_n(pos_offset, Tq, q), direct_ok(spec, pos_offset + Tq, d, q.dtype)
+    qf, kf, vf, gf = _flat(q), _flat(k), _flat(v), _flat_gate(gate, q.dtype)
+    dg = None if gf is None else torch.zeros(gf.shape, dtype=gf.dtype, device=gf.device)
     # contiguous whatever the inputs' layout (compiled code may hand over strided views): as the fake kernel says
     dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (qf, kf, vf))
     dout = _flat(dout.to(v.dtype))
@@ -149,7 +154,8 @@ def backward(dout, q, k, v, out, spec, pos_offset, chunk, kept=None, functional=
         if kept:
             (tk, R, st, vjp), kept[i] = kept[i], None  # free each kept chunk as soon as it is used
         else:
-            tk, R, st, vjp = chunk_weights(qf, kf, spec, n_all, pos_offset, c0, rows, hs, H, direct, True, functional)
+            tk, R, st, vjp = chunk_weights(qf, kf, spec, n_all, pos_offset, c0, rows, hs, H, direct, True, functional,
+                                           gf)
         sl = slice(c0, c0 + R.shape[-2])
         do = dout[hs, sl]
         dv[hs, :tk] += R.transpose(-2, -1) @ (do * st["f"])
@@ -157,13 +163,20 @@ def backward(dout, q, k, v, out, spec, pos_offset, chunk, kept=None, functional=
         if spec.variant.normalise:
             g.sub_(delta[hs, sl])  # dL/dw_ij - sum_j w_ij dL/dw_ij: the normalisation's derivative
             if spec.reweight_p > 0:
-                g = reweight_grad(g, st["phi"], st["S"], st["Z"], st["aux"], spec.reweight_p)
+                g = spec.reweight_grad(g, st["phi"], st["S"], st["Z"], st["aux"])
             else:
                 g.mul_(st["f"])
         (ds,) = vjp(g)
         dq[hs, sl] = ds @ kf[hs, :tk]
         dk[hs, :tk] += ds.transpose(-2, -1) @ qf[hs, sl]
-    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape)
+        if dg is not None:
+            dg[hs, tk - ds.shape[-2]:tk] += ds.sum(dim=-1)
+            dg[hs, :tk] -= ds.sum(dim=-2)
+    return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), None if dg is None else dg.view(gate.shape)
+
+
+def _flat_gate(gate, dtype):
+    return None if gate is None else gate.reshape(-1, gate.shape[-1]).to(dtype)  # (B, H, Tk) -> (B*H, Tk)
 
 
 # Two thin wrappers around forward/backward. Compiled code calls them as torch.library custom ops: opaque to
@@ -192,36 +205,44 @@ def exact(device):
 
 
 @torch.library.custom_op("softplus_attn::chunked_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, spec: str, pos_offset: int, chunk: int) -> torch.Tensor:
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, gate: torch.Tensor | None, spec: str, pos_offset: int,
+            chunk: int) -> torch.Tensor:
     with exact(q.device):
-        return forward(q, k, v, AttnSpec.from_key(spec), pos_offset, chunk)
+        return forward(q, k, v, kernels.spec_from_key(spec), pos_offset, chunk, gate=gate)
 
 
 @torch.library.custom_op("softplus_attn::chunked_bwd", mutates_args=())
-def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor, spec: str,
-            pos_offset: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+            gate: torch.Tensor | None, spec: str, pos_offset: int, chunk: int) -> tuple[torch.Tensor, torch.Tensor,
+                                                                                       torch.Tensor, torch.Tensor]:
     with exact(q.device):
-        return backward(dout, q, k, v, out, AttnSpec.from_key(spec), pos_offset, chunk, functional=True)
+        dq, dk, dv, dg = backward(dout, q, k, v, out, kernels.spec_from_key(spec), pos_offset, chunk, functional=True,
+                                  gate=gate)
+    return dq, dk, dv, q.new_zeros(0) if dg is None else dg  # (an op returns tensors: empty without a gate)
 
 
 @_fwd_op.register_fake
-def _(q, k, v, spec, pos_offset, chunk):
+def _(q, k, v, gate, spec, pos_offset, chunk):
     return q.new_empty(q.shape[:-1] + v.shape[-1:], dtype=v.dtype)
 
 
 @_bwd_op.register_fake
-def _(dout, q, k, v, out, spec, pos_offset, chunk):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as backward() returns
+def _(dout, q, k, v, out, gate, spec, pos_offset, chunk):
+    # contiguous, as backward() returns
+    return (q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape),
+            q.new_zeros(0) if gate is None else gate.new_empty(gate.shape, dtype=q.dtype))
 
 
 def _setup(ctx, inputs, output):
-    q, k, v, spec, pos_offset, chunk = inputs
-    ctx.save_for_backward(q, k, v, output)
+    q, k, v, gate, spec, pos_offset, chunk = inputs
+    ctx.save_for_backward(q, k, v, output, gate)
     ctx.args = (spec, pos_offset, chunk)
 
 
 def _backward(ctx, dout):
-    return *_bwd_op(dout, *ctx.saved_tensors, *ctx.args), None, None, None
+    q, k, v, out, gate = ctx.saved_tensors
+    dq, dk, dv, dg = _bwd_op(dout, q, k, v, out, gate, *ctx.args)
+    return dq, dk, dv, None if gate is None else dg, None, None, None
 
 
 _fwd_op.register_autograd(_backward, setup_context=_setup)
@@ -229,58 +250,59 @@ _fwd_op.register_autograd(_backward, setup_context=_setup)
 
 class _EagerAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, spec, pos_offset, chunk):
+    def forward(ctx, q, k, v, gate, spec, pos_offset, chunk):
         B, H, Tq, _ = q.shape
         per_row = B * H * k.shape[2] * (2 if spec.reweight_p == 0 else 4)  # s and phi (+ R and u^(p-1))
         ctx.kept = [] if Tq * per_row <= KEEP_ELEMENTS else None
         with exact(q.device):
-            out = forward(q, k, v, spec, pos_offset, chunk, keep=ctx.kept)
-        ctx.save_for_backward(q, k, v, out)
+            out = forward(q, k, v, spec, pos_offset, chunk, keep=ctx.kept, gate=gate)
+        ctx.save_for_backward(q, k, v, out, gate)
         ctx.args = (spec, pos_offset, chunk)
         return out
 
     @staticmethod
     def backward(ctx, dout):
         kept, ctx.kept = ctx.kept, None
+        q, k, v, out, gate = ctx.saved_tensors
         with exact(dout.device):
-            grads = backward(dout, *ctx.saved_tensors, *ctx.args, kept=kept)
-        return *grads, None, None, None
+            dq, dk, dv, dg = backward(dout, q, k, v, out, *ctx.args, kept=kept, gate=gate)
+        return dq, dk, dv, dg, None, None, None
 
 
 def supports(spec, q, needs_grad):
     return None
 
 
-def attend(q, k, v, spec, pos_offset, *, chunk=256, needs_grad=False):
+def attend(q, k, v, spec, pos_offset, *, chunk=256, needs_grad=False, gate=None):
     """Exact for every spec; q, k arrive in fp32 (fp64) from model.prepare; the output comes back in v's dtype."""
     vv = v.to(q.dtype)
     if needs_grad and not torch.compiler.is_compiling():
-        return _EagerAttention.apply(q, k, vv, spec, pos_offset, chunk).to(v.dtype)
-    return _fwd_op(q, k, vv, spec.key(), pos_offset, chunk).to(v.dtype)
+        return _EagerAttention.apply(q, k, vv, gate, spec, pos_offset, chunk).to(v.dtype)
+    return _fwd_op(q, k, vv, gate, spec.key(), pos_offset, chunk).to(v.dtype)
 
 
-def weights(q, k, spec, pos_offset, *, chunk=256):
+def weights(q, k, spec, pos_offset, *, chunk=256, gate=None):
     """The final weights, chunk by chunk: yields (first query position, w (B, H, rows, keys seen by the chunk))."""
     B, H, Tq, d = q.shape
-    n_all, direct = row_n(pos_offset, Tq, q), direct_ok(spec, pos_offset + Tq, d, q.dtype)
-    qf, kf = _flat(q), _flat(k)
+    n_all, direct = spec.row_n(pos_offset, Tq, q), direct_ok(spec, pos_offset + Tq, d, q.dtype)
+    qf, kf, gf = _flat(q), _flat(k), _flat_gate(gate, q.dtype)
     chunks, rows = plan(qf.shape[0], Tq, kf.shape[1], chunk, all_heads=True)
     for hs, c0 in chunks:
-        tk, R, st, _ = chunk_weights(qf, kf, spec, n_all, pos_offset, c0, rows, hs, H, direct)
+        tk, R, st, _ = chunk_weights(qf, kf, spec, n_all, pos_offset, c0, rows, hs, H, direct, gate=gf)
         yield pos_offset + c0, (R * st["f"]).view(B, H, -1, tk)
 
 
-def row_logsumexp(q, k, spec, pos_offset, chunk=256):
+def row_logsumexp(q, k, spec, pos_offset, chunk=256, gate=None):
     """log sum_j exp(logw_ij) of every query row (B, H, Tq) of normalised variants, over this backend's chunks
     (flex's re-weighting pass needs the row sums S_i: flex on CPU cannot return them)."""
     B, H, Tq, _ = q.shape
-    var, n_all = spec.variant, row_n(pos_offset, Tq, q)
-    qf, kf = _flat(q), _flat(k)
+    var, n_all = spec.variant, spec.row_n(pos_offset, Tq, q)
+    qf, kf, gf = _flat(q), _flat(k), _flat_gate(gate, q.dtype)
     lse = torch.empty(qf.shape[:-1], dtype=q.dtype, device=q.device)
     chunks, rows = plan(qf.shape[0], Tq, kf.shape[1], chunk)
     for hs, c0 in chunks:
         n = n_all[c0:c0 + rows]
-        s = chunk_scores(qf, kf, spec, pos_offset + c0, c0, n.shape[0], hs, H)
+        s = chunk_scores(qf, kf, spec, pos_offset + c0, c0, n.shape[0], hs, H, gf)
         lse[hs, c0:c0 + n.shape[0]] = torch.logsumexp(s if var.logw is None else var.logw(s, n), dim=-1)
     return lse.view(B, H, Tq)
 

@@ -2,7 +2,7 @@
 The `flex` backend: normalised variants through torch.compile(flex_attention), which normalises exp(score_mod)
 over each row; a score_mod returning the log-weights therefore computes phi / sum phi exactly. Re-weighting needs
 each row's log-sum log S_i first (chunked.row_logsumexp, exact; flex on CPU cannot return it); pass 2 then scores
-p * log(x_ij), x_ij = N_i phi_ij / S_i - O_i (model.reweight_arg), which flex turns into R_ij / sum_j R_ij.
+p * log(x_ij), x_ij = N_i phi_ij / S_i - O_i (the spec's reweight_arg), which flex turns into R_ij / sum_j R_ij.
 Runs in fp32: the p-th power amplifies score errors ~p-fold.
 
 Static shapes: one compile per (kind, shape), i.e. per evaluated length, never per decoding step (auto sends
@@ -16,7 +16,6 @@ import torch
 import torch.nn.functional as F
 
 from kernels.chunked import row_logsumexp
-from model import reweight_arg, reweight_offset
 
 _FLEX = {}
 
@@ -42,7 +41,10 @@ def supports(spec, q, needs_grad):
     if flex_attention() is None:
         return "this torch has no torch.nn.attention.flex_attention (needs torch >= 2.5)"
     if not spec.variant.normalise:
-        return "backend 'flex' normalises every row; unnormalised variants (sigmoid, relu) need 'math'"
+        return "backend 'flex' normalises every row; unnormalised variants (sigmoid, relu, stickbreak) need 'math'"
+    if needs_grad and spec.gate:
+        return ("flex's gradient of the captured forget-gate tensor is not verified here; train a gated model with "
+                "'math' or 'triton'")
     if needs_grad and q.device.type != "cuda":
         return f"flex_attention has no backward on {q.device.type} in this torch; train with 'math' or 'auto'"
     if q.dtype == torch.float64 and q.device.type == "cpu":
@@ -58,10 +60,11 @@ def _block_mask(Tq, Tk, pos_offset, device):
     return _FLEX[key]
 
 
-def attend(q, k, v, spec, pos_offset, *, chunk=256, needs_grad=False):
+def attend(q, k, v, spec, pos_offset, *, chunk=256, needs_grad=False, gate=None):
     """(flex refuses inputs that require grad on CPU, even under no_grad: none is needed when no grad is)"""
     if not needs_grad:
         q, k, v = q.detach(), k.detach(), v.detach()
+        gate = None if gate is None else gate.detach()
     Tq, Tk = q.shape[2], k.shape[2]
     if q.device.type == "cpu":
         # pad both lengths to multiples of 128: compiled CPU flex gave wrong rows for some small shapes in torch
@@ -69,35 +72,39 @@ def attend(q, k, v, spec, pos_offset, *, chunk=256, needs_grad=False):
         # position, so the causal mask hides them, and padded query rows are dropped. Also buckets compiles.
         pq, pk = -Tq % 128, -Tk % 128
         q, k, v = F.pad(q, (0, 0, 0, pq)), F.pad(k, (0, 0, 0, pk)), F.pad(v, (0, 0, 0, pk))
-        return _attend_padded(q, k, v, spec, pos_offset, Tq, Tk)[:, :, :Tq]
-    return _attend_padded(q, k, v, spec, pos_offset, Tq, Tk)
+        gate = None if gate is None else F.pad(gate, (0, max(pk, pos_offset + Tq + pq - Tk)))
+        return _attend_padded(q, k, v, spec, pos_offset, Tq, Tk, gate)[:, :, :Tq]
+    return _attend_padded(q, k, v, spec, pos_offset, Tq, Tk, gate)
 
 
-def _attend_padded(q, k, v, spec, pos_offset, Tq, Tk):
-    """attend on q, k, v that may carry padding beyond the real Tq queries and Tk keys."""
+def _attend_padded(q, k, v, spec, pos_offset, Tq, Tk, gate=None):
+    """attend on q, k, v that may carry padding beyond the real Tq queries and Tk keys. gate: c (B, H, >= Tk),
+    indexed by absolute position (a padded query row's position may pass Tk: c is padded to cover it)."""
     flex, var, dtype, H = flex_attention(), spec.variant, q.dtype, q.shape[1]
     off = torch.tensor(pos_offset, device=q.device)
     pp = torch.tensor(spec.reweight_p, dtype=dtype, device=q.device)
     bm = _block_mask(q.shape[2], k.shape[2], pos_offset, q.device)
 
-    def logw(score, h, qi, kv):
+    def logw(score, b, h, qi, kv):
         n = (qi + off + 1).to(dtype)
         s = score if var.bias is None else score + var.bias(qi + off, kv, h, H)
+        if gate is not None:
+            s = s + (gate[b, h, qi + off] - gate[b, h, kv]).to(dtype)
         return n, (s if var.logw is None else var.logw(s, n))
 
     def mod1(score, b, h, qi, kv):
-        return logw(score, h, qi, kv)[1]
+        return logw(score, b, h, qi, kv)[1]
 
     with torch.autocast(q.device.type, enabled=False):
         vv = v.to(dtype)
         if spec.reweight_p == 0:
             return flex(q, k, vv, score_mod=mod1, block_mask=bm, scale=1.0).to(v.dtype)
-        lse = row_logsumexp(q[:, :, :Tq], k[:, :, :Tk], spec, pos_offset)
+        lse = row_logsumexp(q[:, :, :Tq], k[:, :, :Tk], spec, pos_offset, gate=None if gate is None else gate[..., :Tk])
         lse = F.pad(lse, (0, q.shape[2] - Tq))  # padded query rows: any finite value
 
         def mod2(score, b, h, qi, kv):
-            n, lw = logw(score, h, qi, kv)
-            x = reweight_arg(torch.exp(lw - lse[b, h, qi]), n, reweight_offset(qi + off, dtype))
+            n, lw = logw(score, b, h, qi, kv)
+            x = spec.reweight_arg(torch.exp(lw - lse[b, h, qi]), n, qi + off)
             return torch.where(x > 0, pp * torch.log(x.clamp_min(torch.finfo(dtype).tiny)), float("-inf"))
 
         return flex(q, k, vv, score_mod=mod2, block_mask=bm, scale=1.0).to(v.dtype)

@@ -1,13 +1,14 @@
 """
 The `triton` backend: a spec -> the fused Triton kernels of triton_attn.py (stage 1 softplus for LSSA, exp for
-softmax-type variants, and the re-weighting, in FlashAttention-style tiles; forward and backward, O(T) memory).
-A kernel that fails to compile or launch falls back to the math backend inside the op (triton_attn._fwd_op).
+softmax-type variants, the re-weighting and the forget gate, in FlashAttention-style tiles; forward and backward,
+O(T) memory). A kernel that fails to compile or launch falls back to the math backend inside the op
+(triton_attn._fwd_op).
 
 Precision: the kernels accumulate in fp32. q and k arrive from model.prepare in fp32 (QK-norm and the row scale
-applied). Without re-weighting, under bf16/fp16 autocast (v in 16 bits), q and k go to the kernel in v's dtype
-(tensor-core dots, the same precision as softmax through FlashAttention). With re-weighting they stay fp32: the
-p-th power amplifies a bf16 cosine's ~4e-3 error ~p-fold, so the q.k dots run as fp32 (triton_attn.FP32_DOT).
-"""
+applied); the dots take them in the dtype kernels.dots_dtype picks (GPTConfig.attn_dots): under bf16 / fp16
+autocast, v's 16-bit dtype (tensor cores, wgmma on sm_90: the precision of softmax through FlashAttention), and
+fp32 (tf32x3, near-fp32: triton_attn.FP32_DOT) otherwise. The precision study behind the choice for the
+re-weighting, whose p-th power amplifies a score's error ~p-fold, is in docs/backends.md."""
 
 import torch
 
@@ -23,7 +24,10 @@ def supports(spec, q, needs_grad):
     return K.supports(q, q, q, kind, spec.reweight_p)
 
 
-def attend(q, k, v, spec, pos_offset, *, chunk=256, needs_grad=False):
-    if spec.reweight_p == 0 and v.dtype in (torch.bfloat16, torch.float16):
-        q, k = q.to(v.dtype), k.to(v.dtype)
-    return K.triton_attention(q, k, v, pos_offset, spec.reweight_p, KERNEL_KIND[spec.kind])
+def attend(q, k, v, spec, pos_offset, *, chunk=256, needs_grad=False, dots=torch.float32, gate=None):
+    """dots: the dtype of the q . k dots (kernels.dots_dtype). Triton's interpreter (CPU) has no bf16: there the
+    dots stay fp32, on the values model.prepare already rounded (the same products)."""
+    if q.device.type != "cuda" and dots == torch.bfloat16:
+        dots = torch.float32
+    return K.triton_attention(q, k, v, pos_offset, spec.reweight_p, KERNEL_KIND[spec.kind], spec.exempt_rows, dots,
+                              gate)

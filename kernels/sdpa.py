@@ -8,12 +8,13 @@ import torch.nn.functional as F
 
 def supports(spec, q, needs_grad):
     var = spec.variant
-    if not (var.logw is None and var.normalise and var.bias is None and spec.reweight_p == 0):
-        return "backend 'sdpa' computes softmax-type attention (exp weights, normalised, no bias) without re-weighting only"
+    if not (var.logw is None and var.normalise and var.bias is None and spec.reweight_p == 0 and not spec.gate):
+        return ("backend 'sdpa' computes softmax-type attention (exp weights, normalised, no bias or forget gate) "
+                "without re-weighting only")
     return None
 
 
-def attend(q, k, v, spec, pos_offset, *, chunk=256, needs_grad=False):
+def attend(q, k, v, spec, pos_offset, *, chunk=256, needs_grad=False, gate=None):
     Tq, Tk = q.shape[2], k.shape[2]
     q, k = q.to(v.dtype), k.to(v.dtype)  # SDPA wants one dtype (bf16 under autocast)
     if Tq == Tk:

@@ -8,29 +8,45 @@ The caller prepares the inputs (QK-norm and the per-row scale folded into q, see
 row t and key j is simply s_tj = q_t . k_j. Row t sits at absolute position P_t = pos_offset + t, sees the keys
 j <= P_t, and N_t = P_t + 1. Everything is accumulated in fp32; no T x T tensor is ever stored (memory O(T)).
 
+Base-2 units. `triton_attention` multiplies q by log2(e) (in PyTorch, once per call: O(T d), differentiable, so
+autograd applies the factor to dq) and the kernels see x_tj = s_tj log2(e). Every weight is then a power of two:
+  exp       w = 2^(x - M)                          (M: the row max of x; FlashAttention's exp2 trick)
+  softplus  w = log2(1 + 2^x) = softplus(s) / ln 2 = max(x, 0) + y L(y),  y = 2^-|x| in (0, 1]
+and the softplus derivative is  dw/dx = sigmoid(s) = r (x >= 0) or y r (x < 0),  r = 1 / (1 + y) = R(y).
+L and R are minimax polynomials on [0, 1] (POLY below): ONE exp2 per score (the MUFU unit) and the rest on the FMA
+pipe, no log and no division per score; y L(y) keeps full relative accuracy for tiny y (L(0) = 1 / ln 2). The
+weights of a row are all 1 / ln 2 times softplus: the factor cancels in every normalisation (A = w / S, and the
+re-weighting's N w / S), so only the statistics S, M kept for the backward are in these units.
+Polynomial degree by the precision of the dots: fp32 q, k (the exact path) L of degree 7 and R of degree 8; 16-bit
+q, k, whose weights are rounded to 16 bits for the P @ V dot anyway (bf16: 2^-9 relative, fp16: 2^-12), degree 4
+and 5. The whole softplus and sigmoid against float64, over every float32 input that matters
+(`python -m kernels.sass --mode=accuracy`): max relative error 3.7e-7 and 5.6e-7 (a few ulp) with the fp32
+polynomials, 5.7e-5 and 5.1e-5 with the 16-bit ones.
+
 Forward, one program per (block of query rows, batch x head), looping over the key blocks the rows can see
 (blocks fully visible to every row run without the causal mask, the rest with it):
   p = 0   one sweep: acc += w V, S += sum_j w; out = acc / S. Softplus needs no running max: QK-norm bounds
           |s| <= log(d) log(N) (~40 at d = 64, N = 16K), far from fp32 overflow or underflow. exp keeps
           FlashAttention's online row max M and rescales S and acc when M grows.
-  p > 0   two sweeps. 1) S_t and the row max (of w for softplus; for exp the score max M, so w = exp(s - M) <= 1).
+  p > 0   two sweeps. 1) S_t and the row max (of w for softplus; for exp the score max M, so w = 2^(x - M) <= 1).
           2) the re-weighted sweep, in ratio form, exactly as model.reweight (kernels/chunked.py calls it):
-              x_tj = N_t w_tj / S_t - O_t            (O_t = 0 for positions < REWEIGHT_EXEMPT_ROWS, else 1)
+              x_tj = N_t w_tj / S_t - O_t            (O_t = 0 for positions < the spec's exempt rows, else 1)
               xm_t = max_j x_tj = N_t max_j w_tj / S_t - O_t    (x increases with w)
               u_tj = ReLU(x_tj) / xm_t = ReLU(N_t w_tj - O_t S_t) / (N_t max_j w_tj - O_t S_t),   R = u^p
           u lies in [0, 1], so u^15 cannot overflow (x^15 would: x reaches N_t), and R / sum_j R is unchanged.
           A row with xm_t <= 0 (an exactly uniform row with O_t = 1) has R = 0 and outputs exactly 0.
           The denominator is written as S_t * xm_t = N_t max w - O_t S_t: for an exactly uniform row (N_t equal
           weights summed exactly) it is exactly 0, with no rounding of a division in the way.
-  Per-row statistics for the backward, (B, H, Tq) fp32: S (row sum of w), M (max w for softplus, max s for exp),
+  Per-row statistics for the backward, (B, H, Tq) fp32: S (row sum of w), M (max w for softplus, max x for exp),
   Z (sum_j R; = S without re-weighting).
 
 Backward (FlashAttention-2 style: the weights are recomputed block by block), delta_t = dout_t . out_t and
-g_tj = dout_t . v_j - delta_t:
+g_tj = dout_t . v_j - delta_t; the kernels produce dL/dx (x = q2 . k with q2 = q log2(e)):
   p = 0   dL/dw_tj = g_tj / S_t
   p > 0   dL/dw_tj = c_t (g_tj u_tj^(p-1) - m_t),  c_t = p a_t / Z_t,  a_t = N_t / (S_t xm_t),
           m_t = sum_k w_tk g_tk u_tk^(p-1) / S_t   (model.reweight_grad, same equations)
-  ds = dL/dw * w'(s) with w' = sigmoid(s) (softplus) or w (exp); dq = ds K, dk = ds^T Q, dv = (R / Z)^T dout.
+  dL/dx = dL/dw * dw/dx with dw/dx = sigmoid (softplus) or w ln 2 (exp, the ln 2 applied per row); dq2 = dL/dx K,
+  dk = dL/dx^T Q2, dv = (R / Z)^T dout.
   Two kernels, deterministic (no atomics), as in Triton's fused-attention tutorial (python/tutorials/
   06-fused-attention.py: separate dK/dV and dQ loops):
   - dq, one program per query block, ONE sweep over its keys: m_t needs the whole row before any ds is known, but
@@ -39,9 +55,14 @@ g_tj = dout_t . v_j - delta_t:
   - dk / dv, one program per key block, sweeping the query blocks that see it; it reads m_t (the m_t
     "preprocessing" sweep is thus the dq kernel itself).
 
+Loads: the head size D is a compile-time constant, so rows of q, k, v load as whole vectors (16-byte accesses that
+Triton pipelines into shared memory), masked by row only; the dimension mask is compiled in only when D is not a
+power of two.
+
 Under TRITON_INTERPRET=1 (set below when there is no GPU) CPU tensors run through Triton's interpreter: exact
 and slow, used by tests/test_triton.py. Block sizes are small there (16: fast, and it exercises the multi-block
-logic); the GPU sizes in _config are reasonable defaults for H100 / H200, not tuned.
+logic). The GPU tiles in _config were chosen from the compiled code (kernels/sass.py: no spills, wgmma for 16-bit
+dots on sm_90), not timed on a GPU.
 """
 
 import math
@@ -60,6 +81,27 @@ import triton.language as tl  # noqa: E402
 
 KINDS = ("softplus", "exp")
 MAX_HEAD_SIZE = 128  # the GPU block sizes below are sized for head sizes up to 128 (registers / shared memory)
+LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
+_LN2 = tl.constexpr(LN2)
+
+# Minimax polynomials (relative error, on y in [0, 1], coefficients of y^0, y^1, ... as float32), fitted by
+# `python -m kernels.sass --fit`; their measured errors in the module docstring (and tests/test_sass.py):
+#   L(y) = log2(1 + y) / y    (softplus in base 2: max(x, 0) + y L(y))
+#   R(y) = 1 / (1 + y)        (sigmoid: R or y R)
+POLY = {
+    "L7": (1.4426947832107544, -0.7213100790977478, 0.48006370663642883, -0.35339483618736267, 0.2560097277164459,
+           -0.1553518921136856, 0.06360789388418198, -0.012319473549723625),
+    "R8": (0.9999997615814209, -0.9999579787254333, 0.9988448619842529, -0.9874166250228882, 0.9286426305770874,
+           -0.7588510513305664, 0.4707198441028595, -0.1857549101114273, 0.03377361595630646),
+    "L4": (1.4426132440567017, -0.7169874310493469, 0.4418988525867462, -0.22711947560310364, 0.05965154618024826),
+    "R5": (0.9999489784240723, -0.9962757229804993, 0.9534208178520203, -0.7705730199813843, 0.41793790459632874,
+           -0.10448446124792099),
+}
+# as compile-time constants of the kernels (Triton reads module globals annotated tl.constexpr)
+_L7_0, _L7_1, _L7_2, _L7_3, _L7_4, _L7_5, _L7_6, _L7_7 = (tl.constexpr(c) for c in POLY["L7"])
+_R8_0, _R8_1, _R8_2, _R8_3, _R8_4, _R8_5, _R8_6, _R8_7, _R8_8 = (tl.constexpr(c) for c in POLY["R8"])
+_L4_0, _L4_1, _L4_2, _L4_3, _L4_4 = (tl.constexpr(c) for c in POLY["L4"])
+_R5_0, _R5_1, _R5_2, _R5_3, _R5_4, _R5_5 = (tl.constexpr(c) for c in POLY["R5"])
 
 
 # -----------------------------------------------------------------------------
@@ -67,44 +109,84 @@ MAX_HEAD_SIZE = 128  # the GPU block sizes below are sized for head sizes up to 
 
 
 @triton.jit
-def _load_rows(base, rows, dims, n_rows, D):
-    # (len(rows), BLOCK_D) tile of a contiguous (n_rows, D) matrix, zeros past its edges
-    mask = (rows[:, None] < n_rows) & (dims[None, :] < D)
-    return tl.load(base + rows[:, None] * D + dims[None, :], mask=mask, other=0.0)
+def _load_rows(base, rows, dims, n_rows, D: tl.constexpr, BLOCK_D: tl.constexpr, EDGE: tl.constexpr):
+    # (len(rows), BLOCK_D) tile of a contiguous (n_rows, D) matrix; EDGE: zeros for rows past n_rows (only blocks
+    # that can reach the end need the row mask); dimensions past D are masked only when D < BLOCK_D
+    ptrs = base + rows[:, None] * D + dims[None, :]
+    if EDGE:
+        if D == BLOCK_D:
+            x = tl.load(ptrs, mask=rows[:, None] < n_rows, other=0.0)
+        else:
+            x = tl.load(ptrs, mask=(rows[:, None] < n_rows) & (dims[None, :] < D), other=0.0)
+    else:
+        if D == BLOCK_D:
+            x = tl.load(ptrs)
+        else:
+            x = tl.load(ptrs, mask=dims[None, :] < D, other=0.0)
+    return x
 
 
 @triton.jit
-def _store_rows(base, rows, dims, n_rows, D, x):
+def _store_rows(base, rows, dims, n_rows, D: tl.constexpr, x):
     mask = (rows[:, None] < n_rows) & (dims[None, :] < D)
     tl.store(base + rows[:, None] * D + dims[None, :], x.to(base.dtype.element_ty), mask=mask)
 
 
 @triton.jit
 def _safe_inv(x):
-    # 1 / x where x > 0, else 0 (a row without weight outputs 0 and gets no gradient)
+    # 1 / x where x > 0, else 0 (a row without weight outputs 0 and gets no gradient); per row, not per score
     return tl.where(x > 0.0, 1.0 / tl.where(x > 0.0, x, 1.0), 0.0)
 
 
 @triton.jit
-def _log1p(t):
-    # log(1 + t) to full relative accuracy also for tiny t, without a log1p primitive (Goldberg's trick, see
-    # "What every computer scientist should know about floating-point arithmetic", Theorem 4): with y = fl(1 + t),
-    # log(y) * t / (y - 1) cancels the rounding of y
-    y = 1.0 + t
-    d = y - 1.0
-    return tl.where(d == 0.0, t, tl.log(y) * (t / tl.where(d == 0.0, 1.0, d)))
+def _log2_1p_over(y, FAST: tl.constexpr):
+    # L(y) = log2(1 + y) / y by Horner (FMAs only)
+    if FAST:
+        r = _L4_4 * y + _L4_3
+        r = r * y + _L4_2
+        r = r * y + _L4_1
+        r = r * y + _L4_0
+    else:
+        r = _L7_7 * y + _L7_6
+        r = r * y + _L7_5
+        r = r * y + _L7_4
+        r = r * y + _L7_3
+        r = r * y + _L7_2
+        r = r * y + _L7_1
+        r = r * y + _L7_0
+    return r
 
 
 @triton.jit
-def _softplus(s):
-    # log(1 + e^s) = max(s, 0) + log(1 + e^-|s|): no overflow for large s, no underflow to 0 for very negative s
-    # (model.py: softplus with threshold 40). s = -inf (masked) gives exactly 0.
-    return tl.maximum(s, 0.0) + _log1p(tl.exp(-tl.abs(s)))
+def _inv_1p(y, FAST: tl.constexpr):
+    # R(y) = 1 / (1 + y) by Horner (FMAs only)
+    if FAST:
+        r = _R5_5 * y + _R5_4
+        r = r * y + _R5_3
+        r = r * y + _R5_2
+        r = r * y + _R5_1
+        r = r * y + _R5_0
+    else:
+        r = _R8_8 * y + _R8_7
+        r = r * y + _R8_6
+        r = r * y + _R8_5
+        r = r * y + _R8_4
+        r = r * y + _R8_3
+        r = r * y + _R8_2
+        r = r * y + _R8_1
+        r = r * y + _R8_0
+    return r
+
+
+@triton.jit
+def _softplus2(x, y, FAST: tl.constexpr):
+    # log2(1 + 2^x) = max(x, 0) + y L(y) with y = 2^-|x|: x = -inf (masked) gives y = 0 and exactly 0
+    return tl.maximum(x, 0.0) + y * _log2_1p_over(y, FAST)
 
 
 @triton.jit
 def _scores(q, k, pos, cols, MASK: tl.constexpr, PREC: tl.constexpr):
-    # q (BM, BD), k (BN, BD) -> s (BM, BN); with MASK, -inf on the keys after a row's position: every weight
+    # q (BM, BD), k (BN, BD) -> x (BM, BN); with MASK, -inf on the keys after a row's position: every weight
     # below (softplus, exp, their derivatives, the re-weighting) is then exactly 0 there
     s = tl.dot(q, tl.trans(k), input_precision=PREC)
     if MASK:
@@ -113,42 +195,66 @@ def _scores(q, k, pos, cols, MASK: tl.constexpr, PREC: tl.constexpr):
 
 
 @triton.jit
-def _weights(s, M, EXP: tl.constexpr):
-    # stage 1: exp(s - M) relative to the row max M (M: (BM,)), or softplus(s)
+def _gated(s, cq, Cb, cols, n_cols, MASK: tl.constexpr, GATE: tl.constexpr, KEYS_FIRST: tl.constexpr):
+    # the forget gate's c_i - c_j (base 2) added to a tile of scores: cq (rows,) of the tile's queries, the keys'
+    # from Cb + cols (masked past n_cols only on the diagonal blocks); KEYS_FIRST: the transposed (keys x queries)
+    # tiles of the dk / dv kernel
+    if GATE:
+        if MASK:
+            ck = tl.load(Cb + cols, mask=cols < n_cols, other=0.0)
+        else:
+            ck = tl.load(Cb + cols)
+        if KEYS_FIRST:
+            s = s + (cq[None, :] - ck[:, None])
+        else:
+            s = s + (cq[:, None] - ck[None, :])
+    return s
+
+
+@triton.jit
+def _weights(x, M, EXP: tl.constexpr, FAST: tl.constexpr):
+    # stage 1: 2^(x - M) relative to the row max M (broadcast to x: M[:, None], or M[None, :] in the transposed
+    # tiles of the dk / dv kernel), or log2(1 + 2^x); one exp2 per score either way
     if EXP:
-        w = tl.exp(s - M[:, None])
+        w = tl.exp2(x - M)
     else:
-        w = _softplus(s)
+        w = _softplus2(x, tl.exp2(-tl.abs(x)), FAST)
     return w
 
 
 @triton.jit
-def _dweights(s, w, EXP: tl.constexpr):
-    # dw / ds: exp' = exp, softplus' = sigmoid
+def _weights_slope(x, M, EXP: tl.constexpr, FAST: tl.constexpr):
+    # (w, dw/dx) from one exp2: exp: (w, w), the ln 2 of d 2^x / dx applied per row by the caller (DW_ROW);
+    # softplus: (log2(1 + 2^x), sigmoid) with sigmoid = R(y) for x >= 0 and y R(y) below (0 where masked)
     if EXP:
+        w = tl.exp2(x - M)
         dw = w
     else:
-        dw = 1.0 / (1.0 + tl.exp(-s))
-    return dw
+        y = tl.exp2(-tl.abs(x))
+        w = _softplus2(x, y, FAST)
+        r = _inv_1p(y, FAST)
+        dw = tl.where(x >= 0.0, r, y * r)
+    return w, dw
 
 
 @triton.jit
 def _reweight_row(pos, S, M, EXP: tl.constexpr, EXEMPT: tl.constexpr):
-    # per-row constants of the re-weighting (all (BM,)): N_t, O_t and 1 / (S_t xm_t) = 1 / (N_t max w - O_t S_t),
-    # 0 for a row with xm_t <= 0 (R = 0 there)
+    # per-row constants of the re-weighting (all (BM,)) for u = max(A1 w - A0, 0): with N_t, O_t and
+    # inv = 1 / (S_t xm_t) = 1 / (N_t max w - O_t S_t) (0 for a row with xm_t <= 0: R = 0 there),
+    # A1 = N_t inv (= the backward's a_t) and A0 = O_t S_t inv: one FMA and one max per score
     N = (pos + 1).to(tl.float32)
-    O = tl.where(pos >= EXEMPT, 1.0, 0.0)
+    OS = tl.where(pos >= EXEMPT, S, 0.0)
     if EXP:
-        den = N - O * S  # max_j w = exp(M - M) = 1
+        inv = _safe_inv(N - OS)  # max_j w = 2^(M - M) = 1
     else:
-        den = N * M - O * S
-    return N, O, _safe_inv(den)
+        inv = _safe_inv(N * M - OS)
+    return N * inv, OS * inv
 
 
 @triton.jit
-def _ratio(w, N, O, S, inv):
-    # u = ReLU(x) / xm = ReLU(N w - O S) / (N max w - O S), in [0, 1]: (BM, BN)
-    return tl.maximum(N[:, None] * w - (O * S)[:, None], 0.0) * inv[:, None]
+def _ratio(w, A1, A0):
+    # u = ReLU(x) / xm = ReLU(N w - O S) / (N max w - O S) = max(A1 w - A0, 0), in [0, 1]; A1, A0 broadcast to w
+    return tl.maximum(w * A1 - A0, 0.0)
 
 
 @triton.jit
@@ -157,12 +263,17 @@ def _upow(u, E: tl.constexpr, E_INT: tl.constexpr):
     # R = u * _upow(u) = u^p and dR/du = p * _upow(u). A whole E (E_INT >= 0) by repeated squaring (no exp / log,
     # and exact-ish); otherwise exp2(E log2 u).
     pos = u > 0.0
-    if E_INT >= 0:
+    if E_INT == 0:
         r = tl.where(pos, 1.0, 0.0)
+    elif E_INT > 0:  # u^E is 0 at u = 0 by itself: the product of the powers of two of E's bits
+        r = u
         sq = u
         for i in tl.static_range(7):
             if (E_INT >> i) & 1:
-                r = r * sq
+                if E_INT & ((1 << i) - 1):  # a lower bit came first: multiply it in
+                    r = r * sq
+                else:
+                    r = sq
             if (E_INT >> i) > 1:
                 sq = sq * sq
     else:
@@ -175,51 +286,56 @@ def _upow(u, E: tl.constexpr, E_INT: tl.constexpr):
 
 
 @triton.jit
-def _fwd_sweep(acc, S, M, Z, q, Kb, Vb, pos, N, O, inv, lo, hi, Tk, D,
+def _fwd_sweep(acc, S, M, Z, q, Kb, Vb, pos, cq, Cb, A1, A0, lo, hi, Tk,
                STAGE: tl.constexpr, MASK: tl.constexpr, EXP: tl.constexpr, E: tl.constexpr, E_INT: tl.constexpr,
-               PREC_QK: tl.constexpr, PREC_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+               FAST: tl.constexpr, GATE: tl.constexpr, PREC_QK: tl.constexpr, PREC_V: tl.constexpr, BLOCK_N: tl.constexpr,
+               D: tl.constexpr, BLOCK_D: tl.constexpr):
     """Key blocks lo, lo + BLOCK_N, .. < hi for one query block; acc (BM, BD), S, M, Z (BM,).
     STAGE 1: S and the row max only (LSSAR's first sweep); 2: also acc += w V (no re-weighting);
-    3: acc += R V and Z += sum R, with the final S and M (LSSAR's second sweep)."""
+    3: acc += R V and Z += sum R, with the final S and M (LSSAR's second sweep). MASK: the blocks on the diagonal
+    (causal mask, and rows that may pass the end)."""
     dims = tl.arange(0, BLOCK_D)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        s = _scores(q, _load_rows(Kb, cols, dims, Tk, D), pos, cols, MASK, PREC_QK)  # (BM, BN)
+        s = _scores(q, _load_rows(Kb, cols, dims, Tk, D, BLOCK_D, MASK), pos, cols, MASK, PREC_QK)  # (BM, BN)
+        s = _gated(s, cq, Cb, cols, Tk, MASK, GATE, False)
         if STAGE == 3:
-            u = _ratio(_weights(s, M, EXP), N, O, S, inv)
+            u = _ratio(_weights(s, M[:, None], EXP, FAST), A1[:, None], A0[:, None])
             w = u * _upow(u, E, E_INT)  # R = u^p
             Z += tl.sum(w, 1)
         elif EXP:  # online max: what was summed against the previous max is rescaled (FlashAttention)
             M_new = tl.maximum(M, tl.max(s, 1))  # finite: every row sees key 0, in the first block swept
-            alpha = tl.exp(M - M_new)
-            w = tl.exp(s - M_new[:, None])
+            alpha = tl.exp2(M - M_new)
+            w = tl.exp2(s - M_new[:, None])
             S = S * alpha + tl.sum(w, 1)
             if STAGE == 2:
                 acc = acc * alpha[:, None]
             M = M_new
         else:
-            w = _softplus(s)
+            w = _weights(s, M[:, None], EXP, FAST)
             S += tl.sum(w, 1)
             if STAGE == 1:
                 M = tl.maximum(M, tl.max(w, 1))
         if STAGE != 1:
-            v = _load_rows(Vb, cols, dims, Tk, D)
+            v = _load_rows(Vb, cols, dims, Tk, D, BLOCK_D, MASK)
             acc = tl.dot(w.to(v.dtype), v, acc, input_precision=PREC_V)
     return acc, S, M, Z
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, Out, S_out, M_out, Z_out, Tq, Tk, off, D,
+def _fwd_kernel(Q, K, V, C, Out, S_out, M_out, Z_out, Tq, Tk, off,
                 REWEIGHT: tl.constexpr, EXP: tl.constexpr, E: tl.constexpr, E_INT: tl.constexpr,
-                EXEMPT: tl.constexpr, PREC_QK: tl.constexpr, PREC_V: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                EXEMPT: tl.constexpr, FAST: tl.constexpr, GATE: tl.constexpr, PREC_QK: tl.constexpr, PREC_V: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     rows = m0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     Kb, Vb = K + bh * Tk * D, V + bh * Tk * D
-    q = _load_rows(Q + bh * Tq * D, rows, dims, Tq, D)  # (BM, BD), kept for all the sweeps
+    q = _load_rows(Q + bh * Tq * D, rows, dims, Tq, D, BLOCK_D, True)  # (BM, BD), kept for all the sweeps
     pos = off + rows  # absolute positions
+    Cb = C + bh * Tk  # the forget gate's c of this head's keys (base 2), when GATE
+    cq = tl.load(Cb + pos, mask=rows < Tq, other=0.0) if GATE else pos
     # keys [0, full) are visible to every row of the block; [full, hi) need the mask; keys >= hi to none
     full = ((off + m0 + 1) // BLOCK_N) * BLOCK_N
     hi = off + tl.minimum(m0 + BLOCK_M, Tq)
@@ -227,23 +343,22 @@ def _fwd_kernel(Q, K, V, Out, S_out, M_out, Z_out, Tq, Tk, off, D,
     S = tl.zeros([BLOCK_M], dtype=tl.float32)
     M = tl.full([BLOCK_M], float("-inf"), tl.float32)
     Z = tl.zeros([BLOCK_M], dtype=tl.float32)
-    N = (pos + 1).to(tl.float32)
-    O, inv = N, N  # unused without re-weighting
+    A1, A0 = S, S  # the re-weighting's row constants (unused without it)
     if REWEIGHT:
-        acc, S, M, Z = _fwd_sweep(acc, S, M, Z, q, Kb, Vb, pos, N, O, inv, 0, full, Tk, D,
-                                  1, False, EXP, E, E_INT, PREC_QK, PREC_V, BLOCK_N, BLOCK_D)
-        acc, S, M, Z = _fwd_sweep(acc, S, M, Z, q, Kb, Vb, pos, N, O, inv, full, hi, Tk, D,
-                                  1, True, EXP, E, E_INT, PREC_QK, PREC_V, BLOCK_N, BLOCK_D)
-        N, O, inv = _reweight_row(pos, S, M, EXP, EXEMPT)
-        acc, S, M, Z = _fwd_sweep(acc, S, M, Z, q, Kb, Vb, pos, N, O, inv, 0, full, Tk, D,
-                                  3, False, EXP, E, E_INT, PREC_QK, PREC_V, BLOCK_N, BLOCK_D)
-        acc, S, M, Z = _fwd_sweep(acc, S, M, Z, q, Kb, Vb, pos, N, O, inv, full, hi, Tk, D,
-                                  3, True, EXP, E, E_INT, PREC_QK, PREC_V, BLOCK_N, BLOCK_D)
+        acc, S, M, Z = _fwd_sweep(acc, S, M, Z, q, Kb, Vb, pos, cq, Cb, A1, A0, 0, full, Tk,
+                                  1, False, EXP, E, E_INT, FAST, GATE, PREC_QK, PREC_V, BLOCK_N, D, BLOCK_D)
+        acc, S, M, Z = _fwd_sweep(acc, S, M, Z, q, Kb, Vb, pos, cq, Cb, A1, A0, full, hi, Tk,
+                                  1, True, EXP, E, E_INT, FAST, GATE, PREC_QK, PREC_V, BLOCK_N, D, BLOCK_D)
+        A1, A0 = _reweight_row(pos, S, M, EXP, EXEMPT)
+        acc, S, M, Z = _fwd_sweep(acc, S, M, Z, q, Kb, Vb, pos, cq, Cb, A1, A0, 0, full, Tk,
+                                  3, False, EXP, E, E_INT, FAST, GATE, PREC_QK, PREC_V, BLOCK_N, D, BLOCK_D)
+        acc, S, M, Z = _fwd_sweep(acc, S, M, Z, q, Kb, Vb, pos, cq, Cb, A1, A0, full, hi, Tk,
+                                  3, True, EXP, E, E_INT, FAST, GATE, PREC_QK, PREC_V, BLOCK_N, D, BLOCK_D)
     else:
-        acc, S, M, Z = _fwd_sweep(acc, S, M, Z, q, Kb, Vb, pos, N, O, inv, 0, full, Tk, D,
-                                  2, False, EXP, E, E_INT, PREC_QK, PREC_V, BLOCK_N, BLOCK_D)
-        acc, S, M, Z = _fwd_sweep(acc, S, M, Z, q, Kb, Vb, pos, N, O, inv, full, hi, Tk, D,
-                                  2, True, EXP, E, E_INT, PREC_QK, PREC_V, BLOCK_N, BLOCK_D)
+        acc, S, M, Z = _fwd_sweep(acc, S, M, Z, q, Kb, Vb, pos, cq, Cb, A1, A0, 0, full, Tk,
+                                  2, False, EXP, E, E_INT, FAST, GATE, PREC_QK, PREC_V, BLOCK_N, D, BLOCK_D)
+        acc, S, M, Z = _fwd_sweep(acc, S, M, Z, q, Kb, Vb, pos, cq, Cb, A1, A0, full, hi, Tk,
+                                  2, True, EXP, E, E_INT, FAST, GATE, PREC_QK, PREC_V, BLOCK_N, D, BLOCK_D)
         Z = S
     _store_rows(Out + bh * Tq * D, rows, dims, Tq, D, acc * _safe_inv(Z)[:, None])
     ok = rows < Tq
@@ -269,117 +384,166 @@ def _load_row_stats(S_in, M_in, Z_in, Delta, bh, rows, Tq):
 
 
 @triton.jit
-def _dq_sweep(acc1, acc2, msum, q, do, S, M, delta, pos, N, O, inv, Kb, Vb, lo, hi, Tk, D,
+def _dq_sweep(acc1, acc2, msum, gs0, gs1, q, do, M, delta, A1, A0, Kb, Vb, pos, cq, Cb, lo, hi, Tk,
               MASK: tl.constexpr, REWEIGHT: tl.constexpr, EXP: tl.constexpr, E: tl.constexpr, E_INT: tl.constexpr,
-              PREC_QK: tl.constexpr, PREC_V: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+              FAST: tl.constexpr, GATE: tl.constexpr, PREC_QK: tl.constexpr, PREC_V: tl.constexpr,
+              BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
     """Key blocks lo .. < hi of one query block. Accumulates acc1 = sum_j G_tj w'_tj k_j (BM, BD) with
-    G = g (p = 0) or g u^(p-1) (p > 0); with re-weighting also acc2 = sum_j w'_tj k_j and msum = sum_j w_tj G_tj."""
+    G = g (p = 0) or g u^(p-1) (p > 0); with re-weighting also acc2 = sum_j w'_tj k_j and msum = sum_j w_tj G_tj;
+    with the gate the row sums of the two dots' left operands, gs0 = sum_j G w' and gs1 = sum_j w' (BM,) (for the
+    score gradient's row sums: the gate's gradient at the query's position)."""
     dims = tl.arange(0, BLOCK_D)
     for n0 in range(lo, hi, BLOCK_N):
         cols = n0 + tl.arange(0, BLOCK_N)
-        k = _load_rows(Kb, cols, dims, Tk, D)
-        v = _load_rows(Vb, cols, dims, Tk, D)
-        s = _scores(q, k, pos, cols, MASK, PREC_QK)  # (BM, BN)
-        w = _weights(s, M, EXP)
-        dw = _dweights(s, w, EXP)
+        k = _load_rows(Kb, cols, dims, Tk, D, BLOCK_D, MASK)
+        v = _load_rows(Vb, cols, dims, Tk, D, BLOCK_D, MASK)
+        s = _gated(_scores(q, k, pos, cols, MASK, PREC_QK), cq, Cb, cols, Tk, MASK, GATE, False)  # (BM, BN)
+        w, dw = _weights_slope(s, M[:, None], EXP, FAST)
         g = tl.dot(do, tl.trans(v), input_precision=PREC_V) - delta[:, None]  # dout_t . v_j - delta_t
         if REWEIGHT:
-            g = g * _upow(_ratio(w, N, O, S, inv), E, E_INT)
+            g = g * _upow(_ratio(w, A1[:, None], A0[:, None]), E, E_INT)
             msum += tl.sum(w * g, 1)
             acc2 = tl.dot(dw.to(k.dtype), k, acc2, input_precision=PREC_QK)
-        acc1 = tl.dot((g * dw).to(k.dtype), k, acc1, input_precision=PREC_QK)
-    return acc1, acc2, msum
+        gdw = g * dw
+        acc1 = tl.dot(gdw.to(k.dtype), k, acc1, input_precision=PREC_QK)
+        if GATE:
+            gs0 += tl.sum(gdw, 1)
+            if REWEIGHT:
+                gs1 += tl.sum(dw, 1)
+    return acc1, acc2, msum, gs0, gs1
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, S_in, M_in, Z_in, Delta, Mrow, DQ, Tq, Tk, off, D,
+def _bwd_dq_kernel(Q, K, V, C, DO, S_in, M_in, Z_in, Delta, RowC, DQ, DCQ, Tq, Tk, off, plane,
                    REWEIGHT: tl.constexpr, EXP: tl.constexpr, P: tl.constexpr, E: tl.constexpr, E_INT: tl.constexpr,
-                   EXEMPT: tl.constexpr, PREC_QK: tl.constexpr, PREC_V: tl.constexpr,
-                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+                   EXEMPT: tl.constexpr, FAST: tl.constexpr, GATE: tl.constexpr, PREC_QK: tl.constexpr, PREC_V: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """dq of one query block; also writes the per-row constants the dk / dv kernel reads (RowC: planes of
+    `plane` = B H Tq floats): c = the factor of dL/dx (dw_row / S, or p a_t dw_row / Z_t), 1 / S or 1 / Z, and
+    with re-weighting A1, A0 and m_t. With the gate also DCQ, the score gradient's row sums (B, H, Tq)."""
     m0 = tl.program_id(0) * BLOCK_M
     bh = tl.program_id(1).to(tl.int64)
     rows = m0 + tl.arange(0, BLOCK_M)
     dims = tl.arange(0, BLOCK_D)
     Kb, Vb = K + bh * Tk * D, V + bh * Tk * D
-    q = _load_rows(Q + bh * Tq * D, rows, dims, Tq, D)  # (BM, BD)
-    do = _load_rows(DO + bh * Tq * D, rows, dims, Tq, D)
+    q = _load_rows(Q + bh * Tq * D, rows, dims, Tq, D, BLOCK_D, True)  # (BM, BD)
+    do = _load_rows(DO + bh * Tq * D, rows, dims, Tq, D, BLOCK_D, True)
     S, M, Z, delta = _load_row_stats(S_in, M_in, Z_in, Delta, bh, rows, Tq)
     pos = off + rows
-    N, O, inv = _reweight_row(pos, S, M, EXP, EXEMPT)
+    Cb = C + bh * Tk
+    cq = tl.load(Cb + pos, mask=rows < Tq, other=0.0) if GATE else pos
+    A1, A0 = _reweight_row(pos, S, M, EXP, EXEMPT)
     full = ((off + m0 + 1) // BLOCK_N) * BLOCK_N  # as in the forward
     hi = off + tl.minimum(m0 + BLOCK_M, Tq)
     acc1 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     acc2 = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
     msum = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc1, acc2, msum = _dq_sweep(acc1, acc2, msum, q, do, S, M, delta, pos, N, O, inv, Kb, Vb, 0, full, Tk, D,
-                                 False, REWEIGHT, EXP, E, E_INT, PREC_QK, PREC_V, BLOCK_N, BLOCK_D)
-    acc1, acc2, msum = _dq_sweep(acc1, acc2, msum, q, do, S, M, delta, pos, N, O, inv, Kb, Vb, full, hi, Tk, D,
-                                 True, REWEIGHT, EXP, E, E_INT, PREC_QK, PREC_V, BLOCK_N, BLOCK_D)
+    gs0 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    gs1 = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc1, acc2, msum, gs0, gs1 = _dq_sweep(acc1, acc2, msum, gs0, gs1, q, do, M, delta, A1, A0, Kb, Vb, pos, cq, Cb,
+                                           0, full, Tk, False, REWEIGHT, EXP, E, E_INT, FAST, GATE, PREC_QK, PREC_V,
+                                           BLOCK_N, D, BLOCK_D)
+    acc1, acc2, msum, gs0, gs1 = _dq_sweep(acc1, acc2, msum, gs0, gs1, q, do, M, delta, A1, A0, Kb, Vb, pos, cq, Cb,
+                                           full, hi, Tk, True, REWEIGHT, EXP, E, E_INT, FAST, GATE, PREC_QK, PREC_V,
+                                           BLOCK_N, D, BLOCK_D)
+    dw_row = _LN2 if EXP else 1.0  # d 2^x / dx = 2^x ln 2
+    ok = rows < Tq
+    i = bh * Tq + rows
     if REWEIGHT:
-        m = msum / S  # m_t, for the dk / dv kernel
-        tl.store(Mrow + bh * Tq + rows, m, mask=rows < Tq)
-        c = P * N * inv * _safe_inv(Z)  # p a_t / Z_t, 0 for a row without weight
+        rz = _safe_inv(Z)  # 0 for a row without weight
+        c = (P * dw_row) * A1 * rz  # p a_t / Z_t
+        m = msum / S  # m_t
         dq = c[:, None] * (acc1 - m[:, None] * acc2)
+        dcq = c * (gs0 - m * gs1)
+        tl.store(RowC + 2 * plane + i, A1, mask=ok)
+        tl.store(RowC + 3 * plane + i, A0, mask=ok)
+        tl.store(RowC + 4 * plane + i, m, mask=ok)
     else:
-        dq = acc1 / S[:, None]
+        rz = 1.0 / S
+        c = dw_row * rz
+        dq = acc1 * c[:, None]
+        dcq = c * gs0
+    if GATE:
+        tl.store(DCQ + i, dcq, mask=ok)
+    tl.store(RowC + i, c, mask=ok)
+    tl.store(RowC + plane + i, rz, mask=ok)
     _store_rows(DQ + bh * Tq * D, rows, dims, Tq, D, dq)
 
 
 @triton.jit
-def _dkdv_sweep(dk, dv, k, v, Q, DO, S_in, M_in, Z_in, Delta, Mrow, bh, cols, lo, hi, Tq, off, D,
-                MASK: tl.constexpr, REWEIGHT: tl.constexpr, EXP: tl.constexpr, P: tl.constexpr, E: tl.constexpr,
-                E_INT: tl.constexpr, EXEMPT: tl.constexpr, PREC_QK: tl.constexpr, PREC_V: tl.constexpr,
-                BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Query blocks lo .. < hi against one key block k, v (BN, BD): dk += ds^T q, dv += (w / S or R / Z)^T dout."""
+def _dkdv_sweep(dk, dv, dck, k, v, ck, Q, DO, C, M_in, Delta, RowC, plane, bh, cols, lo, hi, Tq, off,
+                MASK: tl.constexpr, REWEIGHT: tl.constexpr, EXP: tl.constexpr, E: tl.constexpr, E_INT: tl.constexpr,
+                FAST: tl.constexpr, GATE: tl.constexpr, PREC_QK: tl.constexpr, PREC_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                D: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Query blocks lo .. < hi against one key block k, v (BN, BD): dk += ds^T q, dv += (w / S or R / Z)^T dout,
+    with the dq kernel's per-row constants (no division here). The tiles are transposed (keys x queries, as in
+    Triton's fused-attention tutorial): every dot then has the key block as its M dimension, the one wgmma (sm_90)
+    splits over warpgroups of 64 rows. With the gate dck accumulates the score gradient's sums over the queries
+    (BN,): minus the gate's gradient at the keys' positions."""
     dims = tl.arange(0, BLOCK_D)
     for m0 in range(lo, hi, BLOCK_M):
         rows = m0 + tl.arange(0, BLOCK_M)
-        q = _load_rows(Q + bh * Tq * D, rows, dims, Tq, D)  # (BM, BD)
-        do = _load_rows(DO + bh * Tq * D, rows, dims, Tq, D)
-        S, M, Z, delta = _load_row_stats(S_in, M_in, Z_in, Delta, bh, rows, Tq)
-        pos = off + rows
-        s = _scores(q, k, pos, cols, MASK, PREC_QK)  # (BM, BN)
-        w = _weights(s, M, EXP)
-        dw = _dweights(s, w, EXP)
-        g = tl.dot(do, tl.trans(v), input_precision=PREC_V) - delta[:, None]
+        q = _load_rows(Q + bh * Tq * D, rows, dims, Tq, D, BLOCK_D, True)  # (BM, BD)
+        do = _load_rows(DO + bh * Tq * D, rows, dims, Tq, D, BLOCK_D, True)
+        ok = rows < Tq
+        i = bh * Tq + rows
+        M = tl.load(M_in + i, mask=ok, other=0.0)
+        delta = tl.load(Delta + i, mask=ok, other=0.0)
+        c = tl.load(RowC + i, mask=ok, other=0.0)
+        rz = tl.load(RowC + plane + i, mask=ok, other=0.0)
+        sT = tl.dot(k, tl.trans(q), input_precision=PREC_QK)  # (BN, BM)
+        if MASK:
+            sT = tl.where(cols[:, None] <= (off + rows)[None, :], sT, float("-inf"))
+        if GATE:  # c_i - c_j: the queries' c at their positions, the keys' c (ck) loaded by the caller
+            sT = sT + (tl.load(C + off + rows, mask=ok, other=0.0)[None, :] - ck[:, None])
+        w, dw = _weights_slope(sT, M[None, :], EXP, FAST)
+        g = tl.dot(v, tl.trans(do), input_precision=PREC_V) - delta[None, :]  # (BN, BM): dout_t . v_j - delta_t
         if REWEIGHT:
-            N, O, inv = _reweight_row(pos, S, M, EXP, EXEMPT)
-            u = _ratio(w, N, O, S, inv)
+            A1 = tl.load(RowC + 2 * plane + i, mask=ok, other=0.0)
+            A0 = tl.load(RowC + 3 * plane + i, mask=ok, other=0.0)
+            m = tl.load(RowC + 4 * plane + i, mask=ok, other=0.0)
+            u = _ratio(w, A1[None, :], A0[None, :])
             du = _upow(u, E, E_INT)  # u^(p-1)
-            rz = _safe_inv(Z)
-            mrow = tl.load(Mrow + bh * Tq + rows, mask=rows < Tq, other=0.0)  # m_t from the dq kernel
-            a = u * du * rz[:, None]  # R / Z
-            ds = (P * N * inv * rz)[:, None] * (g * du - mrow[:, None]) * dw
+            a = u * du * rz[None, :]  # R / Z
+            ds = c[None, :] * (g * du - m[None, :]) * dw
         else:
-            a = w / S[:, None]
-            ds = g / S[:, None] * dw
-        dv = tl.dot(tl.trans(a).to(do.dtype), do, dv, input_precision=PREC_V)
-        dk = tl.dot(tl.trans(ds).to(q.dtype), q, dk, input_precision=PREC_QK)
-    return dk, dv
+            a = w * rz[None, :]
+            ds = g * c[None, :] * dw
+        dv = tl.dot(a.to(do.dtype), do, dv, input_precision=PREC_V)
+        dk = tl.dot(ds.to(q.dtype), q, dk, input_precision=PREC_QK)
+        if GATE:
+            dck += tl.sum(ds, 1)
+    return dk, dv, dck
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, S_in, M_in, Z_in, Delta, Mrow, DK, DV, Tq, Tk, off, D,
-                     REWEIGHT: tl.constexpr, EXP: tl.constexpr, P: tl.constexpr, E: tl.constexpr,
-                     E_INT: tl.constexpr, EXEMPT: tl.constexpr, PREC_QK: tl.constexpr, PREC_V: tl.constexpr,
-                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr):
+def _bwd_dkdv_kernel(Q, K, V, C, DO, M_in, Delta, RowC, DK, DV, DCK, Tq, Tk, off, plane,
+                     REWEIGHT: tl.constexpr, EXP: tl.constexpr, E: tl.constexpr, E_INT: tl.constexpr,
+                     FAST: tl.constexpr, GATE: tl.constexpr, PREC_QK: tl.constexpr, PREC_V: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_N: tl.constexpr, D: tl.constexpr, BLOCK_D: tl.constexpr):
     n0 = tl.program_id(0) * BLOCK_N
     bh = tl.program_id(1).to(tl.int64)
     cols = n0 + tl.arange(0, BLOCK_N)
     dims = tl.arange(0, BLOCK_D)
-    k = _load_rows(K + bh * Tk * D, cols, dims, Tk, D)  # (BN, BD), kept for the sweep
-    v = _load_rows(V + bh * Tk * D, cols, dims, Tk, D)
+    k = _load_rows(K + bh * Tk * D, cols, dims, Tk, D, BLOCK_D, True)  # (BN, BD), kept for the sweep
+    v = _load_rows(V + bh * Tk * D, cols, dims, Tk, D, BLOCK_D, True)
     # query rows t see key n0 from t = n0 - off on, and every key of the block from t = n0 + BLOCK_N - 1 - off on
     lo = (tl.maximum(n0 - off, 0) // BLOCK_M) * BLOCK_M
     full = tl.maximum(tl.cdiv(tl.maximum(n0 + BLOCK_N - 1 - off, 0), BLOCK_M) * BLOCK_M, lo)
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dk, dv = _dkdv_sweep(dk, dv, k, v, Q, DO, S_in, M_in, Z_in, Delta, Mrow, bh, cols, lo, tl.minimum(full, Tq),
-                         Tq, off, D, True, REWEIGHT, EXP, P, E, E_INT, EXEMPT, PREC_QK, PREC_V, BLOCK_M, BLOCK_D)
-    dk, dv = _dkdv_sweep(dk, dv, k, v, Q, DO, S_in, M_in, Z_in, Delta, Mrow, bh, cols, full, Tq,
-                         Tq, off, D, False, REWEIGHT, EXP, P, E, E_INT, EXEMPT, PREC_QK, PREC_V, BLOCK_M, BLOCK_D)
+    dck = tl.zeros([BLOCK_N], dtype=tl.float32)
+    Cb = C + bh * Tk
+    ck = tl.load(Cb + cols, mask=cols < Tk, other=0.0) if GATE else dck
+    dk, dv, dck = _dkdv_sweep(dk, dv, dck, k, v, ck, Q, DO, Cb, M_in, Delta, RowC, plane, bh, cols, lo,
+                              tl.minimum(full, Tq), Tq, off, True, REWEIGHT, EXP, E, E_INT, FAST, GATE, PREC_QK, PREC_V,
+                              BLOCK_M, D, BLOCK_D)
+    dk, dv, dck = _dkdv_sweep(dk, dv, dck, k, v, ck, Q, DO, Cb, M_in, Delta, RowC, plane, bh, cols, full, Tq, Tq, off,
+                              False, REWEIGHT, EXP, E, E_INT, FAST, GATE, PREC_QK, PREC_V, BLOCK_M, D, BLOCK_D)
     _store_rows(DK + bh * Tk * D, cols, dims, Tk, D, dk)
     _store_rows(DV + bh * Tk * D, cols, dims, Tk, D, dv)
+    if GATE:
+        tl.store(DCK + bh * Tk + cols, dck, mask=cols < Tk)
 
 
 # -----------------------------------------------------------------------------
@@ -398,23 +562,55 @@ def _interpreter_ready():
     return isinstance(tl.sum, InterpretedFunction)
 
 
-def _config(kernel, Tq, D, elt_size):
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages); BLOCK_M = query rows, BLOCK_N = keys per step or program.
-    Interpreter: 16 x 16 (fast there, and every test length crosses block edges). GPU: untuned; chosen by compiling
-    for sm_90 without a GPU (triton 3.9) as the tiles with no register spills for 16-bit q, k, in the range of
-    Triton's fused-attention tutorial. fp32 q, k with input_precision="ieee" are FMA dots, whose operands do not
-    fit in registers at any tile: the smallest spilling tiles are used (exact, not fast; see FP32_DOT)."""
+# GPU tiles (BLOCK_M query rows, BLOCK_N keys, warps, pipeline stages) by (kernel, 16-bit dots, head size <= 64,
+# re-weighting), chosen from the compiled code (`python -m kernels.sass`, triton 3.9, sm_80 and sm_90): among
+# candidates in the range of Triton's fused-attention tutorial, the tile of lowest estimated cycles per score on sm_90
+# with no register spill on either architecture and wgmma for every 16-bit dot on sm_90 (M >= 64 rows per warpgroup:
+# the dk / dv kernel's dots have the key block as M). Not timed on a GPU. fp32 q, k (tf32x3 dots, FP32_DOT) take
+# small tiles: three dots per product and twice the operand registers.
+TILES = {
+    ("fwd", True, True, False): (128, 64, 8, 3), ("fwd", True, True, True): (128, 64, 8, 2),
+    ("fwd", True, False, False): (128, 32, 8, 2), ("fwd", True, False, True): (64, 64, 4, 2),
+    ("dq", True, True, False): (64, 64, 4, 2), ("dq", True, True, True): (64, 32, 4, 2),
+    ("dq", True, False, False): (64, 32, 4, 2), ("dq", True, False, True): (64, 32, 4, 2),
+    ("dkdv", True, True, False): (32, 64, 4, 2), ("dkdv", True, True, True): (32, 64, 4, 2),
+    ("dkdv", True, False, False): (32, 64, 4, 2), ("dkdv", True, False, True): (16, 64, 4, 2),
+    ("fwd", False, True, False): (32, 32, 4, 2), ("fwd", False, True, True): (32, 32, 4, 2),
+    ("fwd", False, False, False): (16, 32, 4, 2), ("fwd", False, False, True): (16, 32, 4, 2),
+    ("dq", False, True, False): (32, 32, 4, 2), ("dq", False, True, True): (16, 32, 4, 2),
+    ("dq", False, False, False): (16, 32, 4, 2), ("dq", False, False, True): (16, 32, 4, 2),
+    ("dkdv", False, True, False): (16, 32, 4, 2), ("dkdv", False, True, True): (32, 32, 4, 2),
+    ("dkdv", False, False, False): (32, 16, 8, 2), ("dkdv", False, False, True): (32, 16, 8, 2),
+}
+# where the table's tile spills: with the forget gate (more live values per score), or on sm_80 (no wgmma there, so
+# 32-row tiles lose nothing): the most specific entry applies
+TILES_EXCEPT = {
+    ("dq", True, True, False, "gate"): (64, 64, 4, 1), ("dq", True, False, True, "gate"): (64, 16, 4, 2),
+    ("dq", True, False, True, "sm_80"): (32, 64, 4, 2), ("dq", True, False, True, "gate sm_80"): (32, 32, 4, 2),
+    ("dkdv", True, False, True, "sm_80"): (32, 64, 4, 2),
+    ("fwd", False, True, False, "gate"): (16, 32, 4, 2),
+    ("dkdv", False, True, False, "gate"): (32, 16, 8, 2), ("dkdv", False, True, True, "gate"): (32, 16, 8, 2),
+}
+
+
+def _config(kernel, D, elt_size, p, arch, gate=False):
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) for a kernel: TILES (and TILES_EXCEPT) on a GPU of compute
+    capability `arch` (80, 90, ...); 16 x 16 under the interpreter (fast there, and every test length crosses block
+    edges)."""
     if _interpreting():
         return 16, 16, 1, 1
-    small = max(16, triton.next_power_of_2(D)) <= 64
-    rows = lambda bm: max(16, min(bm, triton.next_power_of_2(Tq)))  # decoding (Tq = 1) needs no 128-row block
-    if elt_size == 2:
-        cfg = {"fwd": (rows(128), 64 if small else 32, 8, 3 if small else 2),
-               "dq": (rows(64), 64 if small else 32, 8, 2),
-               "dkdv": (32, 64, 8, 2)}
-    else:
-        cfg = {"fwd": (rows(32), 32, 4, 2), "dq": (rows(64), 32, 8, 2), "dkdv": (32, 64, 8, 2)}
-    return cfg[kernel]
+    key = (kernel, elt_size == 2, max(16, triton.next_power_of_2(D)) <= 64, p > 0)
+    tags = [" ".join(t for t in ("gate" if gate else "", "sm_80" if arch < 90 else "") if t)]
+    tags += ["gate"] * gate + ["sm_80"] * (arch < 90)
+    return next((TILES_EXCEPT[key + (t,)] for t in tags if key + (t,) in TILES_EXCEPT), TILES[key])
+
+
+def _arch(device):
+    """Compute capability as one number (80, 90, ...) of a CUDA device; 90 otherwise (what sass.py compiles)."""
+    if device.type != "cuda":
+        return 90
+    major, minor = torch.cuda.get_device_capability(device)
+    return 10 * major + minor
 
 
 # input_precision of dots with fp32 operands: "ieee" (exact) under the interpreter; on a GPU "tf32x3" (three
@@ -429,13 +625,12 @@ def _prec(dtype):
     return FP32_DOT if dtype == torch.float32 else "tf32"
 
 
-def _constants(p, kind):
-    """The kernels' compile-time constants for (p, kind)."""
-    from model import REWEIGHT_EXEMPT_ROWS  # here, not at the top: model.py may import this module
-
+def constants(p, kind, exempt, qk_dtype, gate=False):
+    """The kernels' compile-time constants for (p, kind, the spec's exempt rows, the dots' dtype, a forget gate)."""
     e = p - 1.0
     e_int = int(e) if e == int(e) and 0 <= e < 128 else -1
-    return dict(REWEIGHT=p > 0, EXP=kind == "exp", E=e, E_INT=e_int, EXEMPT=REWEIGHT_EXEMPT_ROWS)
+    return dict(REWEIGHT=p > 0, EXP=kind == "exp", E=e, E_INT=e_int, EXEMPT=int(exempt),
+                FAST=qk_dtype != torch.float32, GATE=bool(gate))
 
 
 def supports(q, k, v, kind="softplus", p=0.0):
@@ -473,56 +668,80 @@ def _check(q, k, v, pos_offset, p, kind):
         raise ValueError(why)
 
 
-def _qk(q, k):
-    # one dtype for the q . k dot (e.g. fp32 q with fp16 k: both fp32); contiguous (B, H, T, D) for the kernels
-    dt = torch.promote_types(q.dtype, k.dtype)
-    return q.to(dt).contiguous(), k.to(dt).contiguous()
-
-
-def forward(q, k, v, pos_offset, p, kind="softplus"):
-    """q (B, H, Tq, D) prepared (QK-norm and row scale applied), k, v (B, H, Tk, D) -> (out (B, H, Tq, D) in v's
-    dtype, S, M, Z (B, H, Tq) fp32 row statistics for `backward`)."""
-    _check(q, k, v, pos_offset, p, kind)
+def launches(q, k, v, pos_offset, p, kind, exempt, backward=None, c=None, arch=None):
+    """The kernel launches of one forward call, or with backward = (dout, S, M, Z, delta) of one backward call
+    (backward=True: placeholders of the right shapes): [(name, kernel, grid, arguments, compile-time arguments)],
+    outputs allocated here. c: the forget gate's c (B, H, Tk) in base 2, or None. forward / backward run exactly
+    these; kernels/sass.py compiles them for a GPU without one (meta tensors are enough: only shapes, dtypes and
+    alignment matter); arch: the compute capability to pick tiles for (default: q's device's)."""
     B, H, Tq, D = q.shape
     Tk = k.shape[2]
-    q, k = _qk(q, k)
-    v = v.contiguous()
-    out = torch.empty((B, H, Tq, D), dtype=v.dtype, device=v.device)
-    S, M, Z = (torch.empty((B, H, Tq), dtype=torch.float32, device=q.device) for _ in range(3))
-    if out.numel() == 0:
-        return out, S, M, Z
-    bm, bn, warps, stages = _config("fwd", Tq, D, q.element_size())
-    grid = (triton.cdiv(Tq, bm), B * H)
-    _fwd_kernel[grid](q, k, v, out, S, M, Z, Tq, Tk, pos_offset, D, **_constants(p, kind),
-                      PREC_QK=_prec(q.dtype), PREC_V=_prec(v.dtype), BLOCK_M=bm, BLOCK_N=bn,
-                      BLOCK_D=max(16, triton.next_power_of_2(D)), num_warps=warps, num_stages=stages)
-    return out, S, M, Z
+    dev, f32 = q.device, torch.float32
+    arch, gate = _arch(dev) if arch is None else arch, c is not None
+    base = dict(**constants(p, kind, exempt, q.dtype, gate), PREC_QK=_prec(q.dtype), PREC_V=_prec(v.dtype),
+                D=D, BLOCK_D=max(16, triton.next_power_of_2(D)))
+    stat = lambda: torch.empty((B, H, Tq), dtype=f32, device=dev)
+    if not backward:
+        out, S, M, Z = torch.empty((B, H, Tq, D), dtype=v.dtype, device=dev), stat(), stat(), stat()
+        bm, bn, warps, stages = _config("fwd", D, q.element_size(), p, arch, gate)
+        meta = dict(base, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
+        args = (q, k, v, S if c is None else c, out, S, M, Z, Tq, Tk, pos_offset)  # (S: no gate, never read)
+        return [("fwd", _fwd_kernel, (triton.cdiv(Tq, bm), B * H), args, meta)]
+    if backward is True:
+        backward = (torch.empty_like(v[:, :, :Tq]), stat(), stat(), stat(), stat())
+    dout, S, M, Z, delta = backward
+    rowc = torch.empty((5 if p > 0 else 2, B, H, Tq), dtype=f32, device=dev)  # the dq kernel's row constants
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dcq, dck = (stat(), torch.empty((B, H, Tk), dtype=f32, device=dev)) if gate else (S, S)
+    c = S if c is None else c
+    plane = B * H * Tq
+    bm, bn, warps, stages = _config("dq", D, q.element_size(), p, arch, gate)
+    dq_launch = ("dq", _bwd_dq_kernel, (triton.cdiv(Tq, bm), B * H),
+                 (q, k, v, c, dout, S, M, Z, delta, rowc, dq, dcq, Tq, Tk, pos_offset, plane),
+                 dict(base, P=float(p), BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
+    bm, bn, warps, stages = _config("dkdv", D, q.element_size(), p, arch, gate)
+    dkdv_meta = {key: x for key, x in base.items() if key != "EXEMPT"}
+    dkdv_launch = ("dkdv", _bwd_dkdv_kernel, (triton.cdiv(Tk, bn), B * H),
+                   (q, k, v, c, dout, M, delta, rowc, dk, dv, dck, Tq, Tk, pos_offset, plane),
+                   dict(dkdv_meta, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages))
+    return [dq_launch, dkdv_launch]
 
 
-def backward(dout, q, k, v, out, S, M, Z, pos_offset, p, kind="softplus"):
-    """Gradients (dq, dk, dv) of `forward` for the output gradient dout (B, H, Tq, D), in q's, k's, v's dtypes."""
+def _run(launch):
+    _, kernel, grid, args, meta = launch
+    kernel[grid](*args, **meta)
+
+
+def forward(q, k, v, pos_offset, p, kind="softplus", exempt=3, c=None):
+    """q2 (B, H, Tq, D) prepared and in base-2 units (q log2(e), see triton_attention), k, v (B, H, Tk, D), c the
+    forget gate's (B, H, Tk) fp32 in base 2 or None -> (out (B, H, Tq, D) in v's dtype, S, M, Z (B, H, Tq) fp32 row
+    statistics for `backward`). q, k of one dtype."""
     _check(q, k, v, pos_offset, p, kind)
-    B, H, Tq, D = q.shape
-    Tk = k.shape[2]
-    dtypes = q.dtype, k.dtype, v.dtype
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    [launch] = launches(q, k, v, pos_offset, p, kind, exempt, c=None if c is None else c.contiguous())
+    if q.numel():
+        _run(launch)
+    return launch[3][4:8]
+
+
+def backward(dout, q, k, v, out, S, M, Z, pos_offset, p, kind="softplus", exempt=3, c=None):
+    """Gradients (dq2, dk, dv, dc) of `forward` for the output gradient dout (B, H, Tq, D), in q's, k's, v's
+    dtypes; dc (B, H, Tk) fp32 the gate's, None without one."""
+    _check(q, k, v, pos_offset, p, kind)
     if q.numel() == 0 or k.numel() == 0:  # no query rows, keys or heads: nothing to launch
-        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape)
-    q, k = _qk(q, k)
-    v = v.contiguous()
+        return q.new_zeros(q.shape), k.new_zeros(k.shape), v.new_zeros(v.shape), None if c is None else torch.zeros_like(c)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     dout = dout.to(v.dtype).contiguous()
     delta = (dout.float() * out.float()).sum(dim=-1)  # (B, H, Tq): sum_j w_tj dL/dw_tj = dout_t . out_t
-    mrow = torch.zeros_like(S)  # m_t, written by the dq kernel when re-weighting, read by the dk / dv kernel
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
-    consts = dict(**_constants(p, kind), P=float(p), PREC_QK=_prec(q.dtype), PREC_V=_prec(v.dtype),
-                  BLOCK_D=max(16, triton.next_power_of_2(D)))
-    bm, bn, warps, stages = _config("dq", Tq, D, q.element_size())
-    _bwd_dq_kernel[(triton.cdiv(Tq, bm), B * H)](q, k, v, dout, S, M, Z, delta, mrow, dq, Tq, Tk, pos_offset, D,
-                                                 **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps, num_stages=stages)
-    bm, bn, warps, stages = _config("dkdv", Tq, D, q.element_size())
-    _bwd_dkdv_kernel[(triton.cdiv(Tk, bn), B * H)](q, k, v, dout, S, M, Z, delta, mrow, dk, dv, Tq, Tk, pos_offset,
-                                                   D, **consts, BLOCK_M=bm, BLOCK_N=bn, num_warps=warps,
-                                                   num_stages=stages)
-    return dq.to(dtypes[0]), dk.to(dtypes[1]), dv.to(dtypes[2])
+    dq_launch, dkdv_launch = launches(q, k, v, pos_offset, p, kind, exempt, backward=(dout, S, M, Z, delta),
+                                      c=None if c is None else c.contiguous())
+    _run(dq_launch)
+    _run(dkdv_launch)
+    dc = None
+    if c is not None:  # row sums at the queries' positions, minus column sums at the keys'
+        dc = -dkdv_launch[3][10]
+        dc[..., pos_offset:pos_offset + q.shape[2]] += dq_launch[3][11]
+    return dq_launch[3][10], dkdv_launch[3][8], dkdv_launch[3][9], dc
 
 
 # -----------------------------------------------------------------------------
@@ -552,29 +771,40 @@ def _warn_once(what, kind, p, shape, e):
                       "using the math backend for these calls", stacklevel=3)
 
 
-def _math(kind, p):
-    from model import AttnSpec  # here: model.py imports kernels
-    return AttnSpec("lssa" if kind == "softplus" else "softmax", p)  # q arrives scaled: only stage 1 and p matter
+def _math(kind, p, exempt, gate):
+    """The spec the math backend computes the kernels' call with: q arrives scaled, so only stage 1, p and the gate
+    matter (the exempt rows are the spec class's own)."""
+    import kernels
+    spec = kernels.make_spec("lssa" if kind == "softplus" else "softmax", p, gate=gate)
+    assert spec.exempt_rows == exempt, (spec.exempt_rows, exempt)
+    return spec
+
+
+def _natural(q2, c):
+    """q2 and the gate's c in base 2 (the kernels' units) back in natural ones, fp32, for the math backend."""
+    return q2.float() * LN2, None if c is None else c * LN2
 
 
 @torch.library.custom_op("softplus_attn::triton_fwd", mutates_args=())
-def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, pos_offset: int, p: float,
-            kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def _fwd_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, c: torch.Tensor | None, pos_offset: int, p: float,
+            kind: str, exempt: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     try:
-        return forward(q, k, v, pos_offset, p, kind)
+        return forward(q, k, v, pos_offset, p, kind, exempt, c)
     except Exception as e:  # noqa: BLE001 - any compile / launch failure: fall back, never crash the run
         if _strict():
             raise
         _warn_once("forward", kind, p, q.shape, e)
         from kernels import chunked
+        qn, cn = _natural(q, c)
         with torch.autocast(q.device.type, enabled=False):
-            out = chunked.forward(q.float(), k.float(), v.float(), _math(kind, p), pos_offset, 256).to(v.dtype)
+            out = chunked.forward(qn, k.float(), v.float(), _math(kind, p, exempt, c is not None), pos_offset, 256,
+                                  gate=cn).to(v.dtype)
         nan = torch.full(q.shape[:3], float("nan"), dtype=torch.float32, device=q.device)
         return out, nan, nan.clone(), nan.clone()
 
 
 @_fwd_op.register_fake
-def _fwd_fake(q, k, v, pos_offset, p, kind):
+def _fwd_fake(q, k, v, c, pos_offset, p, kind, exempt):
     B, H, Tq, D = q.shape
     stat = lambda: q.new_empty((B, H, Tq), dtype=torch.float32)
     return v.new_empty((B, H, Tq, D)), stat(), stat(), stat()
@@ -582,45 +812,59 @@ def _fwd_fake(q, k, v, pos_offset, p, kind):
 
 @torch.library.custom_op("softplus_attn::triton_bwd", mutates_args=())
 def _bwd_op(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-            S: torch.Tensor, M: torch.Tensor, Z: torch.Tensor, pos_offset: int, p: float,
-            kind: str) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+            S: torch.Tensor, M: torch.Tensor, Z: torch.Tensor, c: torch.Tensor | None, pos_offset: int, p: float,
+            kind: str, exempt: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
     if S.numel() == 0 or not torch.isnan(S.view(-1)[0]):  # (NaN statistics: the forward fell back)
         try:
-            return backward(dout, q, k, v, out, S, M, Z, pos_offset, p, kind)
+            dq, dk, dv, dc = backward(dout, q, k, v, out, S, M, Z, pos_offset, p, kind, exempt, c)
+            return dq, dk, dv, q.new_zeros(0) if dc is None else dc
         except Exception as e:  # noqa: BLE001
             if _strict():
                 raise
             _warn_once("backward", kind, p, q.shape, e)
     from kernels import chunked
+    qn, cn = _natural(q, c)
     with torch.autocast(q.device.type, enabled=False):
-        grads = chunked.backward(dout.float(), q.float(), k.float(), v.float(), out.float(), _math(kind, p), pos_offset, 256,
-                                 functional=True)
-    return tuple(g.to(x.dtype) for g, x in zip(grads, (q, k, v), strict=True))
+        dqn, dk, dv, dcn = chunked.backward(dout.float(), qn, k.float(), v.float(), out.float(),
+                                            _math(kind, p, exempt, c is not None), pos_offset, 256, functional=True,
+                                            gate=cn)
+    # q2 = q log2(e) (and c2 = c log2(e)) carry the scores in base 2: dL/dq2 = ln 2 dL/dq
+    dq, dk, dv = (g.to(x.dtype) for g, x in zip((dqn * LN2, dk, dv), (q, k, v), strict=True))
+    return dq, dk, dv, q.new_zeros(0) if dcn is None else dcn * LN2
 
 
 @_bwd_op.register_fake
-def _bwd_fake(dout, q, k, v, out, S, M, Z, pos_offset, p, kind):
-    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape)  # contiguous, as backward() returns
+def _bwd_fake(dout, q, k, v, out, S, M, Z, c, pos_offset, p, kind, exempt):
+    # contiguous, as backward() returns; the gate's gradient empty without a gate (an op returns tensors)
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), (q.new_zeros(0) if c is None
+                                                                              else c.new_empty(c.shape))
 
 
 def _setup_context(ctx, inputs, output):
-    q, k, v, pos_offset, p, kind = inputs
+    q, k, v, c, pos_offset, p, kind, exempt = inputs
     out, S, M, Z = output
-    ctx.save_for_backward(q, k, v, out, S, M, Z)
-    ctx.args = (pos_offset, p, kind)
+    ctx.save_for_backward(q, k, v, out, S, M, Z, c)
+    ctx.args = (pos_offset, p, kind, exempt)
     ctx.mark_non_differentiable(S, M, Z)
 
 
 def _backward_op(ctx, dout, _dS, _dM, _dZ):
-    q, k, v, out, S, M, Z = ctx.saved_tensors
-    dq, dk, dv = _bwd_op(dout, q, k, v, out, S, M, Z, *ctx.args)
-    return dq, dk, dv, None, None, None
+    q, k, v, out, S, M, Z, c = ctx.saved_tensors
+    dq, dk, dv, dc = _bwd_op(dout, q, k, v, out, S, M, Z, c, *ctx.args)
+    return dq, dk, dv, None if c is None else dc, None, None, None, None
 
 
 _fwd_op.register_autograd(_backward_op, setup_context=_setup_context)
 
 
-def triton_attention(q, k, v, pos_offset: int, p: float, kind: str = "softplus"):
+def triton_attention(q, k, v, pos_offset: int, p: float, kind: str = "softplus", exempt: int = 3, dots=None,
+                     gate=None):
     """Causal attention of prepared q (B, H, Tq, D) over k, v (B, H, Tk, D), query t at position pos_offset + t;
-    differentiable w.r.t. q, k, v; output in v's dtype. p > 0: re-weighting (LSSAR with kind="softplus")."""
-    return _fwd_op(q, k, v, int(pos_offset), float(p), str(kind))[0]
+    differentiable w.r.t. q, k, v (and gate); output in v's dtype. p > 0: re-weighting (LSSAR with
+    kind="softplus"), rows at positions < exempt with offset 0. gate: the forget gate's c (B, H, Tk) (scores gain
+    c_i - c_j), or None. dots: the dtype of the q . k dots (default: q's and k's common dtype); q (and c) are
+    multiplied by log2(e) in fp32 before the cast, so the scores reach the kernels in base 2 with one rounding."""
+    dt = dots or torch.promote_types(q.dtype, k.dtype)
+    q2 = (q.float() * LOG2E).to(dt)
+    c2 = None if gate is None else gate.float() * LOG2E
+    return _fwd_op(q2, k.to(dt), v, c2, int(pos_offset), float(p), str(kind), int(exempt))[0]

@@ -68,10 +68,11 @@ def make_corpus(n_chars=200_000, seed=0):
 
 
 @pytest.fixture(autouse=True)
-def _strict_kernels_on_gpu(request, monkeypatch):
-    """GPU tests run the Triton kernels strictly: a kernel that fails to compile or launch raises instead of
-    passing on the math backend's fallback (kernels/triton_attn.py, SOFTPLUS_ATTN_STRICT)."""
-    if request.node.get_closest_marker("cuda"):
+def _strict_kernels(request, monkeypatch):
+    """Tests of the Triton kernels (marked triton or cuda) run them strictly: a kernel that fails to compile, launch
+    or interpret raises instead of passing on the math backend's exact fallback (kernels/triton_attn.py,
+    SOFTPLUS_ATTN_STRICT). The fallback's own test unsets it."""
+    if request.node.get_closest_marker("cuda") or request.node.get_closest_marker("triton"):
         monkeypatch.setenv("SOFTPLUS_ATTN_STRICT", "1")
 
 
@@ -140,6 +141,16 @@ GPT2_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vo
              "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json")
 
 
+def triton_cuda_tools():
+    """Whether triton's wheel carries the CUDA tools kernels/sass.py compiles and reads GPU code with (found without
+    importing triton, which must not happen before TRITON_INTERPRET is set)."""
+    spec = importlib.util.find_spec("triton")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    bin_dir = os.path.join(list(spec.submodule_search_locations)[0], "backends", "nvidia", "bin")
+    return all(os.path.isfile(os.path.join(bin_dir, t)) for t in ("ptxas", "nvdisasm", "cuobjdump"))
+
+
 def gpt2_files_cached():
     """Whether tiktoken.get_encoding('gpt2') finds its files without the network: the cache folder it reads
     (TIKTOKEN_CACHE_DIR, else DATA_GYM_CACHE_DIR, else <tmp>/data-gym-cache; '' disables it) holds both."""
@@ -165,6 +176,10 @@ def pytest_collection_modifyitems(config, items):
         rules.append(("cuda", "no CUDA device here (on a GPU machine: `python -m pytest -m cuda`)"))
     if importlib.util.find_spec("triton") is None:
         rules.append(("triton", "the triton package is not installed (pip install 'triton>=3.2'; Linux only)"))
+    if not triton_cuda_tools():
+        rules.append(("triton_cuda", "triton's CUDA compiler tools (ptxas, nvdisasm, cuobjdump in its wheel) are not "
+                                     "here, so the kernels cannot be compiled for sm_80 / sm_90 (pip install "
+                                     "'triton>=3.2' on Linux x86_64)"))
     if not gpt2_files_cached():
         rules.append(("gpt2_files", "tiktoken's GPT-2 BPE files are not cached here (set TIKTOKEN_CACHE_DIR to a "
                                     "folder that holds them)"))

@@ -38,9 +38,24 @@ def _sigmoid_minus_log_n(s, N):
     return 1 / (1 + torch.exp(-(s - torch.log(N))))
 
 
+def _stick(s, N, current=False):
+    """Stick-breaking in its product form: beta = sigmoid(z) on the keys in the stick (j < i; j <= i with
+    current), A_ij = beta_ij * prod of (1 - beta_ik) over the stick's keys k > j (a reverse cumulative product), and
+    what is left after the whole stick goes to the current token (j = i). s: (..., Tq, Tk), N: (Tq, 1)."""
+    i = (N - 1).long()
+    j = torch.arange(s.shape[-1])
+    stick = (j < i) | ((j == i) & current)
+    beta = torch.where(stick, torch.sigmoid(s), 0.0)
+    keep = 1 - beta  # 1 outside the stick
+    after = torch.cat([keep[..., 1:].flip(-1).cumprod(-1).flip(-1), torch.ones_like(keep[..., :1])], dim=-1)
+    left = keep.prod(dim=-1, keepdim=True)
+    return beta * after + torch.where(j == i, left, 0.0)
+
+
 # kind: (score s_ij from q, k, head size d, absolute query positions i (Tq, 1), key positions j (1, Tk), head
 # index h (H, 1, 1) and the learnable per-head parameters prm; weight of key j from s and N_i = i + 1; rows
-# l1-normalised)
+# l1-normalised). Row-wise weights (stick-breaking) take all of a row's scores at once (ROW).
+ROW = {"stickbreak", "stickbreak_self"}
 ORACLE = {
     "softmax": (_dot, lambda s, N: torch.exp(s), True),
     "lssa": (_log_length, _softplus, True),
@@ -50,6 +65,8 @@ ORACLE = {
     "sigmoid_l1": (_dot, _sigmoid_minus_log_n, True),
     "ssmax_learn": (lambda q, k, d, i, j, h, prm: prm["ssmax_s"].view(-1, 1, 1) * torch.log(i + 1) * _dot(q, k, d, i, j, h, prm),
                     lambda s, N: torch.exp(s), True),
+    "stickbreak": (_dot, _stick, False),
+    "stickbreak_self": (_dot, lambda s, N: _stick(s, N, current=True), False),
 }
 PARAMS_BLOCK = 64  # the training length the tests' per-head parameters are initialised for
 
@@ -74,8 +91,10 @@ def alibi_slopes_oracle(H):
     return pow2(P) + alibi_slopes_oracle(2 * P)[0::2][: H - P]
 
 
-def oracle_weights(q, k, attn, reweight_p=0.0, pos_offset=None, *, alibi=False, logn_len=0, temperature=1.0):
-    """Attention weights (B, H, Tq, Tk) in float64, straight from docs/attention.md."""
+def oracle_weights(q, k, attn, reweight_p=0.0, pos_offset=None, *, alibi=False, logn_len=0, temperature=1.0,
+                   logf=None):
+    """Attention weights (B, H, Tq, Tk) in float64, straight from docs/attention.md. logf: (B, H, Tk) the log
+    forget gates of every key position (the forget gate: s_ij + sum_{l=j+1}^{i} log f_l)."""
     if attn == "lssar":  # LSSA with re-weighting; p = 15 is the headline setting
         attn, reweight_p = "lssa", (reweight_p or 15.0)
     q, k = q.double(), k.double()
@@ -95,6 +114,12 @@ def oracle_weights(q, k, attn, reweight_p=0.0, pos_offset=None, *, alibi=False, 
     s = s * temperature
     if alibi:  # ALiBi: - m_h (i - j)
         s = s - torch.tensor(alibi_slopes_oracle(H), dtype=torch.float64).view(-1, 1, 1) * (i[:, None] - j[None, :])
+    if logf is not None and Tq * Tk * Tk <= 2**22:  # sum over l in (j, i] of log f_l, as a masked sum
+        between = (j[None, :, None] > j[None, None, :]) & (j[None, :, None] <= i[:, None, None])  # (Tq, l, Tk)
+        s = s + torch.einsum("bhl,ilj->bhij", logf.double(), between.double())
+    elif logf is not None:  # (long rows: as the difference of two float64 prefix sums)
+        C = torch.cumsum(logf.double(), dim=-1)
+        s = s + C[..., pos_offset:pos_offset + Tq, None] - C[..., None, :]
     A = torch.where(visible, weight(s, N), 0.0)  # masking is multiplicative: masked keys weigh 0
     if normalised:
         A = A / A.sum(dim=-1, keepdim=True)
@@ -113,11 +138,14 @@ def oracle(q, k, v, attn, reweight_p=0.0, pos_offset=None, **spec):
     return oracle_weights(q, k, attn, reweight_p, pos_offset, **spec) @ v.double()
 
 
-def attention(q, k, v, attn, reweight_p=0.0, pos_offset=None, *, alibi=False, logn_len=0, temperature=1.0, **kw):
-    """causal_attention with the spec of (attn, reweight_p, ...) and the per-head parameters the oracle uses."""
-    spec = AttnSpec.of(attn, reweight_p, alibi=alibi, logn_len=logn_len, temperature=temperature)
+def attention(q, k, v, attn, reweight_p=0.0, pos_offset=None, *, alibi=False, logn_len=0, temperature=1.0, logf=None,
+              **kw):
+    """causal_attention with the spec of (attn, reweight_p, ...) and the per-head parameters the oracle uses; logf:
+    log forget gates (B, H, Tk), whose cumulative sum is the gate's c (the model's forget_gate does the same)."""
+    spec = AttnSpec.of(attn, reweight_p, alibi=alibi, logn_len=logn_len, temperature=temperature, gate=logf is not None)
     params = {n: t.to(q.dtype if q.dtype == torch.float64 else torch.float32) for n, t in params_for(attn, q.shape[1]).items()}
-    return causal_attention(q, k, v, spec, pos_offset, params=params, **kw)
+    gate = None if logf is None else torch.cumsum(logf, dim=-1)
+    return causal_attention(q, k, v, spec, pos_offset, params=params, gate=gate, **kw)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -38,7 +38,8 @@ def _grads(fn, q, k, v, go):
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
     out = fn(q, k, v)
     out.backward(go.to(out.dtype))
-    return out, q.grad, k.grad, v.grad
+    # (a gradient that does not reach an input is 0: stick-breaking's one-token row does not depend on q, k)
+    return out, *(torch.zeros_like(x) if x.grad is None else x.grad for x in (q, k, v))
 
 
 @pytest.mark.parametrize("keep", [True, False], ids=["keep", "recompute"])
@@ -280,6 +281,39 @@ def test_bench_quick(tmp_path):
     bad = run("bench.py", "--kinds=softmax,lsar", f"--out={tmp_path / 'bad'}", check=False)
     assert bad.returncode != 0 and bad.stderr.strip().splitlines()[-1].startswith("bench error: unknown kinds lsar")
     assert not (tmp_path / "bad.json").exists()
+
+
+def test_every_bench_kind_runs(monkeypatch):
+    """Every kind bench.py knows (the registry's names, and each with the forget gate) runs through `build`
+    forward and backward, with its learnable per-head parameters and its gate: none fails (ssmax_learn's s_h once
+    raised KeyError here)."""
+    import bench
+
+    monkeypatch.setattr(bench, "repeats", 1)
+    monkeypatch.setattr(bench, "attn_heads", 2)
+    monkeypatch.setattr(bench, "head_dim", 16)
+    kinds = bench.bench_kinds()
+    assert {"ssmax_learn", "softmax+forget", "lssar+forget", "stickbreak"} <= set(kinds)
+    assert "stickbreak+forget" not in kinds
+    cases = [dict(what="attn", kind=k, backend="math", T=24, grad=g) for k in kinds for g in (False, True)]
+    bench.time_cases(cases, "cpu", "float32", "[1/1]")
+    assert [c["kind"] for c in cases if "seconds" not in c] == []
+
+
+def test_bench_compare_puts_estimates_next_to_measurements(tmp_path):
+    """--compare: a GPU bench's Triton times relative to Triton's softmax and to SDPA, next to the static estimate
+    (kernels/sass.py's report) of the same passes."""
+    import bench
+    rows = [dict(arch=90, dtype="bf16", D=64, kind=kd, p=p, gate=False, pass_=ps, estimate_per_score=e)
+            for kd, p, e in (("exp", 0.0, 1.0), ("softplus", 15.0, 3.0)) for ps in ("fwd", "dq", "dkdv")]
+    (tmp_path / "sass.json").write_text(json.dumps({"kernels": rows}))
+    cases = [dict(what="attn", kind=k, backend=b, T=1024, grad=False, seconds=s)
+             for k, b, s in (("softmax", "triton", 2.0), ("lssar", "triton", 5.0), ("softmax", "sdpa", 1.0))]
+    (tmp_path / "bench.json").write_text(json.dumps({"results": cases}))
+    bench.compare_with_estimates(str(tmp_path / "bench.json"), str(tmp_path / "sass.json"))
+    table = (tmp_path / "estimate_vs_measured.md").read_text()
+    assert "| lssar | 1024 | fwd | 2.50 | 3.00 | 5.00 |" in table
+    assert "| softmax | 1024 | fwd | 1.00 | 1.00 | 2.00 |" in table
 
 
 def test_bench_reports_a_failing_case_and_goes_on(monkeypatch):

@@ -1,0 +1,131 @@
+"""The GPU program of the Triton kernels, read on the CPU (kernels/sass.py): every config the launchers can
+choose compiles for sm_80 and sm_90 without a register spill, within the per-block shared memory, and with wgmma
+(HGMMA) for every 16-bit dot on sm_90; the checker itself catches each of those; the kernels' elementwise softplus
+and sigmoid (one exp2 and FMAs) are accurate to the stated bounds over the float32 range."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from tests.conftest import ROOT
+
+try:  # (conftest.py set TRITON_INTERPRET=1 on a CPU before anything imported triton)
+    import triton
+    import triton.language as tl
+
+    from kernels import triton_attn as ta
+except ImportError:  # no triton here: conftest.py deselects this file's tests, marked `triton`
+    ta = None
+pytestmark = pytest.mark.triton
+
+
+def sass(*args, timeout=900):
+    """python -m kernels.sass in a process of its own: the kernels must be compiled, not interpreted."""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    return subprocess.run([sys.executable, "-m", "kernels.sass", *args], cwd=ROOT, env=env, capture_output=True,
+                          text=True, timeout=timeout)
+
+
+@pytest.mark.triton_cuda
+def test_every_launcher_config_compiles_cleanly_for_sm80_and_sm90():
+    """The CI gate on the GPU code: `--mode=check` compiles every (pass, kind, p, dtype, head size, gate) for both
+    architectures and fails on a spill, too much shared memory, or a 16-bit sm_90 kernel without wgmma."""
+    r = sass("--mode=check")
+    assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
+    assert " 0 failed" in r.stdout and "checked 288 kernels" in r.stdout, r.stdout[-2000:]
+
+
+@pytest.mark.triton_cuda
+def test_the_checker_catches_spills_and_missing_wgmma(tmp_path):
+    """One real compile with a tile that spills (fp32 dq, head size 128, 64 x 32 rows x keys, 8 warps) and one
+    16-bit sm_90 kernel forced onto 32-row tiles (mma.sync, not wgmma): `problems` names both."""
+    code = """
+import json, sys
+from kernels import sass as S, triton_attn as K
+bad = {"dq": (64, 32, 8, 2), "fwd": (32, 32, 4, 2)}
+K._config = lambda kernel, *args: bad[kernel]
+rows = [S.analyse(dict(arch=90, pass_="dq", kind="softplus", p=15.0, dtype="fp32", D=128, T=4096, gate=False)),
+        S.analyse(dict(arch=90, pass_="fwd", kind="exp", p=0.0, dtype="bf16", D=64, T=4096, gate=False))]
+print(json.dumps([S.problems(r) for r in rows]))
+"""
+    env = dict(os.environ, TRITON_INTERPRET="0")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    spill, wgmma = json.loads(r.stdout.strip().splitlines()[-1])
+    assert any("register spill" in p for p in spill), spill
+    assert any("not all on wgmma" in p for p in wgmma), wgmma
+
+
+def test_problems_names_each_defect():
+    from kernels.sass import SMEM_LIMIT, problems
+    ok = dict(arch=90, dtype="bf16", local=0, spill_ops=0, shared=64 * 1024, hmma=0, hgmma=12, regs=128)
+    assert problems(ok) == []
+    assert "register spill" in problems(ok | {"spill_ops": 3})[0]
+    assert "shared memory" in problems(ok | {"shared": SMEM_LIMIT[90] + 1})[0]
+    assert "wgmma" in problems(ok | {"hmma": 16})[0]
+    assert "wgmma" in problems(ok | {"hgmma": 0})[0]
+    assert problems(ok | {"arch": 80, "hgmma": 0, "hmma": 16}) == []  # sm_80 has no wgmma
+    assert problems(ok | {"dtype": "fp32", "hgmma": 0, "hmma": 16}) == []  # fp32 dots: tf32x3, any instruction
+
+
+def test_tensor_core_flops_of_an_instruction():
+    from kernels.sass import tensor_flops
+    assert tensor_flops("HGMMA.64x64x16.F32.BF16", 8) == (2 * 64 * 64 * 16 * 2, False)  # 2 warpgroups
+    assert tensor_flops("HMMA.16816.F32.BF16", 4) == (2 * 16 * 8 * 16 * 4, False)
+    assert tensor_flops("HMMA.1688.F32.TF32", 4) == (2 * 16 * 8 * 8 * 4, True)
+    assert tensor_flops("FFMA", 4) == (0.0, False)
+
+
+# the bounds docs/backends.md and kernels/triton_attn.py state (measured over every float32 input of the binades that
+# matter: python -m kernels.sass --mode=accuracy); here every 1024th bit pattern of them (0.8M inputs) and the edges
+BOUNDS = {False: (4e-7, 6e-7), True: (6e-5, 6e-5)}  # fast polynomials: (softplus, sigmoid)
+
+
+@pytest.mark.parametrize("fast", [False, True], ids=["fp32-dots", "16-bit-dots"])
+def test_softplus_and_sigmoid_accuracy(fast):
+    from kernels.sass import accuracy_of, float32_binades
+    x = np.concatenate([*float32_binades(step=1024),
+                        np.array([0.0, -0.0, 1e-30, -1e-30, 1.0, -1.0, 30.0, -30.0, 126.0, -125.0, 1e30, -1e30],
+                                 np.float32)])
+    ew, edw = accuracy_of(x, fast)
+    assert ew <= BOUNDS[fast][0] and edw <= BOUNDS[fast][1], (ew, edw)
+    # and not trivially: a polynomial with a wrong coefficient is far outside the bound
+    saved = ta.POLY["L4" if fast else "L7"]
+    try:
+        ta.POLY["L4" if fast else "L7"] = (saved[0] * (1 + 1e-4),) + saved[1:]
+        assert accuracy_of(x, fast)[0] > BOUNDS[fast][0]
+    finally:
+        ta.POLY["L4" if fast else "L7"] = saved
+
+
+def test_kernel_softplus_matches_the_numpy_model():
+    """The kernels' own elementwise functions (tl.exp2, the polynomials; through the interpreter on a CPU, compiled
+    on a GPU) equal kernels.sass's numpy model of them to a few float32 ulp (the model fuses multiply-adds, the
+    interpreter does not; a GPU's exp2 is approximate)."""
+    import torch
+
+    from kernels.sass import kernel_softplus_sigmoid
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    x = torch.linspace(-40.0, 40.0, 4096, dtype=torch.float32, device=dev)
+    for fast in (False, True):
+        w, dw = torch.empty_like(x), torch.empty_like(x)
+        _probe[(1,)](x, w, dw, FAST=fast, N=4096)
+        mw, mdw = kernel_softplus_sigmoid(x.cpu().numpy(), fast)
+        tol = 4e-7 if dev == "cpu" else 2e-6
+        np.testing.assert_allclose(w.cpu().numpy(), mw, rtol=tol, atol=0)
+        np.testing.assert_allclose(dw.cpu().numpy(), mdw, rtol=tol, atol=1e-30)
+
+
+if ta is not None:
+    @triton.jit
+    def _probe(X, W, DW, FAST: tl.constexpr, N: tl.constexpr):
+        # the kernels' softplus and sigmoid (base 2) of N scores, written out
+        i = tl.arange(0, N)
+        x = tl.load(X + i)
+        w, dw = ta._weights_slope(x, x, False, FAST)
+        tl.store(W + i, w)
+        tl.store(DW + i, dw)
