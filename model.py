@@ -50,7 +50,7 @@ class GPTConfig:
     logn_scale: bool = False    # scale scores by max(1, log(N_i) / log(block_size)) (log-length scaling)
     attn_backend: str = "auto"  # auto | reference | math | sdpa | flex | triton (see kernels/)
     attn_chunk: int = 256       # query rows per chunk in the math backend (memory O(chunk x T))
-    attn_dots: str = "auto"     # the q . k dots: auto (the backend's choice, DOTS_AUTO) | fp32 | bf16 | fp16: q, k
+    attn_dots: str = "auto"     # the q . k dots: auto (kernels.dots_dtype: 16 bits under autocast) | fp32 | bf16 | fp16: q, k
                                 # rounded to 16 bits after `prepare` (the GPU's tensor-core inputs; elsewhere an exact
                                 # emulation of them: products and sums in fp32)
 

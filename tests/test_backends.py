@@ -459,3 +459,14 @@ def test_flex_uniform_rows_are_zero():
     for i in (3, 7, 15):  # N_i a power of two: the row sums are exact, every N_i A_ij - 1 is exactly 0
         assert torch.equal(out[:, :, i], torch.zeros_like(out[:, :, i]))
     torch.testing.assert_close(out[:, :, 1], v[:, :, :2].mean(dim=2), rtol=1e-6, atol=1e-6)  # O = 0 rows survive
+
+
+def test_kernels_never_import_model():
+    """The layout: kernels/ depends on the spec it is handed, never on model.py (model.py imports kernels)."""
+    import ast
+    import glob
+    for path in glob.glob(os.path.join(ROOT, "kernels", "*.py")):
+        tree = ast.parse(open(path).read())
+        names = [a.name for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names]
+        names += [n.module for n in ast.walk(tree) if isinstance(n, ast.ImportFrom) and n.module]
+        assert not [n for n in names if n == "model" or n.startswith("model.")], path

@@ -217,3 +217,28 @@ def test_bad_settings_are_one_line(tmp_path, char_data):
     assert r.returncode != 0
     assert r.stderr.strip().count("\n") == 0 and "stickbreak" in r.stderr, r.stderr
     assert not os.path.exists(tmp_path / "x")
+
+
+@pytest.mark.parametrize("args", [["--attn=softmax", "--gate=forget"], ["--attn=stickbreak"]], ids=["fox", "stickbreak"])
+def test_scripts_train_resume_sample_and_evaluate(args, char_data, tmp_path):
+    """Through every script as a user runs them: train, resume (the gate and the variant come back from the
+    checkpoint), sample with the KV cache, evaluate past the training length, diagnose."""
+    import json
+    out = tmp_path / "run"
+    base = ["train.py", "config/train_shakespeare_char.py", *args, "--pos=none", f"--data_dir={char_data}",
+            f"--out_dir={out}", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_size=4",
+            "--eval_iters=2", "--eval_interval=3", "--log_interval=1", "--warmup_iters=2", "--device=cpu"]
+    run(*base, "--max_iters=3")
+    run(*base, "--max_iters=5", "--init_from=resume")
+    ck = torch.load(out / "ckpt.pt", weights_only=False)
+    assert ck["iter_num"] == 5
+    assert (ck["model_args"]["gate"], ck["model_args"]["attn"]) == (("forget", "softmax") if "--gate=forget" in args
+                                                                    else ("none", "stickbreak"))
+    assert ("transformer.h.0.attn.fgate.weight" in ck["model"]) == ("--gate=forget" in args)
+    r = run("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=40", "--device=cpu")
+    assert len(r.stdout.split("---------------")[0].split("ROMEO:", 1)[1]) >= 40
+    res = tmp_path / "ev"
+    run("eval_length.py", f"--ckpts={out}", "--multipliers=1,4", "--tokens=512", f"--out={res}", "--device=cpu")
+    got = json.loads(res.with_suffix(".json").read_text())["runs"][0]["results"]
+    assert [x["length"] for x in got] == [32, 128] and all(torch.isfinite(torch.tensor(x["loss"])) for x in got)
+    run("diagnose.py", f"--ckpts={out}", "--multipliers=1,4", f"--out={tmp_path / 'dg'}", "--device=cpu")

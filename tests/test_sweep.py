@@ -101,3 +101,41 @@ def test_bad_specs(tmp_path, corpus_file, args, msg):
     r = sweep(tmp_path, corpus_file, *args, check=False)
     assert r.returncode != 0 and msg in r.stderr.strip().splitlines()[-1] and "Traceback" not in r.stderr
     assert not (tmp_path / "res").exists() and not list(tmp_path.glob("out-*"))
+
+
+def test_ladder(tmp_path, corpus_file):
+    """--ladder: every run at each training context T with ladder_tokens tokens per step (batch = tokens / T), each
+    rung evaluated at its own multipliers x T; --extra_seeds adds a seed to one run at one rung; the summary pairs
+    each run with softmax by seed at the first length; files and plots, --replot; bad items are one line before
+    anything trains."""
+    common = ["--runs=softmax,lssar", "--ladder=16,32", "--ladder_tokens=64", "--seeds=1337,1", "--max_iters=2",
+              "--eval_extra=", "--extra_seeds=lssar@32=2"]
+    sweep(tmp_path, corpus_file, *common, f"--results={tmp_path / 'res' / 'ladder'}",
+          "--train_args=--n_layer=1 --n_embd=32 --eval_iters=1 --eval_interval=2 --log_interval=1")
+    res = json.loads((tmp_path / "res" / "ladder.json").read_text())
+    assert [r["T"] for r in res["rungs"]] == [16, 32]
+    assert res["rungs"][1]["rows"][0]["lengths"] == [32, 128]  # 1x and 4x of the rung's own T
+    cells = {(x["T"], x["label"]): x for x in res["summary"]}
+    assert set(cells) == {(16, "softmax"), (16, "lssar"), (32, "softmax"), (32, "lssar")}
+    assert cells[(32, "lssar")]["n"] == 3 and cells[(16, "lssar")]["n"] == 2
+    assert set(cells[(32, "lssar")]["diff_softmax_seeds"]) == {"1337", "1"}  # paired: the seeds softmax has too
+    x = cells[(16, "lssar")]
+    runs = {(r["label"], r["seed"]): r for r in res["rungs"][0]["runs"]}
+    d = [runs[("lssar", s)]["results"][0]["loss"] - runs[("softmax", s)]["results"][0]["loss"] for s in (1337, 1)]
+    assert x["diff_softmax"] == pytest.approx(np.mean(d)) and x["diff_softmax_std"] == pytest.approx(np.std(d, ddof=1))
+    ck = torch.load(tmp_path / "out-shakespeare-char-softmax-block_size32-batch_size2" / "ckpt.pt", weights_only=False)
+    assert (ck["config"]["block_size"], ck["config"]["batch_size"]) == (32, 2)
+    md = (tmp_path / "res" / "ladder.md").read_text()
+    assert "T = 16" in md and "| lssar |" in md and "(3)" in md
+    for f in ("ladder.csv", "ladder.png", "ladder_curves.png"):
+        assert (tmp_path / "res" / f).stat().st_size > 0
+    (tmp_path / "res" / "ladder.png").unlink()
+    r = subprocess.run([sys.executable, "sweep.py", f"--replot={tmp_path / 'res' / 'ladder.json'}"], cwd=ROOT,
+                       capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and (tmp_path / "res" / "ladder.png").exists(), r.stderr
+    for bad, msg in (("--extra_seeds=lssa@32=2", "--extra_seeds item 'lssa@32=2'"),
+                     ("--extra_seeds=lssar@64=2", "--extra_seeds item 'lssar@64=2'"),
+                     ("--ladder_tokens=48", "ladder_tokens=48 is not a whole number of windows of T=32")):
+        r = sweep(tmp_path / "bad", corpus_file, *common, bad, check=False)
+        assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("sweep error:") and msg in r.stderr
+        assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").glob("out-*"))
