@@ -12,6 +12,8 @@ code; never a full T x T matrix) and summarised per layer and head:
   sink     - mean weight on key 0
   zeros    - fraction of the visible weights that are exactly 0
   max      - mean of each row's largest weight
+  near     - mean weight on the keys within the training context of the query (distance < block_size): how
+             much of a row stays local at 16x (forget gates and stick-breaking put almost all of it there)
 Unnormalised kinds (sigmoid, relu) are summarised on their rows divided by the row sum (entropy, sink, max).
 The validation data must be the data each checkpoint was trained on (its fingerprint); --allow_other_data=True
 takes other data of the same vocabulary, recorded in the results.
@@ -50,20 +52,22 @@ out = "results/diagnostics"
 allow_other_data = False  # summarise on validation data other than the checkpoint's (same vocabulary), recorded
 device = "auto"
 # -----------------------------------------------------------------------------
-STATS = ("entropy", "sink", "zeros", "max")
+STATS = ("entropy", "sink", "zeros", "max", "near")
 
 
-def row_stats(w, first):
+def row_stats(w, first, window):
     """Sums over rows of each statistic, per head: w (B, H, rows, keys) of the query rows at absolute positions
-    first, first + 1, ..."""
+    first, first + 1, ...; window: the training context (keys nearer than it count as near)."""
     n_rows = w.shape[2]
-    visible = (torch.arange(w.shape[3]).view(1, -1) <= torch.arange(n_rows).view(-1, 1) + first)
+    dist = torch.arange(n_rows).view(-1, 1) + first - torch.arange(w.shape[3]).view(1, -1)  # (rows, keys): i - j
+    visible = dist >= 0
     total = w.sum(-1, keepdim=True)
     a = w / total.clamp_min(torch.finfo(w.dtype).tiny)  # rows as distributions (a no-op for normalised kinds)
     ent = -(a * torch.log(a.clamp_min(torch.finfo(w.dtype).tiny))).sum(-1)
     zeros = ((w == 0) & visible).sum(-1).to(w.dtype)
     return {
         "entropy": ent.sum((0, 2)), "sink": a[..., 0].sum((0, 2)), "max": a.amax(-1).sum((0, 2)),
+        "near": (a * (visible & (dist < window))).sum(-1).sum((0, 2)),
         "zeros": zeros.sum((0, 2)), "visible": visible.sum().to(w.dtype) * w.shape[0], "rows": w.shape[0] * n_rows,
     }
 
@@ -74,7 +78,7 @@ def stats_at_length(model, val, L, n_windows, n_rows, dev, pbar=None):
     acc = [None] * model.config.n_layer
 
     def summarise(layer, first, w):  # the probe: each layer's weights, chunk by chunk, during the forward
-        s = row_stats(w.double().cpu(), first)
+        s = row_stats(w.double().cpu(), first, model.config.block_size)
         acc[layer] = s if acc[layer] is None else {key: acc[layer][key] + s[key] for key in s}
 
     probe = AttentionProbe(summarise, last_rows=n_rows)
@@ -142,9 +146,10 @@ def plot(res, out_prefix):
     import matplotlib.pyplot as plt
 
     titles = {"entropy": "row entropy (nats)", "sink": "weight on the first token", "zeros": "fraction of exact zeros",
-              "max": "largest weight in a row"}
-    fig, axes = plt.subplots(2, 2, figsize=(12, 8))
-    for ax, key in zip(axes.flat, STATS, strict=True):
+              "max": "largest weight in a row", "near": "weight within the training context (i - j < T)"}
+    fig, axes = plt.subplots(2, 3, figsize=(17, 8))
+    axes.flat[-1].axis("off")
+    for ax, key in zip(axes.flat[:len(STATS)], STATS, strict=True):
         for i, r in enumerate(res["runs"]):
             xs = [x["length"] for x in r["lengths"]]
             ax.plot(xs, [mean_stat(x, key) for x in r["lengths"]], marker="o", color=colour(i, len(res["runs"])),

@@ -34,10 +34,11 @@ def test_row_stats_by_hand():
     w[0, 0, 1, :] = 0.25   # row at position 3: uniform over 4
     w[0, 1, 0, 0] = 1.0    # head 1: all on the first token, then all on the last
     w[0, 1, 1, 3] = 1.0
-    s = row_stats(w, first=2)
+    s = row_stats(w, first=2, window=2)  # near: keys at distance 0 or 1 (2, 1 for row 2; 3, 2 for row 3)
     torch.testing.assert_close(s["entropy"], torch.tensor([math.log(3) + math.log(4), 0.0], dtype=torch.float64))
     torch.testing.assert_close(s["sink"], torch.tensor([1 / 3 + 1 / 4, 1.0], dtype=torch.float64))
     torch.testing.assert_close(s["zeros"], torch.tensor([0.0, 2 + 3], dtype=torch.float64))  # of 3 + 4 visible
+    torch.testing.assert_close(s["near"], torch.tensor([2 / 3 + 2 / 4, 0.0 + 1.0], dtype=torch.float64))
     assert s["visible"] == 7 and s["rows"] == 2
 
 
@@ -54,6 +55,7 @@ def test_diagnose_end_to_end(tmp_path):
             for layer in x["layers"]:
                 assert all(0 <= e <= math.log(x["length"]) + 1e-9 for e in layer["entropy"])
                 assert all(0 < m <= 1 for m in layer["max"])
+                assert all(0 < n <= 1 + 1e-9 for n in layer["near"])
     assert all(z == 0 for x in r_soft["lengths"] for layer in x["layers"] for z in layer["zeros"])
     assert any(z > 0 for x in r_lssar["lengths"] for layer in x["layers"] for z in layer["zeros"])
     learned, _ = make_run(tmp_path, name="learned", pos="learned")
