@@ -1,4 +1,5 @@
 import hashlib
+import importlib.metadata
 import importlib.util
 import inspect
 import os
@@ -141,6 +142,16 @@ GPT2_URLS = ("https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/vo
              "https://openaipublic.blob.core.windows.net/gpt-2/encodings/main/encoder.json")
 
 
+def interpreter_too_old():
+    """Triton before 3.3: its interpreter (the CPU path of the kernels' tests) cannot run the kernels, though the
+    kernels compile and run on a GPU with it (read from the package metadata: triton must not be imported yet)."""
+    try:
+        major, minor = (int(x) for x in importlib.metadata.version("triton").split(".")[:2])
+    except (importlib.metadata.PackageNotFoundError, ValueError):
+        return False
+    return (major, minor) < (3, 3)
+
+
 def triton_cuda_tools():
     """Whether triton's wheel carries the CUDA tools kernels/sass.py compiles and reads GPU code with (found without
     importing triton, which must not happen before TRITON_INTERPRET is set)."""
@@ -176,6 +187,10 @@ def pytest_collection_modifyitems(config, items):
         rules.append(("cuda", "no CUDA device here (on a GPU machine: `python -m pytest -m cuda`)"))
     if importlib.util.find_spec("triton") is None:
         rules.append(("triton", "the triton package is not installed (pip install 'triton>=3.2'; Linux only)"))
+    elif not torch.cuda.is_available() and interpreter_too_old():
+        rules.append(("triton", f"triton {importlib.metadata.version('triton')}'s interpreter cannot run these kernels "
+                                "on a CPU (its loop bounds come out as arrays; GPUs are fine): pip install "
+                                "'triton>=3.3' to run them here"))
     if not triton_cuda_tools():
         rules.append(("triton_cuda", "triton's CUDA compiler tools (ptxas, nvdisasm, cuobjdump in its wheel) are not "
                                      "here, so the kernels cannot be compiled for sm_80 / sm_90 (pip install "
