@@ -20,6 +20,8 @@ interrupted one is resumed. Writes <results>.json/.csv/.md and <results>.png, <r
 A ladder trains every run at each context T (block_size T, batch_size ladder_tokens / T: the same tokens and steps
 at every rung) and evaluates it at --multipliers x its own T: <results>.json/.csv/.md, <results>.png (last / first
 length and the difference to softmax at the first, against T) and <results>_curves.png (each rung's curves).
+The files are written after every rung (marked partial until the last): an interrupted ladder keeps its finished
+rungs, and the same command continues it, reusing a rung's evaluation when its checkpoints are unchanged.
 """
 
 import contextlib
@@ -244,9 +246,23 @@ def main():
         print(f"wrote {p}")
 
 
-def train_and_evaluate(trained, seeds_of, rows):
+def eval_key(trained, seeds_of, rows):
+    """What an evaluation of these rows depends on: the rows, the evaluation settings and each checkpoint as it is
+    on disk (iteration, size, modification time): a ladder rung with the same key is not evaluated again."""
+    ckpts = {}
+    for r, ss in zip(trained, seeds_of, strict=True):
+        for seed in ss:
+            path = os.path.join(out_dir_for(*r[:2], seed), "ckpt.pt")
+            st = os.stat(path)
+            ckpts[path] = [finished(os.path.dirname(path))[0], st.st_size, st.st_mtime_ns]
+    return {"rows": [[i, ov, label] for i, ov, label in rows], "seeds": [list(ss) for ss in seeds_of],
+            "multipliers": multipliers, "eval_tokens": eval_tokens, "device": device, "ckpts": ckpts}
+
+
+def train_and_evaluate(trained, seeds_of, rows, reuse=None):
     """Train every run with its seeds (finished ones skipped, interrupted ones resumed), then evaluate every row
-    (run index, eval-time overrides, label) with each of its run's seeds; res with the aggregated rows."""
+    (run index, eval-time overrides, label) with each of its run's seeds; res with the aggregated rows and the
+    evaluation's key (eval_key). reuse: an earlier result; returned as it is when its key is the same."""
     jobs = [(r, s) for r, ss in zip(trained, seeds_of, strict=True) for s in ss]
     for (name, kv, _), seed in tqdm(jobs, desc="sweep: train", unit="run", file=sys.stderr):
         out_dir = out_dir_for(name, kv, seed)
@@ -256,6 +272,9 @@ def train_and_evaluate(trained, seeds_of, rows):
                        "(--retrain=True to redo)")
         else:
             train(name, kv, seed, out_dir, resume=(it is not None and not retrain))
+    key = eval_key(trained, seeds_of, rows)
+    if reuse is not None and reuse.get("key") == key:
+        return reuse
     specs, meta, labels = [], [], {}
     for k, (i, ov, label) in enumerate(rows):
         labels[k] = label
@@ -268,6 +287,7 @@ def train_and_evaluate(trained, seeds_of, rows):
     for r, (k, seed) in zip(res["runs"], meta, strict=True):
         r["label"], r["seed"] = labels[k], seed
     res["rows"] = aggregate(res, [k for k, _ in meta], labels)
+    res["key"] = key
     return res
 
 
@@ -309,16 +329,36 @@ def run_ladder(trained, seed_list):
         plans.append((T, rung, seeds_of, rows))
     check_runs([(r, s) for _, rung, seeds_of, _ in plans for r, ss in zip(rung, seeds_of, strict=True) for s in ss])
     ensure_data()
+    earlier = earlier_rungs(results + ".json")
+    settings = {"runs": runs, "ladder": rungs, "ladder_tokens": ladder_tokens, "seeds": seed_list,
+                "extra_seeds": extra_seeds, "eval_extra": eval_extra, "config": config,
+                "max_iters": max_iters or "config's", "train_args": train_args, "dataset": dataset,
+                "multipliers": multipliers, "eval_tokens": eval_tokens}
     rung_results = []
     for T, rung, seeds_of, rows in plans:
-        res = train_and_evaluate(rung, seeds_of, rows)
-        rung_results.append({"T": T, "rows": res["rows"], "runs": res["runs"], "protocol": res.get("protocol")})
-    out = {"rungs": rung_results, "summary": ladder_summary(rung_results),
-           "settings": {"runs": runs, "ladder": rungs, "ladder_tokens": ladder_tokens, "seeds": seed_list,
-                        "extra_seeds": extra_seeds, "eval_extra": eval_extra, "config": config,
-                        "max_iters": max_iters or "config's", "train_args": train_args, "dataset": dataset,
-                        "multipliers": multipliers, "eval_tokens": eval_tokens}}
-    write_ladder(out, results, "python " + " ".join(sys.argv))
+        res = train_and_evaluate(rung, seeds_of, rows, reuse=earlier.get(T))
+        if res is earlier.get(T):
+            tqdm.write(f"sweep: rung T={T}: the same checkpoints and settings as in {results}.json, its evaluation "
+                       "reused")
+        rung_results.append({"T": T, "rows": res["rows"], "runs": res["runs"], "protocol": res.get("protocol"),
+                             "key": res["key"]})
+        # after every rung, the files of the rungs done so far: an interrupted ladder keeps them (and a rerun of the
+        # same command reuses their evaluations)
+        done = [r["T"] for r in rung_results]
+        out = {"rungs": rung_results, "summary": ladder_summary(rung_results), "settings": settings,
+               "partial": None if len(done) == len(rungs) else {"done": done, "planned": rungs}}
+        write_ladder(out, results, "python " + " ".join(sys.argv))
+
+
+def earlier_rungs(path):
+    """{T: rung} of a ladder's results file written earlier (by an interrupted or a finished ladder), {} if none."""
+    import json
+    try:
+        with open(path) as f:
+            res = json.load(f)
+        return {r["T"]: r for r in res["rungs"] if "key" in r}
+    except (OSError, ValueError, KeyError, TypeError):
+        return {}
 
 
 def ladder_summary(rung_results):
@@ -349,7 +389,12 @@ def ladder_markdown(out, command):
     mults = out["rungs"][0]["rows"][0]["multipliers"]
     labels = list(dict.fromkeys(x["label"] for x in out["summary"]))
     cell = {(x["label"], x["T"]): x for x in out["summary"]}
-    lines = [f"`{command}`", "", f"Loss in nats per character at {mults[0]:g}x and {mults[-1]:g}x each rung's training "
+    part = out.get("partial")
+    lines = [f"`{command}`", ""]
+    if part:
+        lines += [f"**Partial**: the rungs T = {', '.join(map(str, part['done']))} of {', '.join(map(str, part['planned']))} "
+                  "are done; the same command continues the ladder (finished runs and evaluations are reused).", ""]
+    lines += [f"Loss in nats per character at {mults[0]:g}x and {mults[-1]:g}x each rung's training "
              f"context T, their ratio, and the {mults[0]:g}x difference to softmax paired by seed (mean ± std over "
              "the seeds; n seeds per cell).", "",
              "| run | " + " | ".join(f"T = {T}: {mults[0]:g}x, {mults[-1]:g}x, ratio, x - softmax (n)" for T in rungs) + " |",

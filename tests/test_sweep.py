@@ -139,3 +139,40 @@ def test_ladder(tmp_path, corpus_file):
         r = sweep(tmp_path / "bad", corpus_file, *common, bad, check=False)
         assert r.returncode != 0 and r.stderr.strip().splitlines()[-1].startswith("sweep error:") and msg in r.stderr
         assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").glob("out-*"))
+
+
+
+def test_an_interrupted_ladder_keeps_its_rungs_and_continues(tmp_path, corpus_file):
+    """The ladder writes its files after every rung (marked partial); killed while training the next rung (the whole
+    process group, as a terminal's Ctrl-C or a job scheduler would), the same command continues it: the finished
+    rung's evaluation is reused, not redone, unless one of its checkpoints changed since."""
+    import os
+    import signal
+    import time
+    cmd = [sys.executable, "sweep.py", "--runs=softmax,lssar", f"--out_root={tmp_path}", f"--data_dir={tmp_path / 'data'}",
+           f"--input={corpus_file}", "--eval_tokens=256", "--multipliers=1,2", f"--results={tmp_path / 'res' / 'ladder'}",
+           "--device=cpu", "--ladder=16,32", "--ladder_tokens=64", "--seeds=1337", "--max_iters=2", "--eval_extra=",
+           "--train_args=--n_layer=1 --n_embd=32 --eval_iters=1 --eval_interval=2 --log_interval=1"]
+    res_json = tmp_path / "res" / "ladder.json"
+    p = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True)
+    t0 = time.time()
+    while not res_json.exists() and p.poll() is None and time.time() - t0 < 300:
+        time.sleep(0.02)
+    os.killpg(p.pid, signal.SIGTERM)  # rung 16 written: now inside rung 32's first training (seconds of work left)
+    p.wait(timeout=120)
+    part = json.loads(res_json.read_text())
+    assert part["partial"] == {"done": [16], "planned": [16, 32]} and [r["T"] for r in part["rungs"]] == [16]
+    assert "**Partial**: the rungs T = 16 of 16, 32" in (tmp_path / "res" / "ladder.md").read_text()
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert "rung T=16: the same checkpoints and settings" in out and "rung T=32: the same" not in out, out[-3000:]
+    full = json.loads(res_json.read_text())
+    assert full["partial"] is None and full["rungs"][0] == part["rungs"][0] and [x["T"] for x in full["rungs"]] == [16, 32]
+    assert "Partial" not in (tmp_path / "res" / "ladder.md").read_text()
+    ck = tmp_path / "out-shakespeare-char-lssar-block_size16-batch_size4" / "ckpt.pt"
+    os.utime(ck, ns=(ck.stat().st_atime_ns, ck.stat().st_mtime_ns + 10**9))  # as if rewritten since
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert "rung T=16: the same" not in out and "rung T=32: the same checkpoints and settings" in out, out[-3000:]
