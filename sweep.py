@@ -119,14 +119,21 @@ def ensure_data():
     prepare(input or None, d)
 
 
+_finished_seen = {}  # (path, size, mtime_ns) -> (iteration, the config's max_iters): each checkpoint read once
+
+
 def finished(out_dir):
     """The checkpoint's iteration, and whether it reached the target (the config's or --max_iters)."""
     path = os.path.join(out_dir, "ckpt.pt")
     if not os.path.exists(path):
         return None, False
-    ck = load_checkpoint(path)
-    target = max_iters or ck["config"]["max_iters"]
-    return ck["iter_num"], ck["iter_num"] >= target
+    st = os.stat(path)
+    seen = (path, st.st_size, st.st_mtime_ns)
+    if seen not in _finished_seen:  # a checkpoint rewritten since (a new size or time) is read again
+        ck = load_checkpoint(path)
+        _finished_seen[seen] = ck["iter_num"], ck["config"]["max_iters"]
+    it, config_iters = _finished_seen[seen]
+    return it, it >= (max_iters or config_iters)
 
 
 def train_argv(name, kv, seed, out_dir, resume):

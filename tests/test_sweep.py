@@ -176,3 +176,28 @@ def test_an_interrupted_ladder_keeps_its_rungs_and_continues(tmp_path, corpus_fi
     assert r.returncode == 0, r.stderr
     out = r.stdout + r.stderr
     assert "rung T=16: the same" not in out and "rung T=32: the same checkpoints and settings" in out, out[-3000:]
+
+
+def test_finished_reads_each_checkpoint_once(tmp_path, monkeypatch):
+    """The ladder asks finished() about every checkpoint twice per rung (skip or train, then the evaluation key):
+    the file is read once, and again only when it was rewritten (a new size or modification time)."""
+    import os
+
+    import sweep
+
+    reads = []
+
+    def load(path):
+        reads.append(path)
+        return {"iter_num": 1000 if len(reads) == 1 else 2000, "config": {"max_iters": 2000}}
+
+    monkeypatch.setattr(sweep, "load_checkpoint", load)
+    monkeypatch.setattr(sweep, "max_iters", 0)
+    ckpt = tmp_path / "ckpt.pt"
+    ckpt.write_bytes(b"x")
+    assert sweep.finished(str(tmp_path)) == (1000, False)
+    assert sweep.finished(str(tmp_path)) == (1000, False) and len(reads) == 1
+    ckpt.write_bytes(b"xy")  # rewritten: read again
+    os.utime(ckpt, ns=(1, 1))
+    assert sweep.finished(str(tmp_path)) == (2000, True) and len(reads) == 2
+    assert sweep.finished(str(tmp_path / "none")) == (None, False)
