@@ -404,7 +404,7 @@ def ladder_markdown(out, command):
     lines += [f"Loss in nats per character at {mults[0]:g}x and {mults[-1]:g}x each rung's training "
              f"context T, their ratio, and the {mults[0]:g}x difference to softmax paired by seed (mean ± std over "
              "the seeds; n seeds per cell).", "",
-             "| run | " + " | ".join(f"T = {T}: {mults[0]:g}x, {mults[-1]:g}x, ratio, x - softmax (n)" for T in rungs) + " |",
+             "| run | " + " | ".join(f"T = {T}: {mults[0]:g}x, {mults[-1]:g}x, ratio, {mults[0]:g}x - softmax (n)" for T in rungs) + " |",
              "|---|" + "---|" * len(rungs)]
     for label in labels:
         cells = []
