@@ -397,6 +397,7 @@ def ladder_markdown(out, command):
     labels = list(dict.fromkeys(x["label"] for x in out["summary"]))
     cell = {(x["label"], x["T"]): x for x in out["summary"]}
     part = out.get("partial")
+    m0 = f"{mults[0]:g}x"
     lines = [f"`{command}`", ""]
     if part:
         lines += [f"**Partial**: the rungs T = {', '.join(map(str, part['done']))} of {', '.join(map(str, part['planned']))} "
@@ -404,7 +405,7 @@ def ladder_markdown(out, command):
     lines += [f"Loss in nats per character at {mults[0]:g}x and {mults[-1]:g}x each rung's training "
              f"context T, their ratio, and the {mults[0]:g}x difference to softmax paired by seed (mean ± std over "
              "the seeds; n seeds per cell).", "",
-             "| run | " + " | ".join(f"T = {T}: {mults[0]:g}x, {mults[-1]:g}x, ratio, {mults[0]:g}x - softmax (n)" for T in rungs) + " |",
+             "| run | " + " | ".join(f"T = {T}: {m0}, {mults[-1]:g}x, ratio, {m0} - softmax (n)" for T in rungs) + " |",
              "|---|" + "---|" * len(rungs)]
     for label in labels:
         cells = []
