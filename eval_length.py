@@ -421,11 +421,19 @@ def loss_record(model, j, L, *, stride, ctx, device, buckets, batch_tokens, min_
 
 
 def save_json(res, out_prefix, command):
-    """<out_prefix>.json with the command that made it (the folder is created); returns what was written."""
+    """<out_prefix>.json with the command that made it (the folder is created); returns what was written. Written
+    to a temporary file and renamed: a kill mid-write leaves the previous file whole (a rerun reads it)."""
     res = dict(res, command=command)
     os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
-    with open(out_prefix + ".json", "w") as f:
-        json.dump(res, f, indent=1)
+    path = out_prefix + ".json"
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        with open(tmp, "w") as f:
+            json.dump(res, f, indent=1)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
     return res
 
 

@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from common import ROOT, check_range, data_dir_for, load_checkpoint, parse_list, read_results
 from configurator import configure, script_defaults
-from eval_length import colour, eval_settings, evaluate, write_results
+from eval_length import colour, eval_settings, evaluate, save_json, write_results
 from model import GPTConfig, attn_names, demo_runs
 
 # -----------------------------------------------------------------------------
@@ -402,8 +402,8 @@ def ladder_markdown(out, command):
     if part:
         lines += [f"**Partial**: the rungs T = {', '.join(map(str, part['done']))} of {', '.join(map(str, part['planned']))} "
                   "are done; the same command continues the ladder (finished runs and evaluations are reused).", ""]
-    lines += [f"Loss in nats per character at {mults[0]:g}x and {mults[-1]:g}x each rung's training "
-             f"context T, their ratio, and the {mults[0]:g}x difference to softmax paired by seed (mean ± std over "
+    lines += [f"Loss in nats per character at {m0} and {mults[-1]:g}x each rung's training "
+             f"context T, their ratio, and the {m0} difference to softmax paired by seed (mean ± std over "
              "the seeds; n seeds per cell).", "",
              "| run | " + " | ".join(f"T = {T}: {m0}, {mults[-1]:g}x, ratio, {m0} - softmax (n)" for T in rungs) + " |",
              "|---|" + "---|" * len(rungs)]
@@ -422,12 +422,10 @@ def ladder_markdown(out, command):
 
 
 def write_ladder(out, prefix, command):
+    """The ladder's files; <prefix>.json last (a rerun reuses the rungs it holds): once it is there, so are the
+    others for the same rungs."""
     import csv
-    import json
-    out["command"] = command
     os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
-    with open(prefix + ".json", "w") as f:
-        json.dump(out, f, indent=1)
     keys = ["T", "label", "n", "seeds", "first", "first_std", "last", "last_std", "ratio", "ratio_std", "diff_softmax",
             "diff_softmax_std"]
     with open(prefix + ".csv", "w", newline="") as f:
@@ -439,7 +437,9 @@ def write_ladder(out, prefix, command):
     with open(prefix + ".md", "w") as f:
         f.write(text)
     print(text)
-    for p in [prefix + ".json", prefix + ".csv", prefix + ".md", *plot_ladder(out, prefix)]:
+    plots = plot_ladder(out, prefix)
+    save_json(out, prefix, command)
+    for p in [prefix + ".json", prefix + ".csv", prefix + ".md", *plots]:
         print(f"wrote {p}")
 
 

@@ -4,6 +4,7 @@ mean +- std over seeds, and refuses bad run specs in one line."""
 
 import csv
 import json
+import os
 import subprocess
 import sys
 
@@ -181,8 +182,6 @@ def test_an_interrupted_ladder_keeps_its_rungs_and_continues(tmp_path, corpus_fi
 def test_finished_reads_each_checkpoint_once(tmp_path, monkeypatch):
     """The ladder asks finished() about every checkpoint twice per rung (skip or train, then the evaluation key):
     the file is read once, and again only when it was rewritten (a new size or modification time)."""
-    import os
-
     import sweep
 
     reads = []
@@ -201,3 +200,22 @@ def test_finished_reads_each_checkpoint_once(tmp_path, monkeypatch):
     os.utime(ckpt, ns=(1, 1))
     assert sweep.finished(str(tmp_path)) == (2000, True) and len(reads) == 2
     assert sweep.finished(str(tmp_path / "none")) == (None, False)
+
+
+def test_a_results_json_is_replaced_whole(tmp_path, monkeypatch):
+    """save_json (every results .json, the ladder's too) writes a temporary file and renames it: a write that dies
+    midway leaves the previous file as it was and no temporary file behind."""
+    import eval_length
+
+    eval_length.save_json({"a": 1}, str(tmp_path / "res"), "cmd 1")
+    before = (tmp_path / "res.json").read_text()
+
+    def dies(obj, f, **kw):
+        f.write('{"half": ')
+        raise KeyboardInterrupt
+
+    monkeypatch.setattr(eval_length.json, "dump", dies)
+    with pytest.raises(KeyboardInterrupt):
+        eval_length.save_json({"a": 2}, str(tmp_path / "res"), "cmd 2")
+    assert (tmp_path / "res.json").read_text() == before and json.loads(before)["command"] == "cmd 1"
+    assert [p.name for p in tmp_path.iterdir()] == ["res.json"]
