@@ -27,6 +27,7 @@ rungs, and the same command continues it, reusing a rung's evaluation when its c
 import contextlib
 import dataclasses
 import io
+import json
 import os
 import subprocess
 import sys
@@ -266,10 +267,31 @@ def eval_key(trained, seeds_of, rows):
             "multipliers": multipliers, "eval_tokens": eval_tokens, "device": device, "ckpts": ckpts}
 
 
+def spec_id(spec):
+    """(checkpoint dir, eval-time overrides) as a hashable key."""
+    return spec[0], json.dumps(spec[1], sort_keys=True)
+
+
+def reusable_runs(reuse, key):
+    """The evaluations of an earlier result (reuse) that still hold for key: the same lengths, tokens and device,
+    and the run's checkpoint unchanged on disk (iteration, size, modification time). ({spec_id: run record},
+    [skipped records]); a rung that gains a seed evaluates only the new checkpoint."""
+    if reuse is None or any(reuse.get("key", {}).get(k) != key[k] for k in ("multipliers", "eval_tokens", "device")):
+        return {}, []
+    then = reuse["key"].get("ckpts", {})
+
+    def same(d):
+        p = os.path.join(d, "ckpt.pt")
+        return p in key["ckpts"] and then.get(p) == key["ckpts"][p]
+    return ({spec_id((r["ckpt"], r["eval"])): r for r in reuse.get("runs", []) if same(r["ckpt"])},
+            [x for x in reuse.get("skipped", []) if same(x["ckpt"])])
+
+
 def train_and_evaluate(trained, seeds_of, rows, reuse=None):
     """Train every run with its seeds (finished ones skipped, interrupted ones resumed), then evaluate every row
     (run index, eval-time overrides, label) with each of its run's seeds; res with the aggregated rows and the
-    evaluation's key (eval_key). reuse: an earlier result; returned as it is when its key is the same."""
+    evaluation's key (eval_key). reuse: an earlier result; returned as it is when its key is the same, else its
+    evaluations that still hold are kept and only the rest evaluated (reusable_runs)."""
     jobs = [(r, s) for r, ss in zip(trained, seeds_of, strict=True) for s in ss]
     for (name, kv, _), seed in tqdm(jobs, desc="sweep: train", unit="run", file=sys.stderr):
         out_dir = out_dir_for(name, kv, seed)
@@ -288,8 +310,19 @@ def train_and_evaluate(trained, seeds_of, rows, reuse=None):
         for seed in seeds_of[i]:
             specs.append((out_dir_for(*trained[i][:2], seed), ov))
             meta.append((k, seed))
-    res = evaluate(specs, multipliers=multipliers, tokens=eval_tokens, device=device)
+    old, old_skipped = reusable_runs(reuse, key)
+    known = set(old) | {spec_id((x["ckpt"], x["eval"])) for x in old_skipped}
+    todo = [spec for spec in specs if spec_id(spec) not in known]
+    if known:
+        tqdm.write(f"sweep: {len(specs) - len(todo)} of {len(specs)} evaluations reused (the same checkpoint and "
+                   f"settings as before), {len(todo)} to do")
+    res = evaluate(todo, multipliers=multipliers, tokens=eval_tokens, device=device) if todo else \
+        {"protocol": reuse["protocol"], "runs": []}
+    if old_skipped or res.get("skipped"):
+        res["skipped"] = old_skipped + res.get("skipped", [])
     skipped = [(x["ckpt"], x["eval"]) for x in res.get("skipped", [])]  # settings that do not apply to a run
+    new = iter(res["runs"])  # in the order of todo
+    res["runs"] = [old.get(spec_id(spec)) or next(new) for spec in specs if spec not in skipped]
     meta = [m for spec, m in zip(specs, meta, strict=True) if spec not in skipped]
     for r, (k, seed) in zip(res["runs"], meta, strict=True):
         r["label"], r["seed"] = labels[k], seed
@@ -359,7 +392,6 @@ def run_ladder(trained, seed_list):
 
 def earlier_rungs(path):
     """{T: rung} of a ladder's results file written earlier (by an interrupted or a finished ladder), {} if none."""
-    import json
     try:
         with open(path) as f:
             res = json.load(f)

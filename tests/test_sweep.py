@@ -146,7 +146,8 @@ def test_ladder(tmp_path, corpus_file):
 def test_an_interrupted_ladder_keeps_its_rungs_and_continues(tmp_path, corpus_file):
     """The ladder writes its files after every rung (marked partial); killed while training the next rung (the whole
     process group, as a terminal's Ctrl-C or a job scheduler would), the same command continues it: the finished
-    rung's evaluation is reused, not redone, unless one of its checkpoints changed since."""
+    rung's evaluation is reused, not redone, unless one of its checkpoints changed since (then only that checkpoint
+    is evaluated again); a seed added at one rung is the only evaluation done there."""
     import os
     import signal
     import time
@@ -177,6 +178,17 @@ def test_an_interrupted_ladder_keeps_its_rungs_and_continues(tmp_path, corpus_fi
     assert r.returncode == 0, r.stderr
     out = r.stdout + r.stderr
     assert "rung T=16: the same" not in out and "rung T=32: the same checkpoints and settings" in out, out[-3000:]
+    assert "sweep: 1 of 2 evaluations reused" in out, out[-3000:]  # softmax's; only the rewritten lssar is redone
+    again = json.loads(res_json.read_text())["rungs"][0]["runs"]
+    assert again[0] == full["rungs"][0]["runs"][0] and again[1]["ckpt"] == full["rungs"][0]["runs"][1]["ckpt"]
+    # a third seed at one rung: trains that run and evaluates only its checkpoint
+    r = subprocess.run(cmd + ["--extra_seeds=lssar@32=2"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert "rung T=16: the same checkpoints and settings" in out and "sweep: 2 of 3 evaluations reused" in out, out[-3000:]
+    rung = json.loads(res_json.read_text())["rungs"][1]
+    assert [(x["label"], x["seed"]) for x in rung["runs"]] == [("softmax", 1337), ("lssar", 1337), ("lssar", 2)]
+    assert rung["runs"][:2] == full["rungs"][1]["runs"] and [x["n"] for x in rung["rows"]] == [1, 2]
 
 
 def test_finished_reads_each_checkpoint_once(tmp_path, monkeypatch):
