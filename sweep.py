@@ -521,8 +521,8 @@ def plot_ladder(out, prefix):
         ax.axvline(rung["T"], color="gray", linestyle=":", linewidth=1)
         ax.set(title=f"trained at T = {rung['T']}", xlabel="evaluation context length (characters)")
         ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="upper left")  # on every panel: a rung's n can differ from the others'
     axes[0][0].set_ylabel("validation loss (nats / character)")
-    axes[0][-1].legend(fontsize=7)
     fig.tight_layout()
     fig.savefig(prefix + "_curves.png", dpi=120)
     plt.close(fig)

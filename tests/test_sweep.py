@@ -231,3 +231,24 @@ def test_a_results_json_is_replaced_whole(tmp_path, monkeypatch):
         eval_length.save_json({"a": 2}, str(tmp_path / "res"), "cmd 2")
     assert (tmp_path / "res.json").read_text() == before and json.loads(before)["command"] == "cmd 1"
     assert [p.name for p in tmp_path.iterdir()] == ["res.json"]
+
+
+def test_every_rung_panel_has_its_own_legend(tmp_path, monkeypatch):
+    """The curves plot names each row with its n on every rung's panel: n can differ between rungs (third seeds)."""
+    import matplotlib.figure
+
+    import sweep
+
+    def row(label, n):
+        return {"label": label, "n": n, "lengths": [8, 16], "multipliers": [1, 2], "loss_mean": [2.0, 2.5],
+                "loss_std": [0.1, 0.1]}
+    out = {"rungs": [{"T": 8, "rows": [row("softmax", 3), row("lssar", 3)]},
+                     {"T": 16, "rows": [row("softmax", 2), row("lssar", 2)]}],
+           "summary": [{"label": lab, "T": T, "ratio": 1.2, "ratio_std": 0.0, "diff_softmax": 0.01,
+                        "diff_softmax_std": 0.0} for T in (8, 16) for lab in ("softmax", "lssar")]}
+    figs = []
+    monkeypatch.setattr(matplotlib.figure.Figure, "savefig", lambda fig, *a, **k: figs.append(fig))
+    sweep.plot_ladder(out, str(tmp_path / "ladder"))
+    panels = figs[1].axes
+    assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in panels] == \
+        [["softmax (n=3)", "lssar (n=3)"], ["softmax (n=2)", "lssar (n=2)"]]
