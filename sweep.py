@@ -387,15 +387,21 @@ def run_ladder(trained, seed_list):
         done = [r["T"] for r in rung_results]
         out = {"rungs": rung_results, "summary": ladder_summary(rung_results), "settings": settings,
                "partial": None if len(done) == len(rungs) else {"done": done, "planned": rungs}}
+        # the earlier file's evaluations of the rungs still to come, kept for the next rerun (not in the tables): an
+        # interruption before they are reached does not lose them
+        ahead = [earlier[T] for T in rungs if T not in done and T in earlier]
+        if ahead:
+            out["earlier_rungs"] = ahead
         write_ladder(out, results, "python " + " ".join(sys.argv))
 
 
 def earlier_rungs(path):
-    """{T: rung} of a ladder's results file written earlier (by an interrupted or a finished ladder), {} if none."""
+    """{T: rung} of a ladder's results file written earlier (by an interrupted or a finished ladder), {} if none; with
+    the rungs an interrupted rerun carried over unchecked ("earlier_rungs")."""
     try:
         with open(path) as f:
             res = json.load(f)
-        return {r["T"]: r for r in res["rungs"] if "key" in r}
+        return {r["T"]: r for r in res.get("earlier_rungs", []) + res["rungs"] if "key" in r}
     except (OSError, ValueError, KeyError, TypeError):
         return {}
 

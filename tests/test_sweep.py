@@ -148,6 +148,7 @@ def test_an_interrupted_ladder_keeps_its_rungs_and_continues(tmp_path, corpus_fi
     process group, as a terminal's Ctrl-C or a job scheduler would), the same command continues it: the finished
     rung's evaluation is reused, not redone, unless one of its checkpoints changed since (then only that checkpoint
     is evaluated again); a seed added at one rung is the only evaluation done there."""
+    import fcntl
     import os
     import signal
     import time
@@ -189,6 +190,24 @@ def test_an_interrupted_ladder_keeps_its_rungs_and_continues(tmp_path, corpus_fi
     rung = json.loads(res_json.read_text())["rungs"][1]
     assert [(x["label"], x["seed"]) for x in rung["runs"]] == [("softmax", 1337), ("lssar", 1337), ("lssar", 2)]
     assert rung["runs"][:2] == full["rungs"][1]["runs"] and [x["n"] for x in rung["rows"]] == [1, 2]
+    # seeds at both rungs; the second rung's new run is locked by another training, so the rerun stops after rung
+    # 16 was evaluated again: the files still carry rung 32's evaluations, and the next rerun evaluates only its new run
+    more = cmd + ["--extra_seeds=lssar@32=2,lssar@16=2,softmax@32=2"]
+    held = tmp_path / "out-shakespeare-char-softmax-block_size32-batch_size2-seed2"
+    held.mkdir()
+    with open(held / "train.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        r = subprocess.run(more, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "is in use by another training" in r.stderr, r.stderr[-3000:]
+    stopped = json.loads(res_json.read_text())
+    assert stopped["partial"]["done"] == [16] and [x["T"] for x in stopped["earlier_rungs"]] == [32]
+    assert len(stopped["earlier_rungs"][0]["runs"]) == 3 and len(stopped["rungs"][0]["runs"]) == 3
+    r = subprocess.run(more, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    out = r.stdout + r.stderr
+    assert "rung T=16: the same checkpoints and settings" in out and "sweep: 3 of 4 evaluations reused" in out, out[-3000:]
+    last = json.loads(res_json.read_text())
+    assert last["partial"] is None and "earlier_rungs" not in last and len(last["rungs"][1]["runs"]) == 4
 
 
 def test_finished_reads_each_checkpoint_once(tmp_path, monkeypatch):
