@@ -21,7 +21,8 @@ A ladder trains every run at each context T (block_size T, batch_size ladder_tok
 at every rung) and evaluates it at --multipliers x its own T: <results>.json/.csv/.md, <results>.png (last / first
 length and the difference to softmax at the first, against T) and <results>_curves.png (each rung's curves).
 The files are written after every rung (marked partial until the last): an interrupted ladder keeps its finished
-rungs, and the same command continues it, reusing a rung's evaluation when its checkpoints are unchanged.
+rungs, and the same command continues it, reusing every evaluation whose checkpoint and settings are unchanged
+(a seed added with --extra_seeds=run@T=seed costs that run's training and evaluation only).
 """
 
 import contextlib
