@@ -320,11 +320,13 @@ def doc_window_plan(docs, L, budget=0):
 
 
 def evaluate(specs, *, multipliers="1,2,4,8,16", lengths="", tokens=0, stride=0, backend="", device="auto",
-             dtype="auto", buckets=32, batch_tokens=16384, doc_sep="", min_docs=8, allow_other_data=False):
+             dtype="auto", buckets=32, batch_tokens=16384, doc_sep="", min_docs=8, allow_other_data=False,
+             empty_ok=False):
     """Evaluate each (checkpoint dir, eval-time overrides: {} = as trained, see eval_settings) at every length;
     returns the results dict that write_results() saves. Fails before evaluating anything when a checkpoint or
     a length cannot work; skips (and records) overrides that do not apply to a checkpoint. The keywords mean
-    what the script's keys of the same names mean."""
+    what the script's keys of the same names mean. empty_ok: return no runs, not an error, when every spec is
+    skipped (the sweep's rest of an evaluation it partly reuses)."""
     dev = pick_device(device)
     ctx, dt = autocast_ctx(dev, dtype)
     jobs, loaded, skipped = [], {}, []
@@ -337,7 +339,7 @@ def evaluate(specs, *, multipliers="1,2,4,8,16", lengths="", tokens=0, stride=0,
             continue
         jobs.append(plan_job(d, loaded[d], ov, dev, lengths=lengths, multipliers=multipliers, tokens=tokens,
                              stride=stride, backend=backend, doc_sep=doc_sep, allow_other_data=allow_other_data))
-    if not jobs:
+    if not jobs and not empty_ok:
         raise SystemExit("eval error: no checkpoint takes the eval-time settings asked for; see the lines above")
     total_tokens = sum(j["budget"] * len(j["lens"]) if j["plans"] is None else
                        sum(len(plan) * L for L, (plan, _, _) in j["plans"].items()) for j in jobs)

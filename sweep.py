@@ -317,7 +317,7 @@ def train_and_evaluate(trained, seeds_of, rows, reuse=None):
     if known:
         tqdm.write(f"sweep: {len(specs) - len(todo)} of {len(specs)} evaluations reused (the same checkpoint and "
                    f"settings as before), {len(todo)} to do")
-    res = evaluate(todo, multipliers=multipliers, tokens=eval_tokens, device=device) if todo else \
+    res = evaluate(todo, multipliers=multipliers, tokens=eval_tokens, device=device, empty_ok=bool(known)) if todo else \
         {"protocol": reuse["protocol"], "runs": []}
     if old_skipped or res.get("skipped"):
         res["skipped"] = old_skipped + res.get("skipped", [])

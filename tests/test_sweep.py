@@ -271,3 +271,25 @@ def test_every_rung_panel_has_its_own_legend(tmp_path, monkeypatch):
     panels = figs[1].axes
     assert [[t.get_text() for t in ax.get_legend().get_texts()] for ax in panels] == \
         [["softmax (n=3)", "lssar (n=3)"], ["softmax (n=2)", "lssar (n=2)"]]
+
+
+def test_a_new_row_that_applies_to_no_checkpoint_keeps_the_reused_ones(tmp_path, monkeypatch):
+    """A rerun whose only new evaluations are skipped (a RoPE setting on a run without RoPE) reuses the rest and
+    records the skip, instead of stopping at "no checkpoint takes the eval-time settings"."""
+    from test_eval_length import make_run
+
+    import sweep
+
+    d, _ = make_run(tmp_path, attn="softmax", pos="none")
+    monkeypatch.setattr(sweep, "out_dir_for", lambda name, kv, seed: d)
+    monkeypatch.setattr(sweep, "finished", lambda out_dir: (0, True))  # a random model, no training wanted
+    monkeypatch.setattr(sweep, "multipliers", "1,2")
+    monkeypatch.setattr(sweep, "eval_tokens", 0)
+    monkeypatch.setattr(sweep, "device", "cpu")
+    trained, seeds_of = [("softmax", {"pos": "none"}, "softmax:pos=none")], [[1337]]
+    rows = [(0, {}, "softmax pos=none")]
+    first = sweep.train_and_evaluate(trained, seeds_of, rows)
+    more = rows + [(0, {"rope_scaling": "yarn"}, "softmax pos=none rope_scaling=yarn")]
+    again = sweep.train_and_evaluate(trained, seeds_of, more, reuse=json.loads(json.dumps(first)))
+    assert again["runs"] == json.loads(json.dumps(first["runs"])) and [r["label"] for r in again["rows"]] == [rows[0][2]]
+    assert [(x["ckpt"], x["eval"]) for x in again["skipped"]] == [(d, {"rope_scaling": "yarn"})]
