@@ -325,8 +325,8 @@ def evaluate(specs, *, multipliers="1,2,4,8,16", lengths="", tokens=0, stride=0,
     """Evaluate each (checkpoint dir, eval-time overrides: {} = as trained, see eval_settings) at every length;
     returns the results dict that write_results() saves. Fails before evaluating anything when a checkpoint or
     a length cannot work; skips (and records) overrides that do not apply to a checkpoint. The keywords mean
-    what the script's keys of the same names mean. empty_ok: return no runs, not an error, when every spec is
-    skipped (the sweep's rest of an evaluation it partly reuses)."""
+    what the script's keys of the same names mean. empty_ok: return no runs, not an error, when no spec is
+    left to evaluate (none given, or every one skipped: the sweep's rest of an evaluation it partly reuses)."""
     dev = pick_device(device)
     ctx, dt = autocast_ctx(dev, dtype)
     jobs, loaded, skipped = [], {}, []

@@ -277,7 +277,8 @@ def reusable_runs(reuse, key):
     """The evaluations of an earlier result (reuse) that still hold for key: the same lengths, tokens and device,
     and the run's checkpoint unchanged on disk (iteration, size, modification time). ({spec_id: run record},
     [skipped records]); a rung that gains a seed evaluates only the new checkpoint."""
-    if reuse is None or any(reuse.get("key", {}).get(k) != key[k] for k in ("multipliers", "eval_tokens", "device")):
+    settings = [k for k in key if k not in ("rows", "seeds", "ckpts")]  # what eval_key holds besides the rung's runs
+    if reuse is None or any(reuse.get("key", {}).get(k) != key[k] for k in settings):
         return {}, []
     then = reuse["key"].get("ckpts", {})
 
@@ -317,8 +318,7 @@ def train_and_evaluate(trained, seeds_of, rows, reuse=None):
     if known:
         tqdm.write(f"sweep: {len(specs) - len(todo)} of {len(specs)} evaluations reused (the same checkpoint and "
                    f"settings as before), {len(todo)} to do")
-    res = evaluate(todo, multipliers=multipliers, tokens=eval_tokens, device=device, empty_ok=bool(known)) if todo else \
-        {"protocol": reuse["protocol"], "runs": []}
+    res = evaluate(todo, multipliers=multipliers, tokens=eval_tokens, device=device, empty_ok=bool(known))
     if old_skipped or res.get("skipped"):
         res["skipped"] = old_skipped + res.get("skipped", [])
     skipped = [(x["ckpt"], x["eval"]) for x in res.get("skipped", [])]  # settings that do not apply to a run

@@ -149,7 +149,6 @@ def test_an_interrupted_ladder_keeps_its_rungs_and_continues(tmp_path, corpus_fi
     rung's evaluation is reused, not redone, unless one of its checkpoints changed since (then only that checkpoint
     is evaluated again); a seed added at one rung is the only evaluation done there."""
     import fcntl
-    import os
     import signal
     import time
     cmd = [sys.executable, "sweep.py", "--runs=softmax,lssar", f"--out_root={tmp_path}", f"--data_dir={tmp_path / 'data'}",
