@@ -492,7 +492,8 @@ def plot_ladder(out, prefix):
     labels = list(dict.fromkeys(x["label"] for x in out["summary"]))
     rungs = [r["T"] for r in out["rungs"]]
     mults = out["rungs"][0]["rows"][0]["multipliers"]
-    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8))
+    rows = -(-len(labels) // 4)  # legend rows under the panels
+    fig, axes = plt.subplots(1, 2, figsize=(12, 4.8 + 0.25 * rows))
     for i, label in enumerate(labels):
         xs = [x for x in out["summary"] if x["label"] == label]
         T = [x["T"] for x in xs]
@@ -511,8 +512,10 @@ def plot_ladder(out, prefix):
                 title="Extrapolation penalty across the ladder (1.0 = flat)")
     axes[1].set(xlabel="training context T (characters)", ylabel=f"loss at {mults[0]:g}T minus softmax's (nats)",
                 title="Cost at the training length, paired by seed (+-1 std)")
-    axes[0].legend(fontsize=7)
-    fig.tight_layout()
+    # one legend under both panels: inside either it hides a line's end (the rows spread over the whole height)
+    handles, names = axes[0].get_legend_handles_labels()
+    fig.legend(handles, names, fontsize=8, loc="lower center", ncol=min(4, len(labels)), frameon=False)
+    fig.tight_layout(rect=(0, 0.25 * rows / (4.8 + 0.25 * rows) + 0.01, 1, 1))
     fig.savefig(prefix + ".png", dpi=120)
     plt.close(fig)
     fig, axes = plt.subplots(1, len(rungs), figsize=(5 * len(rungs), 4.5), sharey=True, squeeze=False)
