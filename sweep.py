@@ -407,14 +407,30 @@ def earlier_rungs(path):
         return {}
 
 
+def range_loss(buckets, start, end):
+    """Mean loss over positions [start, end) of one evaluation's position buckets; a bucket that straddles an edge
+    counts by its overlap (its loss taken as even inside it). Every window adds one token per position, so a
+    bucket's tokens are proportional to its width and the ranges' losses, weighted by width, give the whole loss."""
+    w = [(b, max(0, min(end, b["end"]) - max(start, b["start"])) / (b["end"] - b["start"])) for b in buckets]
+    tokens = sum(b["tokens"] * f for b, f in w)
+    return sum(b["loss"] * b["tokens"] * f for b, f in w) / tokens if tokens else None
+
+
 def ladder_summary(rung_results):
     """Per rung and row: the first and last length's loss, last / first, and the difference to softmax at the
-    first length paired by seed (mean and std over the seeds both have), with the per-seed values."""
+    first length paired by seed (mean and std over the seeds both have), with the per-seed values; and the first
+    length's loss by position range, the ranges cut at the ladder's rungs (0-64, 64-256, 256-1,024 for
+    64, 256, 1,024): whether a run trained at T uses the characters beyond the lower rungs' T."""
     out = []
+    edges = [0] + [rung["T"] for rung in rung_results]
     for rung in rung_results:
-        by_label = {}
+        by_label, by_pos = {}, {}
+        ranges = [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b <= rung["T"]]
         for r in rung["runs"]:
             by_label.setdefault(r["label"], {})[r["seed"]] = [x["loss"] for x in r["results"]]
+            buckets = r["results"][0].get("position_buckets")
+            if buckets:
+                by_pos.setdefault(r["label"], []).append([range_loss(buckets, a, b) for a, b in ranges])
         ref = by_label.get("softmax", {})
         for row in rung["rows"]:
             per_seed = by_label[row["label"]]
@@ -426,7 +442,10 @@ def ladder_summary(rung_results):
                         "ratio": row["ratio_mean"], "ratio_std": row["ratio_std"],
                         "diff_softmax": float(d.mean()) if len(d) else None,
                         "diff_softmax_std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
-                        "diff_softmax_seeds": {str(s): float(x) for s, x in zip(common, d, strict=True)}})
+                        "diff_softmax_seeds": {str(s): float(x) for s, x in zip(common, d, strict=True)},
+                        "by_position": [{"start": a, "end": b, "loss": float(np.mean(v))}
+                                        for (a, b), v in zip(ranges, zip(*by_pos[row["label"]], strict=True), strict=True)]
+                        if row["label"] in by_pos else []})
     return out
 
 
@@ -457,6 +476,14 @@ def ladder_markdown(out, command):
                 f", {x['diff_softmax']:+.3f} ± {x['diff_softmax_std']:.3f}"
             cells.append(f"{x['first']:.3f}, {x['last']:.3f}, {x['ratio']:.2f} ± {x['ratio_std']:.2f}{diff} ({x['n']})")
         lines.append(f"| {label} | " + " | ".join(cells) + " |")
+    if any(x.get("by_position") for x in out["summary"]):
+        lines += ["", f"Loss at {m0} by position inside the window (mean over the seeds): a range no lower than the "
+                  "one before it means the run does not use those characters.", "",
+                  "| run | " + " | ".join(f"T = {T}" for T in rungs) + " |", "|---|" + "---|" * len(rungs)]
+        for label in labels:
+            cells = [", ".join(f"{p['start']}-{p['end']}: {p['loss']:.3f}" for p in cell[(label, T)]["by_position"])
+                     if (label, T) in cell and cell[(label, T)].get("by_position") else "" for T in rungs]
+            lines.append(f"| {label} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
 

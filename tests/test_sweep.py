@@ -124,10 +124,15 @@ def test_ladder(tmp_path, corpus_file):
     runs = {(r["label"], r["seed"]): r for r in res["rungs"][0]["runs"]}
     d = [runs[("lssar", s)]["results"][0]["loss"] - runs[("softmax", s)]["results"][0]["loss"] for s in (1337, 1)]
     assert x["diff_softmax"] == pytest.approx(np.mean(d)) and x["diff_softmax_std"] == pytest.approx(np.std(d, ddof=1))
+    # the 1x loss by position range, cut at the rungs: the ranges, weighted by width, give the 1x loss back
+    for (T, _), c in cells.items():
+        assert [(p["start"], p["end"]) for p in c["by_position"]] == [(0, 16), (16, 32)][:T // 16]
+        assert sum(p["loss"] * (p["end"] - p["start"]) for p in c["by_position"]) / T == pytest.approx(c["first"])
+    assert len({p["loss"] for p in cells[(32, "softmax")]["by_position"]}) == 2  # two ranges, two numbers
     ck = torch.load(tmp_path / "out-shakespeare-char-softmax-block_size32-batch_size2" / "ckpt.pt", weights_only=False)
     assert (ck["config"]["block_size"], ck["config"]["batch_size"]) == (32, 2)
     md = (tmp_path / "res" / "ladder.md").read_text()
-    assert "T = 16" in md and "| lssar |" in md and "(3)" in md
+    assert "T = 16" in md and "| lssar |" in md and "(3)" in md and "16-32: " in md
     for f in ("ladder.csv", "ladder.png", "ladder_curves.png"):
         assert (tmp_path / "res" / f).stat().st_size > 0
     (tmp_path / "res" / "ladder.png").unlink()
@@ -292,3 +297,15 @@ def test_a_new_row_that_applies_to_no_checkpoint_keeps_the_reused_ones(tmp_path,
     again = sweep.train_and_evaluate(trained, seeds_of, more, reuse=json.loads(json.dumps(first)))
     assert again["runs"] == json.loads(json.dumps(first["runs"])) and [r["label"] for r in again["rows"]] == [rows[0][2]]
     assert [(x["ckpt"], x["eval"]) for x in again["skipped"]] == [(d, {"rope_scaling": "yarn"})]
+
+
+def test_range_loss_counts_a_straddling_bucket_by_its_overlap():
+    """Positions 0-3 at loss 1, 3-6 at loss 2 (2 windows: 2 tokens per position): positions 0-4 are three at 1 and
+    one at 2, so 1.25."""
+    import sweep as sweep_mod
+
+    buckets = [{"start": 0, "end": 3, "loss": 1.0, "tokens": 6}, {"start": 3, "end": 6, "loss": 2.0, "tokens": 6}]
+    assert sweep_mod.range_loss(buckets, 0, 4) == pytest.approx(1.25)
+    assert sweep_mod.range_loss(buckets, 4, 6) == pytest.approx(2.0)
+    assert sweep_mod.range_loss(buckets, 0, 6) == pytest.approx(1.5)
+    assert sweep_mod.range_loss(buckets, 6, 8) is None  # no position there
