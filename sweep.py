@@ -422,7 +422,7 @@ def ladder_summary(rung_results):
     length's loss by position range, the ranges cut at the ladder's rungs (0-64, 64-256, 256-1,024 for
     64, 256, 1,024): whether a run trained at T uses the characters beyond the lower rungs' T."""
     out = []
-    edges = [0] + [rung["T"] for rung in rung_results]
+    edges = [0] + sorted(rung["T"] for rung in rung_results)  # --ladder keeps the order it is given
     for rung in rung_results:
         by_label, by_pos = {}, {}
         ranges = [(a, b) for a, b in zip(edges, edges[1:], strict=False) if b <= rung["T"]]

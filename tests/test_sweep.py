@@ -309,3 +309,19 @@ def test_range_loss_counts_a_straddling_bucket_by_its_overlap():
     assert sweep_mod.range_loss(buckets, 4, 6) == pytest.approx(2.0)
     assert sweep_mod.range_loss(buckets, 0, 6) == pytest.approx(1.5)
     assert sweep_mod.range_loss(buckets, 6, 8) is None  # no position there
+
+
+def test_position_ranges_are_cut_at_the_rungs_in_increasing_order():
+    """--ladder=8,2 keeps its order, the ranges do not: T = 8 gets 0-2 and 2-8 (position i has loss i)."""
+    import sweep as sweep_mod
+
+    def rung(T):
+        buckets = [{"start": i, "end": i + 1, "loss": float(i), "tokens": 2} for i in range(T)]
+        row = {"label": "softmax", "n": 1, "seeds": [1], "loss_mean": [0.0], "loss_std": [0.0], "ratio_mean": 1.0,
+               "ratio_std": 0.0}
+        return {"T": T, "rows": [row], "runs": [{"label": "softmax", "seed": 1,
+                                                 "results": [{"loss": (T - 1) / 2, "position_buckets": buckets}]}]}
+
+    got = {x["T"]: [(p["start"], p["end"], p["loss"]) for p in x["by_position"]]
+           for x in sweep_mod.ladder_summary([rung(8), rung(2)])}
+    assert got == {8: [(0, 2, 0.5), (2, 8, 4.5)], 2: [(0, 2, 0.5)]}
