@@ -409,8 +409,8 @@ def earlier_rungs(path):
 
 def range_loss(buckets, start, end):
     """Mean loss over positions [start, end) of one evaluation's position buckets; a bucket that straddles an edge
-    counts by its overlap (its loss taken as even inside it). Every window adds one token per position, so a
-    bucket's tokens are proportional to its width and the ranges' losses, weighted by width, give the whole loss."""
+    counts by its overlap (its loss taken as even inside it). Without a stride every window adds one token per
+    position, so the ranges' losses, weighted by width, give the whole loss back."""
     w = [(b, max(0, min(end, b["end"]) - max(start, b["start"])) / (b["end"] - b["start"])) for b in buckets]
     tokens = sum(b["tokens"] * f for b, f in w)
     return sum(b["loss"] * b["tokens"] * f for b, f in w) / tokens if tokens else None
@@ -433,7 +433,7 @@ def ladder_summary(rung_results):
                 by_pos.setdefault(r["label"], []).append([range_loss(buckets, a, b) for a, b in ranges])
         ref = by_label.get("softmax", {})
         for row in rung["rows"]:
-            per_seed = by_label[row["label"]]
+            per_seed, pos = by_label[row["label"]], by_pos.get(row["label"])  # pos: [seed][range]
             common = sorted(set(per_seed) & set(ref))
             d = np.array([per_seed[s][0] - ref[s][0] for s in common])
             out.append({"T": rung["T"], "label": row["label"], "n": row["n"], "seeds": row["seeds"],
@@ -443,9 +443,8 @@ def ladder_summary(rung_results):
                         "diff_softmax": float(d.mean()) if len(d) else None,
                         "diff_softmax_std": float(d.std(ddof=1)) if len(d) > 1 else 0.0,
                         "diff_softmax_seeds": {str(s): float(x) for s, x in zip(common, d, strict=True)},
-                        "by_position": [{"start": a, "end": b, "loss": float(np.mean(v))}
-                                        for (a, b), v in zip(ranges, zip(*by_pos[row["label"]], strict=True), strict=True)]
-                        if row["label"] in by_pos else []})
+                        "by_position": [{"start": a, "end": b, "loss": float(m)}  # mean over the seeds
+                                        for (a, b), m in zip(ranges, np.mean(pos, axis=0), strict=True)] if pos else []})
     return out
 
 
@@ -542,7 +541,7 @@ def plot_ladder(out, prefix):
     # one legend under both panels: inside either it hides a line's end (the rows spread over the whole height)
     handles, names = axes[0].get_legend_handles_labels()
     fig.legend(handles, names, fontsize=8, loc="lower center", ncol=min(4, len(labels)), frameon=False)
-    fig.tight_layout(rect=(0, 0.25 * rows / (4.8 + 0.25 * rows) + 0.01, 1, 1))
+    fig.tight_layout(rect=(0, 0.25 * rows / fig.get_figheight() + 0.01, 1, 1))
     fig.savefig(prefix + ".png", dpi=120)
     plt.close(fig)
     fig, axes = plt.subplots(1, len(rungs), figsize=(5 * len(rungs), 4.5), sharey=True, squeeze=False)
