@@ -16,7 +16,6 @@ import socket
 import tempfile
 import time
 from contextlib import nullcontext
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -543,15 +542,18 @@ def checked_config(model_args, device="cpu", needs_grad=False, **overrides):
     runs: an override it refuses, or a backend that cannot compute its attention on device (the backends would
     raise only when first called, mid-run), is a one-line error naming the fix."""
     try:
-        cfg = replace(GPTConfig(**model_args), **overrides)
+        cfg = GPTConfig(**model_args).with_overrides(**overrides)
     except ValueError as e:
         raise SystemExit(f"config error: {e}") from None
     if cfg.attn_backend not in ("auto", "reference"):
         q = torch.zeros(1, 1, 1, cfg.n_embd // cfg.n_head, device=device)  # what the backends look at: device, size
-        why = kernels.why_not(cfg.attn_backend, cfg.spec, q, needs_grad)
-        if why:
-            raise SystemExit(f"config error: attn_backend={cfg.attn_backend!r} cannot run attn={cfg.attn} "
-                             f"reweight_p={cfg.reweight_p:g} here: {why}; use --attn_backend=auto (or math)")
+        for spec in dict.fromkeys(cfg.layer_specs):  # every layer's attention, each once
+            why = kernels.why_not(cfg.attn_backend, spec, q, needs_grad)
+            if why:
+                what = f"attn={cfg.describe()}" if not cfg.layers else \
+                    f"the layers {cfg.layers} ({spec.kind}, window {spec.window})"
+                raise SystemExit(f"config error: attn_backend={cfg.attn_backend!r} cannot run {what} here: {why}; use "
+                                 "--attn_backend=auto (or math)")
     return cfg
 
 

@@ -14,8 +14,9 @@ of length L advances by S tokens and only its last S predictions are scored (the
 so every token is scored once with up to L-1 tokens of context.
 Evaluation-time settings, each a comma list whose product is evaluated per checkpoint (ckpt = as trained) and
 recorded in the results: --reweight_p (the re-weighting power), --rope_scaling (pi | ntk | yarn: RoPE extended
-past the training length, by --rope_factor, or 0 = by length / block_size at each length), --logn_scale (true:
-scores x max(1, log N_i / log block_size)).
+past the training length, by --rope_factor, or 0 = by length / block_size at each length), --length_temp (none |
+logn | irope: the length temperature of every global layer; logn = scores x max(1, log N_i / log block_size), also
+spelled --logn_scale=true).
 Document-aware mode (--doc_sep=eot for BPE shards, or a text separator such as "\n\n"): windows only inside
 single documents of at least L + 1 tokens, from the first such document on (--tokens per length, 0 = all);
 each length reports the tokens and documents it used and warns below --min_docs documents.
@@ -35,7 +36,6 @@ import os
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import replace
 
 import numpy as np
 import torch
@@ -61,7 +61,7 @@ from common import (
 )
 from configurator import configure
 from kernels import DOTS
-from model import GPTConfig
+from model import LENGTH_TEMPS, GPTConfig
 
 # -----------------------------------------------------------------------------
 ckpts = ""               # comma-separated out_dirs (or ckpt.pt files)
@@ -73,6 +73,7 @@ reweight_p = "ckpt"      # comma list of eval-time re-weighting powers: ckpt = a
 rope_scaling = "ckpt"    # comma list of RoPE extensions (RoPE models): ckpt = as trained, none, pi, ntk, yarn
 rope_factor = 0.0        # their factor; 0 = per evaluated length (length / block_size)
 logn_scale = "ckpt"      # comma list: ckpt, true (scores x max(1, log N_i / log block_size)), false
+length_temp = "ckpt"     # comma list: ckpt, none, logn, irope: the length temperature of every global layer
 attn_dots = "ckpt"       # comma list: ckpt, auto, fp32, bf16, fp16: the q . k dots' precision (bf16 / fp16 emulated
                          # exactly off the GPU: q, k rounded after the attention's prepare step)
 doc_sep = ""             # "" = windows over the whole stream; eot = inside documents split by the end-of-text token;
@@ -211,20 +212,25 @@ ROPE_CHOICES = ("ckpt", "none", "pi", "ntk", "yarn")
 
 
 def eval_settings(*, reweight_p="ckpt", rope_scaling="ckpt", rope_factor=0.0, logn_scale="ckpt", attn_dots="ckpt",
-                  prefix="eval error"):
+                  length_temp="ckpt", prefix="eval error"):
     """The eval-time overrides to evaluate each checkpoint with: the product of the comma lists, each value
     'ckpt' (as trained) or a setting; returns [{GPTConfig field: value}] ({} = as trained). Values may be given
-    as text (sweep.py's --eval_extra); anything else is a one-line error starting with prefix."""
+    as text (sweep.py's --eval_extra); anything else is a one-line error starting with prefix. length_temp (none,
+    logn, irope) is the rule of every global layer; logn_scale true / false is its older spelling of logn / none."""
     ps = parse_reweight_list(reweight_p, prefix=prefix)
     dots = parse_names(attn_dots, "attn_dots", prefix, "ckpt,bf16")
     if any(d not in ("ckpt", *DOTS) for d in dots):
         raise SystemExit(f"{prefix}: attn_dots takes ckpt, {', '.join(DOTS)} (the q . k dots' precision), got {attn_dots!r}")
     ropes, logns = parse_names(rope_scaling, "rope_scaling", prefix, "ckpt,yarn"), parse_names(
         str(logn_scale).lower(), "logn_scale", prefix, "ckpt,true")
-    bad = [r for r in ropes if r not in ROPE_CHOICES] + [x for x in logns if x not in ("ckpt", "true", "false")]
+    temps = parse_names(length_temp, "length_temp", prefix, "ckpt,irope")
+    bad = [r for r in ropes if r not in ROPE_CHOICES] + [x for x in logns if x not in ("ckpt", "true", "false")] + \
+        [t for t in temps if t not in ("ckpt", *LENGTH_TEMPS)]
     if bad:
-        raise SystemExit(f"{prefix}: unknown {bad[0]!r}; rope_scaling takes {', '.join(ROPE_CHOICES)} and "
-                         "logn_scale ckpt, true, false")
+        raise SystemExit(f"{prefix}: unknown {bad[0]!r}; rope_scaling takes {', '.join(ROPE_CHOICES)}, logn_scale "
+                         f"ckpt, true, false and length_temp ckpt, {', '.join(LENGTH_TEMPS)}")
+    if logns != ["ckpt"] and temps != ["ckpt"]:
+        raise SystemExit(f"{prefix}: logn_scale is length_temp=logn's older spelling: give length_temp only")
     try:
         rope_factor = float(rope_factor)
     except ValueError:
@@ -232,7 +238,7 @@ def eval_settings(*, reweight_p="ckpt", rope_scaling="ckpt", rope_factor=0.0, lo
                          f"{rope_factor!r}") from None
     check_range({"rope_factor": rope_factor}, 0, prefix=prefix)
     out = []
-    for p, r, lg, dt in itertools.product(ps, ropes, logns, dots):
+    for p, r, lg, tp, dt in itertools.product(ps, ropes, logns, temps, dots):
         o = {} if p == "ckpt" else {"reweight_p": p}
         if dt != "ckpt":
             o["attn_dots"] = dt
@@ -240,6 +246,8 @@ def eval_settings(*, reweight_p="ckpt", rope_scaling="ckpt", rope_factor=0.0, lo
             o |= {"rope_scaling": r, "rope_factor": float(rope_factor) if r != "none" else 0.0}
         if lg != "ckpt":
             o["logn_scale"] = lg == "true"
+        if tp != "ckpt":
+            o["length_temp"] = tp
         out.append(o)
     return out
 
@@ -249,13 +257,15 @@ def eval_time(ckpt_dir, margs, overrides):
     one, the run label); a setting it refuses is a one-line error."""
     try:
         trained = GPTConfig(**margs)  # canonical: ('lssar', 0.0) in an older checkpoint reads as ('lssa', 15.0)
-        eff = replace(trained, **overrides)
+        eff = trained.with_overrides(**overrides)
     except ValueError as e:
         raise SystemExit(f"eval error: {ckpt_dir}: {e}") from None
+    rule = overrides.get("length_temp", {True: "logn", False: "none"}.get(overrides.get("logn_scale")))
     notes = [f"eval p={eff.reweight_p:g}" if "reweight_p" in overrides else "",
              f"rope={eff.rope_scaling}" + (f" x{eff.rope_factor:g}" if eff.rope_factor else "")
              if "rope_scaling" in overrides else "",
-             ("logn" if eff.logn_scale else "no logn") if "logn_scale" in overrides else "",
+             "" if rule is None else {"logn": "logn", "none": "no logn" if "logn_scale" in overrides else "no temp"}.get(
+                 rule, f"temp={rule}"),
              f"dots={eff.attn_dots}" if "attn_dots" in overrides else ""]
     label = os.path.basename(os.path.normpath(ckpt_dir)).removeprefix("out-")
     notes = [n for n in notes if n]
@@ -350,8 +360,9 @@ def evaluate(specs, *, multipliers="1,2,4,8,16", lengths="", tokens=0, stride=0,
             results = [loss_record(model, j, L, stride=stride, ctx=ctx, device=dev, buckets=buckets,
                                    batch_tokens=batch_tokens, min_docs=min_docs, pbar=pbar) for L in j["lens"]]
             runs.append({k: j[k] for k in ("label", "ckpt", "attn", "reweight_p", "trained_reweight_p", "eval", "pos",
-                                           "rope_scaling", "rope_factor", "logn_scale", "block_size", "dataset",
-                                           "iter_num", "overrides", "budget", "data")} | {"results": results})
+                                           "rope_scaling", "rope_factor", "logn_scale", "length_temp", "layers",
+                                           "describe", "block_size", "dataset", "iter_num", "overrides", "budget",
+                                           "data")} | {"results": results})
             del model
     protocol = {
         "windows": f"sliding, stride {stride}" if stride else "non-overlapping",
@@ -385,9 +396,17 @@ def plan_job(d, ck, ov, dev, *, lengths, multipliers, tokens, stride, backend, d
     overrides = dict(ov) | ({"attn_backend": backend} if backend else {})
     checked_config(margs, dev, **overrides)  # a backend that cannot compute this model fails now, not mid-run
     return dict(ckpt=d, ckpt_data=ck, val=val, plans=plans, lens=lens, budget=budget, overrides=overrides, label=label, data=data,
-                attn=eff.attn, reweight_p=eff.reweight_p, trained_reweight_p=trained.reweight_p, eval=ov, pos=eff.pos,
-                rope_scaling=eff.rope_scaling, rope_factor=eff.rope_factor, logn_scale=eff.logn_scale,
-                block_size=margs["block_size"], dataset=cfg["dataset"], iter_num=ck["iter_num"])
+                **attention_record(eff, trained), eval=ov, block_size=margs["block_size"], dataset=cfg["dataset"],
+                iter_num=ck["iter_num"])
+
+
+def attention_record(eff, trained):
+    """What a results row records of the attention it evaluated (eff: with the eval-time settings), read from the
+    checkpoint's config: a stack with a spec per layer records its pattern as attn (and pos 'layers')."""
+    return dict(attn=eff.attn if not eff.layers else eff.describe(), reweight_p=eff.reweight_p,
+                trained_reweight_p=trained.reweight_p, pos=eff.pos if not eff.layers else "layers",
+                rope_scaling=eff.rope_scaling, rope_factor=eff.rope_factor, logn_scale=eff.length_temp == "logn",
+                length_temp=eff.length_temp, layers=eff.layers, describe=eff.describe())
 
 
 def data_record(ck, d, prefix, allow_other_data=False):
@@ -555,7 +574,7 @@ def main():
     writable_prefix(out, "out", "eval error", (".json", ".csv", ".png", "_detail.png"))
     length_spec(lengths, multipliers)
     settings = eval_settings(reweight_p=reweight_p, rope_scaling=rope_scaling, rope_factor=rope_factor, attn_dots=attn_dots,
-                             logn_scale=logn_scale)
+                             logn_scale=logn_scale, length_temp=length_temp)
     if doc_sep and stride:
         raise SystemExit("eval error: the document-aware mode (--doc_sep) uses non-overlapping windows; drop --stride")
     check_range({"min_docs": min_docs}, 1, prefix="eval error")

@@ -44,10 +44,16 @@ class GPTConfig:
     pos: str = "rope"           # rope | learned | none | alibi
     gate: str = "none"          # none | forget: a per-head forget gate per layer adds c_i - c_j to every score
                                 # (the Forgetting Transformer, Lin et al. 2025; FoX = softmax, gate='forget', pos='none')
+    window: int = 0             # > 0: sliding-window attention, query i sees the keys i - window < j <= i
+    layers: str = ""            # a spec per layer (a hybrid stack), e.g. "3*softmax:window=16,softmax:pos=none:temp=logn"
+                                # repeated to n_layer (parse_layers); "" = every layer as attn, pos, gate, window say
+    length_temp: str = "none"   # the global layers' length temperature: none | logn | irope (LENGTH_TEMPS)
+    temp_floor: int = 0         # irope's floor_scale; 0 = block_size
+    temp_scale: float = 0.1     # irope's attn_scale
     rope_base: float = 10000.0
     rope_scaling: str = "none"  # evaluation-time RoPE extension: none | pi | ntk | yarn (rope_inv_freq)
     rope_factor: float = 0.0    # its factor s; 0 = per evaluated length: max(1, length / block_size)
-    logn_scale: bool = False    # scale scores by max(1, log(N_i) / log(block_size)) (log-length scaling)
+    logn_scale: bool = False    # the older spelling of length_temp='logn' (stored as that: canonical False)
     attn_backend: str = "auto"  # auto | reference | math | sdpa | flex | triton (see kernels/)
     attn_chunk: int = 256       # query rows per chunk in the math backend (memory O(chunk x T))
     attn_dots: str = "auto"     # the q . k dots: auto (kernels.dots_dtype: 16 bits under autocast) | fp32 | bf16 | fp16: q, k
@@ -61,16 +67,34 @@ class GPTConfig:
             raise ValueError(f"unknown pos={self.pos!r}; choose rope, learned, none or alibi")
         if self.gate not in ("none", "forget"):
             raise ValueError(f"unknown gate={self.gate!r}; choose none or forget")
+        if self.length_temp not in LENGTH_TEMPS:
+            raise ValueError(f"unknown length_temp={self.length_temp!r}; choose one of {', '.join(LENGTH_TEMPS)}")
+        if self.logn_scale:  # the older spelling, canonical as length_temp='logn'
+            if self.length_temp not in ("none", "logn"):
+                raise ValueError(f"logn_scale=True is length_temp='logn'; this config also sets length_temp="
+                                 f"{self.length_temp!r}: keep one of them")
+            self.length_temp, self.logn_scale = "logn", False
+        if isinstance(self.temp_floor, bool) or not isinstance(self.temp_floor, int) or self.temp_floor < 0 \
+                or not self.temp_scale > 0:
+            raise ValueError(f"temp_floor must be a whole number >= 0 (0 = block_size) and temp_scale > 0, got "
+                             f"{self.temp_floor!r}, {self.temp_scale!r}")
         if self.rope_scaling not in ROPE_SCALINGS:
             raise ValueError(f"unknown rope_scaling={self.rope_scaling!r}; choose one of {', '.join(ROPE_SCALINGS)}")
-        if self.rope_scaling != "none" and self.pos != "rope":
-            raise ValueError(f"rope_scaling={self.rope_scaling!r} extends RoPE; this model has pos={self.pos!r}")
         if not (self.rope_factor == 0 or self.rope_factor >= 1):
             raise ValueError(f"rope_factor must be 0 (per evaluated length) or >= 1, got {self.rope_factor}")
-        self.spec  # noqa: B018 - validates the attention spec (e.g. ALiBi on a variant with its own bias)
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
-        if self.pos == "rope" and (self.n_embd // self.n_head) % 2:
+        self._specs = self._layer_specs()  # validates every layer's spec (e.g. ALiBi on a variant with its own bias)
+        if self.layers:  # canonical: the pattern states every layer; the model-level defaults it took are reset
+            if (self.attn, self.reweight_p) != ("softmax", 0.0):
+                raise ValueError(f"attn={self.attn!r} reweight_p={self.reweight_p:g} describe a uniform stack; with "
+                                 "layers= every group names its own attention (and reweight_p): drop attn / reweight_p")
+            self.layers = layers_text(self._specs)
+            self.attn, self.reweight_p, self.pos, self.gate, self.window, self.length_temp = \
+                "softmax", 0.0, "rope", "none", 0, "none"
+        if self.rope_scaling != "none" and not any(sp.rope for sp in self._specs):
+            raise ValueError(f"rope_scaling={self.rope_scaling!r} extends RoPE; no layer of this model has pos='rope'")
+        if any(sp.rope for sp in self._specs) and (self.n_embd // self.n_head) % 2:
             raise ValueError("RoPE needs an even head size (n_embd / n_head)")
         if self.attn_dots not in kernels.DOTS:
             raise ValueError(f"unknown attn_dots={self.attn_dots!r}; choose one of {', '.join(kernels.DOTS)}")
@@ -79,9 +103,63 @@ class GPTConfig:
                              f"{', '.join(('reference', *kernels.BACKENDS))}")
 
     @property
+    def _temp_floor(self):
+        return self.temp_floor or self.block_size
+
+    def _layer_specs(self):
+        """One AttnSpec per layer: the pattern's (parse_layers), or every layer as the model-level keys say."""
+        if self.pos == "learned" and self.layers:
+            raise ValueError("layers= gives each layer its own position code (rope, none, alibi); pos='learned' adds one "
+                             "embedding to the input of all of them: use pos=rope, none or alibi with layers=")
+        default = dict(pos="none" if self.pos == "learned" else self.pos, gate=self.gate, window=self.window,
+                       temp=self.length_temp)
+        if self.layers:
+            specs = parse_layers(self.layers, self.n_layer, default, self.block_size, self._temp_floor, self.temp_scale)
+        else:
+            specs = [layer_spec(self.attn, self.reweight_p, **default, block_size=self.block_size,
+                                temp_floor=self._temp_floor, temp_scale=self.temp_scale)] * self.n_layer
+        return tuple(specs)
+
+    @property
+    def layer_specs(self):
+        """The attention of every layer, (n_layer,) AttnSpecs."""
+        return self._specs
+
+    @property
     def spec(self):
-        return AttnSpec(self.attn, self.reweight_p, alibi=self.pos == "alibi",
-                        logn_len=self.block_size if self.logn_scale else 0, gate=self.gate == "forget")
+        """The one spec of a uniform stack (every layer the same); a hybrid stack's are in layer_specs."""
+        if len(set(self._specs)) > 1:
+            raise ValueError(f"this model gives its layers different attentions ({self.layers}); read layer_specs")
+        return self._specs[0]
+
+    def describe(self):
+        """The attention of the model in words, for labels: 'lssar pos=none', or 'layers=' and its pattern."""
+        if self.layers:
+            return f"layers={self.layers}"
+        words = layer_text(self._specs[0]).split(":")
+        if self.pos == "learned":  # (its layers have no position code of their own)
+            words = [w for w in words if w != "pos=none"] + ["pos=learned"]
+        return " ".join(words)
+
+    def with_overrides(self, **overrides):
+        """This config with evaluation-time (or fine-tuning) settings changed: a new, validated GPTConfig.
+        length_temp=X gives every global layer the rule X (a layers pattern's own temp= included); reweight_p
+        changes a uniform stack's power only (a pattern names each layer's)."""
+        ov = dict(overrides)
+        if "logn_scale" in ov:  # the older spelling: true = length_temp logn, false = none
+            ov["length_temp"] = "logn" if ov.pop("logn_scale") else "none"
+        cfg = self
+        if "length_temp" in ov:
+            rule = ov.pop("length_temp")
+            if self.layers:  # drop the pattern's own rules: the new one is every global layer's
+                cfg = replace(cfg, layers=",".join(":".join(p for p in g.split(":") if not p.startswith("temp="))
+                                                   for g in self.layers.split(",")), length_temp=rule)
+            else:
+                cfg = replace(cfg, length_temp=rule)
+        if self.layers and "reweight_p" in ov:
+            raise ValueError(f"reweight_p={ov['reweight_p']:g} changes a uniform stack's re-weighting; this model gives "
+                             f"each layer its own (layers={self.layers}): evaluate it as trained")
+        return replace(cfg, **ov) if ov else cfg
 
     def rope(self, length):
         """(inv_freq, attention temperature) of RoPE for a forward over `length` positions (rope_scaling)."""
@@ -89,6 +167,102 @@ class GPTConfig:
         factor = 1.0 if self.rope_scaling == "none" else (self.rope_factor or max(1.0, length / self.block_size))
         temp = yarn_temperature(factor) if self.rope_scaling == "yarn" else 1.0
         return rope_inv_freq(d, self.rope_base, self.rope_scaling, factor, self.block_size), temp
+
+
+# -----------------------------------------------------------------------------
+# 0b. a spec per layer: the `layers` pattern
+#
+#     layers = "3*softmax:window=16,softmax:pos=none:temp=logn"
+#
+# Groups separated by commas, each an attention name of the registry (softmax, lssa, lssar, ...) with optional
+# `key=value` settings after colons and an optional repeat count `N*` before it; the whole pattern repeats to
+# n_layer (which it must divide). A setting not given takes the model-level key of the same name (pos, gate,
+# window, and temp from length_temp); reweight_p defaults to the name's (15 for lssar, else 0).
+LAYER_KEYS = ("reweight_p", "pos", "gate", "window", "temp")
+LENGTH_TEMPS = ("none", "logn", "irope")
+LAYER_POS = ("rope", "none", "alibi")
+
+
+def layer_spec(attn, reweight_p, *, pos, gate, window, temp, block_size, temp_floor, temp_scale):
+    """The AttnSpec of one layer from its settings (pos rope | none | alibi, gate none | forget, window >= 0, temp
+    none | logn | irope, which only a global layer (window 0) takes)."""
+    if pos not in LAYER_POS:
+        raise ValueError(f"unknown pos={pos!r} for a layer; choose {', '.join(LAYER_POS)}")
+    if gate not in ("none", "forget"):
+        raise ValueError(f"unknown gate={gate!r}; choose none or forget")
+    if temp not in LENGTH_TEMPS:
+        raise ValueError(f"unknown temp={temp!r}; choose one of {', '.join(LENGTH_TEMPS)}")
+    return AttnSpec(*canonical_attn(attn, reweight_p), alibi=pos == "alibi", rope=pos == "rope", gate=gate == "forget",
+                    window=window, logn_len=block_size if temp == "logn" else 0,
+                    irope_floor=temp_floor if temp == "irope" else 0, irope_scale=temp_scale)
+
+
+def parse_layers(pattern, n_layer, default, block_size, temp_floor, temp_scale):
+    """A layers pattern -> n_layer AttnSpecs; errors are one line naming the fix."""
+    example = "e.g. layers=\"3*softmax:window=16,softmax:pos=none:temp=logn\""
+    unit = []
+    for group in (g.strip() for g in str(pattern).split(",")):
+        count, star, body = group.rpartition("*") if "*" in group else ("1", "", group)
+        if not count.strip().isdigit() or int(count) < 1:
+            raise ValueError(f"layers: {group!r}: a repeat count is a whole number >= 1 before '*' ({example})")
+        name, *pairs = body.strip().split(":")
+        if name not in attn_names():
+            raise ValueError(f"layers: unknown attention {name!r} in {group!r}; choose from {', '.join(attn_names())}")
+        kv, given = dict(default, reweight_p=0.0), set()
+        for pair in pairs:
+            key, eq, value = pair.partition("=")
+            if not eq or key not in LAYER_KEYS or not value:
+                raise ValueError(f"layers: {group!r}: settings are key=value with keys {', '.join(LAYER_KEYS)} ({example})")
+            if key in ("window", "reweight_p"):
+                try:
+                    value = int(value) if key == "window" else float(value)
+                except ValueError:
+                    raise ValueError(f"layers: {group!r}: {key}={value!r} is not a "
+                                     f"{'whole number' if key == 'window' else 'number'}") from None
+            kv[key] = value
+            given.add(key)
+        if kv["window"] and "temp" not in given:
+            kv["temp"] = "none"  # the model-level length_temp is the global layers' rule, not a windowed layer's
+        try:
+            spec = layer_spec(name, kv.pop("reweight_p"), **kv, block_size=block_size, temp_floor=temp_floor,
+                              temp_scale=temp_scale)
+        except ValueError as e:
+            raise ValueError(f"layers: {group!r}: {e}") from None
+        unit += [spec] * int(count)
+    if not unit or n_layer % len(unit):
+        raise ValueError(f"layers={pattern!r} describes {len(unit)} layer(s), which does not divide n_layer={n_layer}; "
+                         f"repeat counts should add up to a divisor of n_layer ({example})")
+    specs = unit * (n_layer // len(unit))
+    if default["temp"] != "none" and all(sp.window for sp in specs):
+        raise ValueError(f"length_temp={default['temp']!r} is the rule of the global layers (window 0); every layer of "
+                         f"layers={pattern!r} has a window")
+    return specs
+
+
+def layer_text(spec):
+    """One layer's canonical text: its attention name (the shorthand when it is one: lssar), then its settings
+    that differ from the defaults (reweight_p of the name, pos=rope, gate=none, window=0, temp=none)."""
+    name = next((a for a, (base, p) in ATTN_ALIASES.items() if (base, p) == (spec.kind, spec.reweight_p)), spec.kind)
+    default_p = ATTN_ALIASES[name][1] if name in ATTN_ALIASES else 0.0
+    parts = [name] + [f"reweight_p={spec.reweight_p:g}"] * (spec.reweight_p != default_p)
+    parts += ["pos=alibi" if spec.alibi else "pos=none"] * (not spec.rope)
+    parts += ["gate=forget"] * spec.gate + [f"window={spec.window}"] * (spec.window > 0)
+    parts += ["temp=logn"] * (spec.logn_len > 0) + ["temp=irope"] * (spec.irope_floor > 0)
+    return ":".join(parts)
+
+
+def layers_text(specs):
+    """The canonical pattern of a stack: the shortest unit that repeats to it, with runs as N*layer."""
+    texts = [layer_text(sp) for sp in specs]
+    n = len(texts)
+    period = next(p for p in range(1, n + 1) if n % p == 0 and texts == texts[:p] * (n // p))
+    groups = []
+    for t in texts[:period]:
+        if groups and groups[-1][1] == t:
+            groups[-1][0] += 1
+        else:
+            groups.append([1, t])
+    return ",".join(t if c == 1 else f"{c}*{t}" for c, t in groups)
 
 
 # -----------------------------------------------------------------------------
@@ -238,30 +412,53 @@ def canonical_attn(attn, reweight_p=0.0):
 
 @dataclass(frozen=True)
 class AttnSpec:
-    """What the attention is, resolved once (GPTConfig builds it): every backend receives only this.
-    The score of query row i is
-        s_ij = temperature * max(1, log N_i / log logn_len) * scale(N_i) * q_i . k_j + bias(i, j, h) + c_i - c_j
-    the first two factors being 1 unless set (evaluation-time scalings: YaRN's temperature, log-length scaling) and
+    """What one layer's attention is, resolved once (GPTConfig builds one per layer): every backend receives only
+    this, and never learns which layer it serves. The score of query row i is
+        s_ij = temperature * L(i) * scale(N_i) * q_i . k_j + bias(i, j, h) + c_i - c_j
+    over the keys i - window < j <= i (all j <= i without a window), where N_i = min(i + 1, window) is the number
+    of keys row i sees (the N of every length-aware rule: LSSA's log N, SSMax, the re-weighting), L(i) the length
+    temperature of a global layer (1 unless set: log-length scaling max(1, log N_i / log logn_len), or iRoPE's
+    log(floor((i + 1) / irope_floor) + 1) * irope_scale + 1), `temperature` YaRN's evaluation-time factor, and
     c_i - c_j the forget gate's term (gate): c the cumulative sum of a layer's log forget gates, a tensor that comes
-    with the call (the gate's only data-dependent input)."""
+    with the call (the gate's only data-dependent input). `rope` says whether the model rotates this layer's q and
+    k before the call (backends ignore it: they see rotated or plain vectors alike)."""
     kind: str                  # a key of VARIANTS
     reweight_p: float = 0.0    # stage 2's power; 0 = off
     alibi: bool = False        # add ALiBi's bias -m_h (i - j) (pos='alibi')
     logn_len: int = 0          # > 1: scale scores by max(1, log(N_i) / log(logn_len)) (logn_len = training length)
     temperature: float = 1.0   # every score x this (YaRN's attention temperature at evaluation)
     gate: bool = False         # add c_i - c_j (gate='forget': the Forgetting Transformer's forget gate)
+    window: int = 0            # > 0: query i sees only the keys i - window < j <= i (sliding-window attention)
+    irope_floor: int = 0       # > 0: iRoPE's length temperature with this floor_scale (and irope_scale)
+    irope_scale: float = 0.1   # iRoPE's attn_scale
+    rope: bool = False         # the model applies RoPE to this layer's q and k (pos='rope')
 
     def __post_init__(self):
         if (self.kind, self.reweight_p) != canonical_attn(self.kind, self.reweight_p):
             raise ValueError(f"AttnSpec needs a canonical (variant, p), got ({self.kind!r}, {self.reweight_p!r})")
         if self.alibi and VARIANTS[self.kind].bias is not None:
             raise ValueError(f"pos='alibi' adds a score bias; variant {self.kind!r} has its own")
+        if self.alibi and self.rope:
+            raise ValueError("a layer has one position code: pos='alibi' or pos='rope', not both")
         if self.gate and VARIANTS[self.kind].row is not None:
             raise ValueError(f"gate='forget' adds c_i - c_j to a score that one weight depends on; {self.kind} weighs a "
                              "key by the scores of all nearer keys (its stick already decays with distance): use "
                              "gate='none' with it, or a score-based attention (softmax, lssa, ssmax, sigmoid_l1, ...)")
         if self.logn_len == 1 or self.logn_len < 0 or not self.temperature > 0:
             raise ValueError(f"logn_len must be 0 (off) or >= 2 and temperature > 0, got {self.logn_len}, {self.temperature}")
+        if isinstance(self.window, bool) or not isinstance(self.window, int) or self.window < 0:
+            raise ValueError(f"window must be a whole number >= 0 (0 = every earlier key), got {self.window!r}")
+        if self.window and VARIANTS[self.kind].row is not None:
+            raise ValueError(f"window={self.window} cuts a row short; {self.kind} weighs every key by the nearer ones (its "
+                             "stick already ends where it is used up): use window=0 with it, or a score-based attention")
+        if self.irope_floor < 0 or not self.irope_scale > 0:
+            raise ValueError(f"irope_floor must be >= 0 (0 = off) and irope_scale > 0, got {self.irope_floor}, "
+                             f"{self.irope_scale}")
+        if self.window and (self.logn_len or self.irope_floor):
+            raise ValueError(f"a length temperature (temp=logn or irope) is a global layer's rule; this layer has "
+                             f"window={self.window}: drop the temperature or the window")
+        if self.logn_len and self.irope_floor:
+            raise ValueError("one length temperature per layer: logn or irope, not both")
 
     @property
     def variant(self):
@@ -270,22 +467,27 @@ class AttnSpec:
         return _with_alibi(self.kind, var) if self.alibi else var
 
     def row_scale(self, n, d, params):
-        """The multiplier of q_i . k_j for rows with N visible keys (n: a tensor (rows, 1), or a float)."""
+        """The multiplier of q_i . k_j for rows with N visible keys (n: a tensor (rows, 1), or a float). The length
+        temperatures read the row's position as N - 1: they are refused under a window, where N stops growing."""
         scale = self.variant.scale(n, d, params)
         if self.logn_len:
             ratio = _ln(n) / math.log(self.logn_len)
             scale = scale * (ratio.clamp_min(1.0) if torch.is_tensor(ratio) else max(1.0, ratio))
+        if self.irope_floor:
+            scale = scale * irope_temperature(n, self.irope_floor, self.irope_scale)
         return scale * self.temperature if self.temperature != 1.0 else scale
 
     def key(self):
         """The spec as a string (custom ops take strings, not objects; an f-string, which torch.compile traces);
         from_key inverts it."""
-        return f"{self.kind}|{self.reweight_p!r}|{int(self.alibi)}|{self.logn_len}|{self.temperature!r}|{int(self.gate)}"
+        return (f"{self.kind}|{self.reweight_p!r}|{int(self.alibi)}|{self.logn_len}|{self.temperature!r}|{int(self.gate)}"
+                f"|{self.window}|{self.irope_floor}|{self.irope_scale!r}|{int(self.rope)}")
 
     @staticmethod
     def from_key(key):
-        kind, p, alibi, logn_len, temperature, gate = key.split("|")
-        return AttnSpec(kind, float(p), alibi == "1", int(logn_len), float(temperature), gate == "1")
+        kind, p, alibi, logn_len, temperature, gate, window, floor, iscale, rope = key.split("|")
+        return AttnSpec(kind, float(p), alibi == "1", int(logn_len), float(temperature), gate == "1", int(window),
+                        int(floor), float(iscale), rope == "1")
 
     @staticmethod
     def of(attn, reweight_p=0.0, **kw):
@@ -293,7 +495,19 @@ class AttnSpec:
 
     # What a backend computes with (kernels/ never imports this file: it calls these on the spec it is handed).
     exempt_rows = property(lambda self: REWEIGHT_EXEMPT_ROWS, doc="rows at positions below this get O_i = 0")
-    row_n = staticmethod(lambda pos_offset, Tq, like: row_n(pos_offset, Tq, like))
+
+    def row_n(self, pos_offset, Tq, like):
+        """N_i of query rows pos_offset .. pos_offset + Tq - 1: the keys each sees, (Tq, 1) (see `row_n`)."""
+        return row_n(pos_offset, Tq, like, self.window)
+
+    def first_key(self, pos):
+        """The first key a query at absolute position pos sees (an int): 0, or pos - window + 1 under a window."""
+        return max(0, pos - self.window + 1) if self.window else 0
+
+    def alibi_slopes(self, H, device=None):
+        """ALiBi's per-head slopes m_h (H,) fp32 when the spec has ALiBi, else None (for kernels that add the bias
+        themselves)."""
+        return alibi_slopes(torch.arange(H, device=device), H).float() if self.alibi else None
 
     def stage1(self, s, n, direct):
         """Stage-1 weights of scaled scores s (see `stage1`)."""
@@ -309,6 +523,15 @@ class AttnSpec:
     def reweight_arg(self, A, n, pos):
         """x = N A - O of the rows at positions pos (elementwise: usable inside flex's score_mod)."""
         return reweight_arg(A, n, reweight_offset(pos, A.dtype))
+
+
+def irope_temperature(n, floor, scale):
+    """iRoPE's length temperature of the query at position i = n - 1 (Llama 4's global NoPE layers):
+        log(floor((i + 1) / floor_scale) + 1) * attn_scale + 1
+    1 up to position floor_scale - 2, growing with the log of the length in units of floor_scale after."""
+    if torch.is_tensor(n):
+        return torch.log(torch.floor(n / floor) + 1.0) * scale + 1.0
+    return math.log(math.floor(n / floor) + 1.0) * scale + 1.0
 
 
 kernels.use_spec(AttnSpec)  # custom ops pass specs as key strings; kernels rebuild them with this class
@@ -409,10 +632,12 @@ def stage1(s, var, n, direct):
 # 3. the attention function
 
 
-def row_n(pos_offset, Tq, like):
-    """N_i = absolute position + 1 of each query row, (Tq, 1); fp32 at least (fp64 for fp64 inputs)."""
+def row_n(pos_offset, Tq, like, window=0):
+    """N_i of each query row, (Tq, 1): the keys it sees, absolute position + 1, at most `window` (> 0); fp32 at
+    least (fp64 for fp64 inputs)."""
     dtype = torch.float64 if like.dtype == torch.float64 else torch.float32
-    return torch.arange(pos_offset + 1, pos_offset + Tq + 1, device=like.device, dtype=dtype).view(Tq, 1)
+    n = torch.arange(pos_offset + 1, pos_offset + Tq + 1, device=like.device, dtype=dtype).view(Tq, 1)
+    return n.clamp_max(window) if window else n
 
 
 def prepare(q, k, spec, pos_offset, params=None):
@@ -423,7 +648,7 @@ def prepare(q, k, spec, pos_offset, params=None):
     q, k = q.to(acc), k.to(acc)
     if spec.variant.qk_norm:
         q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    scale = spec.row_scale(row_n(pos_offset, q.shape[2], q), q.shape[-1], params or {})
+    scale = spec.row_scale(spec.row_n(pos_offset, q.shape[2], q), q.shape[-1], params or {})
     return q * scale, k  # (the scale is in acc's dtype, or a float)
 
 
@@ -457,14 +682,16 @@ def causal_attention(q, k, v, spec, pos_offset=None, *, backend="auto", params=N
 def reference_weights(qs, ks, spec, pos_offset, gate=None):
     """The final weights (B, H, Tq, Tk) of prepared qs, ks: the formulas above, plainly, with a full Tq x Tk matrix."""
     var, (Tq, Tk) = spec.variant, (qs.shape[2], ks.shape[2])
-    n = row_n(pos_offset, Tq, qs)
-    pos, keys = n.long() - 1, torch.arange(Tk, device=qs.device)
+    n = spec.row_n(pos_offset, Tq, qs)
+    pos = torch.arange(pos_offset, pos_offset + Tq, device=qs.device).view(Tq, 1)
+    keys = torch.arange(Tk, device=qs.device)
     s = qs @ ks.transpose(-2, -1)
     if var.bias is not None:
         s = s + var.bias(pos, keys, torch.arange(qs.shape[1], device=qs.device).view(-1, 1, 1), qs.shape[1])
     if gate is not None:
         s = s + (gate[..., pos_offset:pos_offset + Tq, None] - gate[..., None, :]).to(s.dtype)
-    s = s.masked_fill(keys > pos, float("-inf"))
+    hidden = (keys > pos) | (keys <= pos - spec.window) if spec.window else keys > pos
+    s = s.masked_fill(hidden, float("-inf"))
     w = stage1(s, var, n, direct=False)
     if not var.normalise:
         return w
@@ -557,36 +784,44 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.config, self.layer = config, layer
+        spec = config.layer_specs[layer]
         # the variant's learnable per-head parameters (none for most kinds)
         self.attn_params = nn.ParameterDict({name: nn.Parameter(init(config.n_head, config.block_size))
-                                             for name, init in config.spec.variant.params.items()})
-        if config.gate == "forget":  # one forget gate per head from the block's normalised input (init N(0, 0.02), 0)
+                                             for name, init in spec.variant.params.items()})
+        if spec.gate:  # one forget gate per head from the block's normalised input (init N(0, 0.02), 0)
             self.fgate = nn.Linear(config.n_embd, config.n_head, bias=True)
 
     def forget_gate(self, x, cache):
-        """c (B, H, cached + T): the cumulative sum over positions of log f_t = logsigmoid(w_h . x_t + b_h), in fp32,
-        continued from the cache's last position; c_i - c_j = sum_{l=j+1}^{i} log f_l (0 on the diagonal)."""
-        c = torch.cumsum(F.logsigmoid(self.fgate(x).float()).transpose(1, 2), dim=-1)  # (B, H, T)
-        if cache is not None:
-            if "c" in cache:
-                c = torch.cat([cache["c"], c + cache["c"][..., -1:]], dim=-1)
-            cache["c"] = c
+        """c (B, H, cached + T): the cumulative sum over positions of log f_t = logsigmoid(w_h . x_t + b_h), in fp32
+        (fp64 in a float64 model), continued from the cache's last position; c_i - c_j = sum_{l=j+1}^{i} log f_l (0
+        on the diagonal)."""
+        acc = torch.promote_types(x.dtype, torch.float32)
+        c = torch.cumsum(F.logsigmoid(self.fgate(x).to(acc)).transpose(1, 2), dim=-1)  # (B, H, T)
+        if cache is not None and "c" in cache:
+            c = torch.cat([cache["c"], c + cache["c"][..., -1:]], dim=-1)
         return c
 
     def forward(self, x, spec, rope=None, cache=None, probe=None):
+        """x (B, T, C) -> (B, T, C) with this layer's attention `spec` (rope: cos, sin of the positions when the
+        layer rotates q and k). cache: this layer's dict of past k, v (after RoPE) and c; a windowed layer keeps
+        only what its next queries can see (cache_keep), and its queries are placed by their position among
+        the kept keys, which gives every row the same keys, N_i and exempt rows as in a full pass."""
         B, T, C = x.shape
         cfg = self.config
         q, k, v = self.c_attn(x).split(C, dim=2)
         q, k, v = (t.view(B, T, cfg.n_head, C // cfg.n_head).transpose(1, 2) for t in (q, k, v))
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if cache is not None:  # cache: dict holding this layer's past k, v (after RoPE)
+        c = self.forget_gate(x, cache) if spec.gate else None
+        if cache is not None:  # cache: dict holding this layer's past k, v (after RoPE) and c
             if "k" in cache:
                 k = torch.cat([cache["k"], k], dim=2)
                 v = torch.cat([cache["v"], v], dim=2)
-            cache["k"], cache["v"] = k, v
+            keep = cache_keep(spec, k.shape[2])
+            cache["k"], cache["v"] = k[:, :, -keep:], v[:, :, -keep:]
+            if c is not None:
+                cache["c"] = c[..., -keep:]
         params = {name: p for name, p in self.attn_params.items()}  # (dict(ParameterDict) breaks torch.compile's graph)
-        c = self.forget_gate(x, cache) if cfg.gate == "forget" else None
         if probe is not None and (probe.layers is None or self.layer in probe.layers):
             m = T if probe.last_rows is None else min(probe.last_rows, T)
             for first, w in attention_weights(q[:, :, T - m:], k, spec, params=params, chunk=cfg.attn_chunk, gate=c):
@@ -595,6 +830,23 @@ class CausalSelfAttention(nn.Module):
                              dots=cfg.attn_dots, gate=c)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
+
+
+def cache_keep(spec, n):
+    """How many of a layer's n cached keys its later queries need: all of them, or under a window its last
+    window - 1 (never fewer than the re-weighting's exempt rows, so that a kept row's position among the kept
+    keys is an exempt row exactly when its absolute position is): decoding memory O(window), not O(T)."""
+    return n if not spec.window else min(n, max(spec.window - 1, spec.exempt_rows))
+
+
+def cache_bytes(cache):
+    """Bytes a KV cache holds (keys, values and forget-gate sums of every layer): what decoding keeps in memory."""
+    return sum(t.numel() * t.element_size() for layer in cache or () for t in layer.values() if torch.is_tensor(t))
+
+
+def cache_len(cache):
+    """Tokens a KV cache has seen (0 for none): its keys may be fewer (a windowed layer keeps its last ones)."""
+    return cache[0].get("seen", 0) if cache else 0
 
 
 class MLP(nn.Module):
@@ -661,32 +913,36 @@ class GPT(nn.Module):
         rope_len: the length that sets a per-length rope_factor (default: cached + new tokens; generate() passes
         the final length, so that every decoding step rotates with the same frequencies)."""
         B, T = idx.shape
-        offset = 0 if not cache or "k" not in cache[0] else cache[0]["k"].shape[2]
+        offset = cache_len(cache)
         cfg = self.config
         if cfg.pos == "learned" and offset + T > cfg.block_size:
             raise ValueError(f"learned position embeddings stop at block_size={cfg.block_size}, asked for "
                              f"{offset + T} tokens; use a pos='rope', 'alibi' or 'none' model to go longer")
         x = self.transformer.wte(idx)
-        rope, spec = None, cfg.spec
+        rope, specs = None, cfg.layer_specs
         if cfg.pos == "learned":
             x = x + self.transformer.wpe(torch.arange(offset, offset + T, device=idx.device))
-        elif cfg.pos == "rope":
+        if any(sp.rope for sp in specs):
             inv_freq, temperature = cfg.rope(rope_len or offset + T)
             rope = rope_cos_sin(T, cfg.n_embd // cfg.n_head, cfg.rope_base, idx.device, offset, inv_freq)
-            if temperature != 1.0:
-                spec = replace(spec, temperature=temperature)
+            if temperature != 1.0:  # YaRN's temperature belongs to the layers it rotates
+                specs = [replace(sp, temperature=temperature) if sp.rope else sp for sp in specs]
         x = self.transformer.drop(x)
+        if cache is not None:
+            cache[0]["seen"] = offset + T
         for i, block in enumerate(self.transformer.h):
-            x = block(x, spec, rope, None if cache is None else cache[i], probe)
+            x = block(x, specs[i], rope if specs[i].rope else None, None if cache is None else cache[i], probe)
         x = self.transformer.ln_f(x)
         logits = self.lm_head(x)
         loss = None
         if targets is not None:
-            loss = F.cross_entropy(logits.float().view(-1, logits.size(-1)), targets.reshape(-1),
-                                   ignore_index=-1, reduction=reduction)
+            acc = torch.promote_types(logits.dtype, torch.float32)  # fp32 at least (fp64 in a float64 model)
+            loss = F.cross_entropy(logits.to(acc).view(-1, logits.size(-1)), targets.reshape(-1), ignore_index=-1,
+                                   reduction=reduction)
         return logits, loss
 
     def new_cache(self):
+        """Per-layer dicts for KV-cache decoding (forward fills them; cache[0]['seen'] counts the tokens fed)."""
         return [dict() for _ in range(self.config.n_layer)]
 
     def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
@@ -709,7 +965,7 @@ class GPT(nn.Module):
             if self.config.pos == "learned" and idx.size(1) > bs:
                 cache, ctx = self.new_cache(), idx[:, -bs:]  # past the learned table: recompute on the last bs
             else:
-                ctx = idx[:, (cache[0]["k"].shape[2] if "k" in cache[0] else 0):]  # only the tokens not cached yet
+                ctx = idx[:, cache_len(cache):]  # only the tokens not cached yet
             logits, _ = self(ctx, cache=cache, rope_len=final_len)
             logits = logits[:, -1, :] / max(temperature, 1e-8)
             if vocab is not None:

@@ -92,6 +92,11 @@ attn = "softmax"         # a variant of model.VARIANTS (softmax, lssa, ssmax, si
 reweight_p = 0.0         # re-weighting power, a number >= 0; 0 = off (attn=lssar means lssa with 15)
 pos = "rope"             # rope | learned | none | alibi
 gate = "none"            # none | forget: a forget gate per layer adds c_i - c_j to the scores (FoX: attn=softmax, pos=none)
+window = 0               # > 0: sliding-window attention (query i sees keys i - window < j <= i)
+layers = ""              # a spec per layer, e.g. "3*softmax:window=16,softmax:pos=none:temp=logn" (docs/attention.md)
+length_temp = "none"     # the global layers' length temperature: none | logn | irope
+temp_floor = 0           # irope's floor_scale (0 = block_size)
+temp_scale = 0.1         # irope's attn_scale
 rope_base = 10000.0
 rope_scaling = "none"    # RoPE extension past the training length: none | pi | ntk | yarn (usually set at evaluation)
 rope_factor = 0.0        # its factor; 0 = per evaluated length (length / block_size)
@@ -321,8 +326,7 @@ if aside:
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 say(f"tokens per iteration: {tokens_per_iter:,} ({world_size} process(es) x {local_micro_steps} micro-batches x "
     f"{batch_size} x {block_size}) | device {device} | dtype {dtype} | {sum(map(len, train_parts)):,} train tokens")
-say(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention {gptconf.attn} reweight_p={gptconf.reweight_p:g} "
-    f"pos={gptconf.pos} backend={gptconf.attn_backend}")
+say(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention {gptconf.describe()} backend={gptconf.attn_backend}")
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)

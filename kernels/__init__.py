@@ -65,19 +65,22 @@ def why_not(backend, spec, q, needs_grad):
 
 
 def pick(spec, q, needs_grad, full=True):
-    """auto: sdpa where exact (fastest everywhere); on CUDA the fused Triton kernels for the kinds they cover, then
-    flex (fused, O(T) memory) for other normalised kinds in full passes (`full`: Tq = Tk; decoding stays on math,
-    no compile per generated token) except LSSAR-type training (flex's gradient through the captured row sums
-    is unverified); math otherwise. On CPU math is faster than compiled flex (measured: docs/backends.md) and Triton
-    runs only through its (slow) interpreter."""
-    if why_not("sdpa", spec, q, needs_grad) is None:
+    """auto: sdpa where exact (fastest everywhere) without a window; on CUDA the fused Triton kernels for the kinds
+    they cover, then flex (fused, O(T) memory) for other normalised kinds in full passes (`full`: Tq = Tk; decoding
+    stays on math, no compile per generated token) except LSSAR-type training (flex's gradient through the captured
+    row sums is unverified), then sdpa with a window's mask; math otherwise. On CPU math is faster than compiled
+    flex (measured: docs/backends.md) and Triton runs only through its (slow) interpreter."""
+    sdpa = why_not("sdpa", spec, q, needs_grad) is None
+    if sdpa and not spec.window:
         return "sdpa"
     if q.device.type == "cuda":
         if why_not("triton", spec, q, needs_grad) is None:
             return "triton"
         if full and not (needs_grad and spec.reweight_p > 0) and why_not("flex", spec, q, needs_grad) is None:
             return "flex"
-    return "math"
+        if sdpa:  # a window as a mask: every score computed, but fused
+            return "sdpa"
+    return "math"  # (under a window on CPU: only the keys a chunk sees, O(T x window))
 
 
 # The precision of the q . k dots (GPTConfig.attn_dots). auto: the backend's own choice; the Triton kernels then

@@ -14,6 +14,7 @@ traced inside; the spec reaches them as a string, AttnSpec.key) and an autograd 
 from contextlib import contextmanager
 
 import torch
+import torch.nn.functional as F
 
 import kernels
 
@@ -36,6 +37,12 @@ def plan(BH, Tq, Tk, chunk, all_heads=False):
     return [(slice(h0, h0 + heads), c0) for h0 in range(0, BH, heads) for c0 in range(0, Tq, rows)], rows
 
 
+def chunk_keys(spec, Tk, chunk):
+    """The most keys a chunk of up to `chunk` rows scores (what plan budgets by): all Tk, or under a window at most
+    window + chunk (cost O(T x window), not O(T^2))."""
+    return min(Tk, spec.window + chunk) if spec.window else Tk
+
+
 def direct_ok(spec, n_max, d, dtype):
     """Can stage 1 use var.weight (e.g. softplus) instead of exp(logw - row max)? Always for unnormalised kinds;
     for normalised ones only when no row can underflow to all zeros: QK-norm bounds |s| <= scale(N) (a bias
@@ -45,6 +52,7 @@ def direct_ok(spec, n_max, d, dtype):
         return var.weight is not None
     if not var.qk_norm or var.params:
         return False
+    n_max = min(n_max, spec.window) if spec.window else n_max  # N_i stops growing at the window
     bound = abs(spec.row_scale(float(n_max), d, {}))  # the scale grows with N: its largest at the last row
     return bound < (80.0 if dtype != torch.float64 else 700.0)  # softplus(-80) = 1.8e-35 > fp32 tiny
 
@@ -63,18 +71,35 @@ def causal_bias(r, dtype, device):
     return _BIAS[key]
 
 
+def band_bias(r, cols, lag, window, dtype, device):
+    """(r, cols) with 0 where key column c is visible to chunk row t under a window, -inf elsewhere: the row sits
+    lag + t - c positions after the key, and sees it when 0 <= lag + t - c < window."""
+    key = (r, cols, lag, window, dtype, str(device))
+    if key not in _BIAS:
+        if len(_BIAS) > 64:
+            _BIAS.clear()
+        dist = lag + torch.arange(r, device=device).view(r, 1) - torch.arange(cols, device=device).view(1, cols)
+        _BIAS[key] = torch.zeros((r, cols), dtype=dtype, device=device).masked_fill_((dist < 0) | (dist >= window),
+                                                                                      float("-inf"))
+    return _BIAS[key]
+
+
 def chunk_scores(q, k, spec, first, c0, r, hs, H, gate=None):
-    """Scores of query rows c0 .. c0+r-1 (absolute positions first ..) of the flat heads hs against the keys they
-    can see, -inf on the causal triangle: (heads, r, first + r). gate: the forget gate's c (B*H, Tk)."""
-    s = q[hs, c0:c0 + r] @ k[hs, :first + r].transpose(-2, -1)
+    """Scores of query rows c0 .. c0+r-1 (absolute positions first ..) of the flat heads hs against the keys
+    k0 .. first + r - 1 that the chunk can see (k0 = spec.first_key(first): 0 without a window), -inf where a row
+    does not see a key: (heads, r, first + r - k0). gate: the forget gate's c (B*H, Tk)."""
+    k0 = spec.first_key(first)  # a window hides the keys before it from every row of the chunk: not computed
+    s = q[hs, c0:c0 + r] @ k[hs, k0:first + r].transpose(-2, -1)
     if gate is not None:  # c_i - c_j
-        s += gate[hs, first:first + r, None] - gate[hs, None, :first + r]
-    # keys before `first` are visible to every row of the chunk: only the last r keys form a causal triangle
-    s[..., first:] += causal_bias(r, s.dtype, s.device)
+        s += gate[hs, first:first + r, None] - gate[hs, None, k0:first + r]
+    if spec.window:
+        s += band_bias(r, first + r - k0, first - k0, spec.window, s.dtype, s.device)
+    else:  # keys before `first` are visible to every row of the chunk: only the last r keys form a causal triangle
+        s[..., first:] += causal_bias(r, s.dtype, s.device)
     if spec.variant.bias is not None:
         pos = torch.arange(first, first + r, device=s.device).view(r, 1)
         heads = (torch.arange(hs.start, hs.stop, device=s.device) % H).view(-1, 1, 1)
-        s = s + spec.variant.bias(pos, torch.arange(first + r, device=s.device), heads, H)
+        s = s + spec.variant.bias(pos, torch.arange(k0, first + r, device=s.device), heads, H)
     return s
 
 
@@ -90,8 +115,8 @@ def stage1_vjp(s, spec, n, direct, functional):
 
 
 def chunk_weights(q, k, spec, n_all, pos_offset, c0, rows, hs, H, direct, grad=False, functional=False, gate=None):
-    """Both stages for query rows c0 .. c0+rows-1 of flat heads hs. Returns (tk, R, st, vjp): the final weights
-    are R * st['f'] with a per-row factor f (1, 1/S or 1/Z), so the row factors are applied to the small
+    """Both stages for query rows c0 .. c0+rows-1 of flat heads hs. Returns (k0, tk, R, st, vjp): the weights of
+    keys k0 .. tk - 1 are R * st['f'] with a per-row factor f (1, 1/S or 1/Z), so the row factors are applied to the small
     (rows x d) outputs, not to the (rows x T) weights. With grad=True, vjp maps dL/dphi to dL/ds (stage 1) and
     st holds what stage 2's derivative needs."""
     var, p = spec.variant, spec.reweight_p
@@ -112,7 +137,7 @@ def chunk_weights(q, k, spec, n_all, pos_offset, c0, rows, hs, H, direct, grad=F
             R, Z, st["aux"] = spec.reweight(phi, S, n, pos, inplace=not grad)
             st["Z"] = Z
             st["f"] = 1.0 / Z.clamp_min(torch.finfo(n.dtype).tiny)
-    return first + n.shape[0], R, st, vjp
+    return spec.first_key(first), first + n.shape[0], R, st, vjp
 
 
 def _flat(t):
@@ -126,11 +151,11 @@ def forward(q, k, v, spec, pos_offset, chunk, keep=None, gate=None):
     n_all, direct = spec.row_n(pos_offset, Tq, q), direct_ok(spec, pos_offset + Tq, d, q.dtype)
     qf, kf, vf, gf = _flat(q), _flat(k), _flat(v), _flat_gate(gate, q.dtype)
     out = torch.empty(qf.shape[:-1] + vf.shape[-1:], dtype=v.dtype, device=v.device)
-    chunks, rows = plan(qf.shape[0], Tq, kf.shape[1], chunk)
+    chunks, rows = plan(qf.shape[0], Tq, chunk_keys(spec, kf.shape[1], chunk), chunk)
     for hs, c0 in chunks:
         ch = chunk_weights(qf, kf, spec, n_all, pos_offset, c0, rows, hs, H, direct, keep is not None, gate=gf)
-        tk, R, st, _ = ch
-        torch.mul(R @ vf[hs, :tk], st["f"], out=out[hs, c0:c0 + rows])
+        k0, tk, R, st, _ = ch
+        torch.mul(R @ vf[hs, k0:tk], st["f"], out=out[hs, c0:c0 + rows])
         if keep is not None:
             keep.append(ch)
     return out.view(B, H, Tq, -1)
@@ -149,17 +174,17 @@ def backward(dout, q, k, v, out, spec, pos_offset, chunk, kept=None, functional=
     dq, dk, dv = (torch.zeros(t.shape, dtype=t.dtype, device=t.device) for t in (qf, kf, vf))
     dout = _flat(dout.to(v.dtype))
     delta = (dout * _flat(out)).sum(dim=-1, keepdim=True)  # sum_j w_ij dL/dw_ij = dout_i . out_i (FlashAttention)
-    chunks, rows = plan(qf.shape[0], Tq, kf.shape[1], chunk)
+    chunks, rows = plan(qf.shape[0], Tq, chunk_keys(spec, kf.shape[1], chunk), chunk)
     for i, (hs, c0) in enumerate(chunks):
         if kept:
-            (tk, R, st, vjp), kept[i] = kept[i], None  # free each kept chunk as soon as it is used
+            (k0, tk, R, st, vjp), kept[i] = kept[i], None  # free each kept chunk as soon as it is used
         else:
-            tk, R, st, vjp = chunk_weights(qf, kf, spec, n_all, pos_offset, c0, rows, hs, H, direct, True, functional,
-                                           gf)
+            k0, tk, R, st, vjp = chunk_weights(qf, kf, spec, n_all, pos_offset, c0, rows, hs, H, direct, True,
+                                               functional, gf)
         sl = slice(c0, c0 + R.shape[-2])
         do = dout[hs, sl]
-        dv[hs, :tk] += R.transpose(-2, -1) @ (do * st["f"])
-        g = do @ vf[hs, :tk].transpose(-2, -1)  # dL/dw
+        dv[hs, k0:tk] += R.transpose(-2, -1) @ (do * st["f"])
+        g = do @ vf[hs, k0:tk].transpose(-2, -1)  # dL/dw
         if spec.variant.normalise:
             g.sub_(delta[hs, sl])  # dL/dw_ij - sum_j w_ij dL/dw_ij: the normalisation's derivative
             if spec.reweight_p > 0:
@@ -167,11 +192,11 @@ def backward(dout, q, k, v, out, spec, pos_offset, chunk, kept=None, functional=
             else:
                 g.mul_(st["f"])
         (ds,) = vjp(g)
-        dq[hs, sl] = ds @ kf[hs, :tk]
-        dk[hs, :tk] += ds.transpose(-2, -1) @ qf[hs, sl]
+        dq[hs, sl] = ds @ kf[hs, k0:tk]
+        dk[hs, k0:tk] += ds.transpose(-2, -1) @ qf[hs, sl]
         if dg is not None:
             dg[hs, tk - ds.shape[-2]:tk] += ds.sum(dim=-1)
-            dg[hs, :tk] -= ds.sum(dim=-2)
+            dg[hs, k0:tk] -= ds.sum(dim=-2)
     return dq.view(q.shape), dk.view(k.shape), dv.view(v.shape), None if dg is None else dg.view(gate.shape)
 
 
@@ -286,10 +311,11 @@ def weights(q, k, spec, pos_offset, *, chunk=256, gate=None):
     B, H, Tq, d = q.shape
     n_all, direct = spec.row_n(pos_offset, Tq, q), direct_ok(spec, pos_offset + Tq, d, q.dtype)
     qf, kf, gf = _flat(q), _flat(k), _flat_gate(gate, q.dtype)
-    chunks, rows = plan(qf.shape[0], Tq, kf.shape[1], chunk, all_heads=True)
+    chunks, rows = plan(qf.shape[0], Tq, chunk_keys(spec, kf.shape[1], chunk), chunk, all_heads=True)
     for hs, c0 in chunks:
-        tk, R, st, _ = chunk_weights(qf, kf, spec, n_all, pos_offset, c0, rows, hs, H, direct, gate=gf)
-        yield pos_offset + c0, (R * st["f"]).view(B, H, -1, tk)
+        k0, tk, R, st, _ = chunk_weights(qf, kf, spec, n_all, pos_offset, c0, rows, hs, H, direct, gate=gf)
+        w = (R * st["f"]).view(B, H, -1, tk - k0)
+        yield pos_offset + c0, F.pad(w, (k0, 0)) if k0 else w  # keys from 0 on: the window's hidden ones weigh 0
 
 
 def row_logsumexp(q, k, spec, pos_offset, chunk=256, gate=None):
@@ -299,7 +325,7 @@ def row_logsumexp(q, k, spec, pos_offset, chunk=256, gate=None):
     var, n_all = spec.variant, spec.row_n(pos_offset, Tq, q)
     qf, kf, gf = _flat(q), _flat(k), _flat_gate(gate, q.dtype)
     lse = torch.empty(qf.shape[:-1], dtype=q.dtype, device=q.device)
-    chunks, rows = plan(qf.shape[0], Tq, kf.shape[1], chunk)
+    chunks, rows = plan(qf.shape[0], Tq, chunk_keys(spec, kf.shape[1], chunk), chunk)
     for hs, c0 in chunks:
         n = n_all[c0:c0 + rows]
         s = chunk_scores(qf, kf, spec, pos_offset + c0, c0, n.shape[0], hs, H, gf)

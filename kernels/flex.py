@@ -52,11 +52,18 @@ def supports(spec, q, needs_grad):
     return None
 
 
-def _block_mask(Tq, Tk, pos_offset, device):
-    key = (Tq, Tk, pos_offset, str(device))
+def _block_mask(Tq, Tk, pos_offset, device, window=0):
+    """Causal (and under a window, banded) block mask: flex skips the blocks no query of a tile sees."""
+    key = (Tq, Tk, pos_offset, str(device), window)
     if key not in _FLEX:  # block masks are cheap to keep and slow to build (2 s at T = 2048 on CPU)
         off = torch.tensor(pos_offset, device=device)
-        _FLEX[key] = _FLEX["mask"](lambda b, h, qi, kv: kv <= qi + off, None, None, Tq, Tk, device=device)
+        if window:
+            def visible(b, h, qi, kv):
+                return (kv <= qi + off) & (kv > qi + off - window)
+        else:
+            def visible(b, h, qi, kv):
+                return kv <= qi + off
+        _FLEX[key] = _FLEX["mask"](visible, None, None, Tq, Tk, device=device)
     return _FLEX[key]
 
 
@@ -83,10 +90,12 @@ def _attend_padded(q, k, v, spec, pos_offset, Tq, Tk, gate=None):
     flex, var, dtype, H = flex_attention(), spec.variant, q.dtype, q.shape[1]
     off = torch.tensor(pos_offset, device=q.device)
     pp = torch.tensor(spec.reweight_p, dtype=dtype, device=q.device)
-    bm = _block_mask(q.shape[2], k.shape[2], pos_offset, q.device)
+    bm = _block_mask(q.shape[2], k.shape[2], pos_offset, q.device, spec.window)
 
     def logw(score, b, h, qi, kv):
         n = (qi + off + 1).to(dtype)
+        if spec.window:  # N_i: the keys the row sees
+            n = n.clamp_max(spec.window)
         s = score if var.bias is None else score + var.bias(qi + off, kv, h, H)
         if gate is not None:
             s = s + (gate[b, h, qi + off] - gate[b, h, kv]).to(dtype)

@@ -15,10 +15,13 @@ def supports(spec, q, needs_grad):
 
 
 def attend(q, k, v, spec, pos_offset, *, chunk=256, needs_grad=False, gate=None):
+    """A window is a boolean (Tq, Tk) mask: exact, but SDPA then computes every score (O(T^2), and on CPU its
+    math kernel stores them); kernels.pick prefers the backends that skip the hidden blocks."""
     Tq, Tk = q.shape[2], k.shape[2]
     q, k = q.to(v.dtype), k.to(v.dtype)  # SDPA wants one dtype (bf16 under autocast)
-    if Tq == Tk:
+    if Tq == Tk and not spec.window:
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=1.0)
     pos = torch.arange(pos_offset, pos_offset + Tq, device=q.device).view(Tq, 1)
-    mask = torch.arange(Tk, device=q.device).view(1, Tk) <= pos
+    keys = torch.arange(Tk, device=q.device).view(1, Tk)
+    mask = (keys <= pos) & (keys > pos - spec.window) if spec.window else keys <= pos
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=1.0)

@@ -22,12 +22,12 @@ def _cos(q, k):
     return (q / q.norm(dim=-1, keepdim=True)) @ (k / k.norm(dim=-1, keepdim=True)).transpose(-1, -2)
 
 
-def _dot(q, k, d, i, j, h, prm):
+def _dot(q, k, d, i, j, h, prm, N=None):
     return q @ k.transpose(-1, -2) / math.sqrt(d)
 
 
-def _log_length(q, k, d, i, j, h, prm):
-    return math.log(d) * torch.log(i + 1) * _cos(q, k)
+def _log_length(q, k, d, i, j, h, prm, N=None):
+    return math.log(d) * torch.log(i + 1 if N is None else N) * _cos(q, k)
 
 
 def _softplus(s, N):
@@ -63,8 +63,8 @@ ORACLE = {
     "sigmoid": (_dot, _sigmoid_minus_log_n, False),
     "relu": (_dot, lambda s, N: torch.relu(s) / N, False),
     "sigmoid_l1": (_dot, _sigmoid_minus_log_n, True),
-    "ssmax_learn": (lambda q, k, d, i, j, h, prm: prm["ssmax_s"].view(-1, 1, 1) * torch.log(i + 1) * _dot(q, k, d, i, j, h, prm),
-                    lambda s, N: torch.exp(s), True),
+    "ssmax_learn": (lambda q, k, d, i, j, h, prm, N=None: prm["ssmax_s"].view(-1, 1, 1) * torch.log(i + 1 if N is None else N)
+                    * _dot(q, k, d, i, j, h, prm), lambda s, N: torch.exp(s), True),
     "stickbreak": (_dot, _stick, False),
     "stickbreak_self": (_dot, lambda s, N: _stick(s, N, current=True), False),
 }
@@ -92,9 +92,11 @@ def alibi_slopes_oracle(H):
 
 
 def oracle_weights(q, k, attn, reweight_p=0.0, pos_offset=None, *, alibi=False, logn_len=0, temperature=1.0,
-                   logf=None):
+                   logf=None, window=0, irope=None):
     """Attention weights (B, H, Tq, Tk) in float64, straight from docs/attention.md. logf: (B, H, Tk) the log
-    forget gates of every key position (the forget gate: s_ij + sum_{l=j+1}^{i} log f_l)."""
+    forget gates of every key position (the forget gate: s_ij + sum_{l=j+1}^{i} log f_l). window W > 0: query i
+    sees the keys i - W < j <= i only, and N_i counts those. irope = (floor_scale, attn_scale): scores x
+    log(floor((i + 1) / floor_scale) + 1) * attn_scale + 1."""
     if attn == "lssar":  # LSSA with re-weighting; p = 15 is the headline setting
         attn, reweight_p = "lssa", (reweight_p or 15.0)
     q, k = q.double(), k.double()
@@ -105,12 +107,17 @@ def oracle_weights(q, k, attn, reweight_p=0.0, pos_offset=None, *, alibi=False, 
     i = torch.arange(Tq, dtype=torch.float64) + pos_offset  # absolute query positions
     j = torch.arange(Tk, dtype=torch.float64)  # absolute key positions
     visible = j[None, :] <= i[:, None]  # (Tq, Tk): query i sees keys j <= i
-    N = (i + 1)[:, None]  # (Tq, 1): number of visible keys N_i = i + 1
+    if window:
+        visible = visible & (j[None, :] > i[:, None] - window)
+    N = visible.sum(dim=-1, keepdim=True).double()  # (Tq, 1): number of visible keys, i + 1 (or min(i + 1, W))
 
     scores, weight, normalised = ORACLE[attn]
-    s = scores(q, k, d, i[:, None], j[None, :], torch.arange(H, dtype=torch.float64).view(-1, 1, 1), params_for(attn, H))
+    s = scores(q, k, d, i[:, None], j[None, :], torch.arange(H, dtype=torch.float64).view(-1, 1, 1), params_for(attn, H),
+               N=N)
     if logn_len:  # log-length scaling: s x max(1, log N_i / log L)
         s = s * torch.clamp(torch.log(N) / math.log(logn_len), min=1.0)
+    if irope:  # iRoPE (Llama 4): q x (log(floor((i + 1) / floor_scale) + 1) * attn_scale + 1)
+        s = s * (torch.log(torch.floor((i[:, None] + 1) / irope[0]) + 1) * irope[1] + 1)
     s = s * temperature
     if alibi:  # ALiBi: - m_h (i - j)
         s = s - torch.tensor(alibi_slopes_oracle(H), dtype=torch.float64).view(-1, 1, 1) * (i[:, None] - j[None, :])
@@ -139,10 +146,11 @@ def oracle(q, k, v, attn, reweight_p=0.0, pos_offset=None, **spec):
 
 
 def attention(q, k, v, attn, reweight_p=0.0, pos_offset=None, *, alibi=False, logn_len=0, temperature=1.0, logf=None,
-              **kw):
+              window=0, irope=None, **kw):
     """causal_attention with the spec of (attn, reweight_p, ...) and the per-head parameters the oracle uses; logf:
     log forget gates (B, H, Tk), whose cumulative sum is the gate's c (the model's forget_gate does the same)."""
-    spec = AttnSpec.of(attn, reweight_p, alibi=alibi, logn_len=logn_len, temperature=temperature, gate=logf is not None)
+    spec = AttnSpec.of(attn, reweight_p, alibi=alibi, logn_len=logn_len, temperature=temperature, gate=logf is not None,
+                       window=window, **(dict(irope_floor=irope[0], irope_scale=irope[1]) if irope else {}))
     params = {n: t.to(q.dtype if q.dtype == torch.float64 else torch.float32) for n, t in params_for(attn, q.shape[1]).items()}
     gate = None if logf is None else torch.cumsum(logf, dim=-1)
     return causal_attention(q, k, v, spec, pos_offset, params=params, gate=gate, **kw)
