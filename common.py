@@ -8,6 +8,7 @@ import atexit
 import errno
 import glob
 import hashlib
+import importlib.util
 import math
 import os
 import pickle
@@ -59,8 +60,15 @@ def writable_dir(path, key, prefix="config error", value=None):
         os.close(fd)
         os.remove(tmp)
     except OSError as e:
-        raise SystemExit(f"{prefix}: {key}={value!r} is not writable ({e.strerror or one_line(e)}: {probe}); pass a "
-                         "folder you can write to") from None
+        why = e.strerror or one_line(e)
+        if probe != path:  # the folder is to be made: say which one cannot be, and where
+            missing = path
+            while os.path.dirname(missing) != probe:
+                missing = os.path.dirname(missing)
+            raise SystemExit(f"{prefix}: {key}={value!r} cannot be created: {probe} takes no new folder {missing} "
+                             f"({why}); pass a folder you can write to") from None
+        raise SystemExit(f"{prefix}: {key}={value!r} is not writable ({why}: {probe}); pass a folder you can write "
+                         "to") from None
     return path
 
 
@@ -272,11 +280,13 @@ def check_token_ids(parts, vocab_size, where, hint):
     chunk = 1 << 24
     for i, p in enumerate(parts):
         for s in range(0, len(p), chunk):
-            top = int(p[s:s + chunk].max())
+            block = p[s:s + chunk]
+            top = int(block.max())
             if top >= vocab_size:
-                raise SystemExit(f"dataset error: {where} holds token id {top} (part {i + 1} of {len(parts)}, near token "
-                                 f"{s:,}) but its vocabulary has {vocab_size} tokens; the .bin is of another dtype or "
-                                 f"tokenizer than meta.pkl: re-run `{hint}`")
+                at = s + int(np.argmax(block >= vocab_size))  # the first bad id's position in its part
+                raise SystemExit(f"dataset error: {where} holds token id {int(p[at])} (part {i + 1} of {len(parts)}, "
+                                 f"token {at:,}) but its vocabulary has {vocab_size} tokens; the .bin is of another dtype "
+                                 f"or tokenizer than meta.pkl: re-run `{hint}`")
 
 
 # A dataset's fingerprint, recorded in every checkpoint and compared wherever a checkpoint meets data again: what
@@ -394,6 +404,51 @@ def save_checkpoint(obj, path):
             os.remove(tmp)
 
 
+# What a resume may change (train.py): these keys say how far, how often or where a run goes, not what it computes
+# (data_dir: where the data lies; the data itself is checked by its fingerprint); warmup_iters may also change once
+# the run is past both warmups. The INVOCATION keys say what one command does and are never restored.
+RESUME_FREE = ("max_iters", "lr_decay_iters", "eval_interval", "log_interval", "always_save_checkpoint", "compile",
+               "device", "attn_backend", "attn_chunk", "attn_dots", "data_dir", "wandb_log", "wandb_project",
+               "wandb_run_name")
+INVOCATION = ("out_dir", "init_from", "eval_only", "overwrite")
+
+
+def check_train_options(o):
+    """train.py's options (o: its configured keys) parsed and range-checked before anything is read or written:
+    numbers in range (0 would divide by zero or train nothing), the attention a model of these settings would have
+    (from scratch: a resume or fine-tune takes it from the checkpoint), device and dtype, the invocation's keys."""
+    if o["eval_only"] and o["init_from"] not in ("scratch", "resume"):
+        raise SystemExit(f"config error: eval_only evaluates the checkpoint in out_dir; pass --out_dir={o['init_from']} "
+                         "instead of --init_from")
+    if not o["init_from"]:
+        raise SystemExit("config error: init_from is scratch, resume, or the out_dir (or checkpoint) of a run to "
+                         "fine-tune; got ''")
+    check_range({k: o[k] for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters",
+                                   "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
+                                   "window_align", "attn_chunk")}, 1)
+    check_range({k: o[k] for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "eval_iters",
+                                   "gradient_accumulation_steps", "window_align", "attn_chunk")}, 1, 2**24)
+    check_range({k: o[k] for k in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters",
+                                   "lr_decay_iters")}, 0)
+    check_range({k: o[k] for k in ("dropout", "beta1", "beta2")}, 0, 1, open_high=True)
+    check_range({"rope_base": o["rope_base"]}, 0, open_low=True)
+    if o["wandb_log"] and importlib.util.find_spec("wandb") is None:
+        raise SystemExit("config error: wandb_log=True needs the wandb package; pip install wandb, or drop --wandb_log")
+    p = parse_reweight_p(o["finetune_reweight_p"], "finetune_reweight_p")
+    if p != "ckpt" and o["init_from"] == "scratch":
+        raise SystemExit("config error: finetune_reweight_p applies when fine-tuning (--init_from=DIR of another run); "
+                         "from scratch set --reweight_p instead")
+    if o["init_from"] == "scratch":
+        model_keys = [f for f in GPTConfig.__dataclass_fields__ if f != "vocab_size"]
+        try:
+            GPTConfig(**{k: o[k] for k in model_keys}, vocab_size=256)
+        except (ValueError, TypeError) as e:
+            raise SystemExit(f"config error: {one_line(e)}") from None
+    autocast_ctx(pick_device(o["device"]), o["dtype"])
+    if not o["eval_only"]:
+        writable_dir(o["out_dir"], "out_dir")
+
+
 # The run folder. train.py holds LOCK_FILE for as long as it writes the folder (lock_out_dir); --overwrite=True
 # moves the previous run's RUN_FILES into ASIDE and deletes them only once the new run has saved a checkpoint.
 LOCK_FILE, ASIDE, RUN_FILES = "train.lock", "previous-run", ("ckpt.pt", "best.pt", "log.csv", "wandb")
@@ -493,6 +548,15 @@ def tidy_run_dir(out_dir):
     done = []
     tmps = [p for p in glob.glob(os.path.join(glob.escape(out_dir), "*.tmp*"))
             if os.path.basename(p).split(".tmp")[0] in RUN_FILES]
+    for p in tmps:  # (before anything is removed: a folder in the way is the user's, and stops the run)
+        if os.path.isdir(p) and not os.path.islink(p):
+            raise SystemExit(f"train error: {p} is a folder named like the temporary file of an interrupted save, "
+                             f"which train.py removes at the start of a run; move it out of {out_dir}")
+    for name in RUN_FILES[:-1]:  # the run's own files (wandb/ is a folder)
+        p = os.path.join(out_dir, name)
+        if os.path.isdir(p) and not os.path.islink(p):
+            raise SystemExit(f"train error: {p} is a folder where the run keeps its {name} file; move it out of "
+                             f"{out_dir} (or train into another --out_dir)")
     for p in tmps:
         os.remove(p)
     if tmps:
@@ -513,6 +577,14 @@ def load_checkpoint(out_dir_or_file, device="cpu"):
     if os.path.isdir(path):
         path = os.path.join(path, "ckpt.pt")
     if not os.path.exists(path):
+        folder = os.path.dirname(path)
+        if os.path.exists(os.path.join(folder, ASIDE, "ckpt.pt")):
+            raise SystemExit(f"checkpoint not found: {path}; an interrupted --overwrite=True left the previous run in "
+                             f"{os.path.join(folder, ASIDE)}: the next train.py into {folder} restores it, or read it "
+                             f"there ({os.path.join(folder, ASIDE, 'ckpt.pt')})")
+        if os.path.basename(path) == "ckpt.pt" and os.path.exists(os.path.join(folder, "best.pt")):
+            raise SystemExit(f"checkpoint not found: {path}; {folder} holds best.pt (the best evaluation's weights): pass "
+                             f"{os.path.join(folder, 'best.pt')}")
         raise SystemExit(f"checkpoint not found: {path}; train one with `python train.py ... --out_dir=DIR` "
                          "or pass the out_dir of an existing run")
     try:
@@ -615,8 +687,8 @@ def parse_names(value, key, prefix="config error", example="DIR1,DIR2"):
 def parse_numbers(value, key, cast=int, *, prefix="config error", example="1,2,4", ok=lambda x: x > 0, what=None):
     """'1,2,4' -> [1, 2, 4] in the order given: a non-empty comma list (blanks dropped) of distinct finite numbers
     (integers when cast is int) that all pass `ok`, described by `what` (default: integers / numbers > 0).
-    Anything else (no items, a word, 0 or a negative number by default, a repeat, nan) stops with one line naming
-    the key, the problem and the fix."""
+    Anything else (no items, an empty item, a word, 0 or a negative number by default, a repeat, nan) stops with one
+    line naming the key, the problem and the fix."""
     what = what or f"{'integers' if cast is int else 'numbers'} > 0"
 
     def fail(why):
@@ -624,7 +696,10 @@ def parse_numbers(value, key, cast=int, *, prefix="config error", example="1,2,4
                           f"got {str(value)!r} ({why})")
 
     out = []
-    for text in parse_list(value):
+    items = [x.strip() for x in str(value).split(",")]
+    if len(items) > 1 and "" in items:
+        raise fail("an empty item")
+    for text in filter(None, items):
         try:
             x = cast(text)
         except ValueError:

@@ -19,7 +19,9 @@ SIMPLE = (int, float, bool, str)
 
 
 def config_keys(g):
-    return [k for k, v in g.items() if not k.startswith("_") and isinstance(v, SIMPLE)]
+    """The settable keys of a script's namespace: its lower-case module-level ints, floats, bools and strings
+    (CAPITALISED names are constants, such as ROOT or MAX_NEW_TOKENS, and imports are not settings)."""
+    return [k for k, v in g.items() if not k.startswith("_") and k.islower() and isinstance(v, SIMPLE)]
 
 
 def _check(key, value, default, where):
@@ -66,7 +68,7 @@ def script_defaults(path):
     marks = [i for i, line in enumerate(src.splitlines()) if line.startswith("# ----")]
     ns = {}
     exec("\n".join(src.splitlines()[marks[0] + 1:marks[1]]), ns)
-    return {k: v for k, v in ns.items() if not k.startswith("_") and isinstance(v, SIMPLE)}
+    return {k: v for k, v in ns.items() if not k.startswith("_") and k.islower() and isinstance(v, SIMPLE)}
 
 
 def configure(g, argv=None, given=None):

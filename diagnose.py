@@ -181,18 +181,23 @@ def table(res):
     return "\n".join(lines)
 
 
-def main():
-    configure(globals())
-    if not ckpts:
+def check_options(o):
+    """Every option parsed and range-checked before any checkpoint is read or anything written."""
+    if not o["ckpts"]:
         raise SystemExit("diagnose error: pass --ckpts=DIR[,DIR...] (out_dirs of trained runs)")
-    # everything that can be checked without a checkpoint is, before one is loaded
-    check_range({"windows": windows}, 1, prefix="diagnose error")
-    check_range({"rows": rows}, 0, prefix="diagnose error")
-    if not os.path.basename(out):  # '' or a folder: the files would be named .json, .csv, ...
+    parse_names(o["ckpts"], "ckpts", "diagnose error")
+    check_range({"windows": o["windows"]}, 1, 10_000, prefix="diagnose error")
+    check_range({"rows": o["rows"]}, 0, prefix="diagnose error")
+    length_spec(o["lengths"], o["multipliers"])
+    pick_device(o["device"])
+    if not os.path.basename(o["out"]):  # '' or a folder: the files would be named .json, .csv, ...
         raise SystemExit(f"diagnose error: out names the result files without their extension, e.g. --out=results/diagnostics; "
-                         f"got {out!r}")
-    writable_prefix(out, "out", "diagnose error", (".json", ".png"))
-    length_spec(lengths, multipliers)
+                         f"got {o['out']!r}")
+    writable_prefix(o["out"], "out", "diagnose error", (".json", ".png"))
+
+
+def main():
+    check_options(configure(globals()))
     ckpt_dirs = parse_names(ckpts, "ckpts", "diagnose error")
     res = diagnose(ckpt_dirs, multipliers=multipliers, lengths=lengths, n_windows=windows, n_rows=rows, device=device,
                    allow_other_data=allow_other_data)

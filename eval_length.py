@@ -60,7 +60,7 @@ from common import (
     writable_prefix,
 )
 from configurator import configure
-from kernels import DOTS
+from kernels import BACKENDS, DOTS
 from model import LENGTH_TEMPS, GPTConfig
 
 # -----------------------------------------------------------------------------
@@ -273,8 +273,8 @@ def eval_time(ckpt_dir, margs, overrides):
 
 
 def applies(margs, overrides):
-    """Whether eval-time overrides make sense for a checkpoint (a RoPE extension needs a RoPE model)."""
-    return overrides.get("rope_scaling", "none") == "none" or margs.get("pos", "rope") == "rope"
+    """Whether eval-time overrides make sense for a checkpoint (a RoPE extension needs a layer with RoPE)."""
+    return overrides.get("rope_scaling", "none") == "none" or any(sp.rope for sp in GPTConfig(**margs).layer_specs)
 
 
 def doc_separator(meta, doc_sep):
@@ -458,7 +458,33 @@ def save_json(res, out_prefix, command):
     return res
 
 
+def write_all(out_prefix, suffixes, make):
+    """The files <out_prefix><suffix>, all or none: make(prefix) writes them under a temporary prefix, and they are
+    renamed into place only once every one exists, so a failure midway (an odd number in a plot, a full disk) leaves
+    the previous files as they were and no partial set. Returns the paths."""
+    tmp = f"{out_prefix}.tmp{os.getpid()}"
+    os.makedirs(os.path.dirname(out_prefix) or ".", exist_ok=True)
+    try:
+        make(tmp)
+        for suf in suffixes:
+            os.replace(tmp + suf, out_prefix + suf)
+    finally:
+        for suf in suffixes:
+            if os.path.exists(tmp + suf):
+                os.remove(tmp + suf)
+    return [out_prefix + suf for suf in suffixes]
+
+
 def write_results(res, out_prefix, command, make_plot=True):
+    """<out>.json, <out>.csv and (make_plot) the two plots, all or none (write_all)."""
+    def make(prefix):
+        if make_plot:  # first: what can fail on odd numbers
+            plot_results(res, prefix)
+        _write_tables(res, prefix, command)
+    return write_all(out_prefix, [".json", ".csv"] + ([".png", "_detail.png"] if make_plot else []), make)
+
+
+def _write_tables(res, out_prefix, command):
     res = save_json(res, out_prefix, command)
     with open(out_prefix + ".csv", "w", newline="") as f:
         w = csv.writer(f)
@@ -470,10 +496,7 @@ def write_results(res, out_prefix, command, make_plot=True):
                             r.get("rope_scaling", ""), r.get("rope_factor", ""), r.get("logn_scale", ""), r["block_size"],
                             x["length"], x["multiplier"], "" if x["loss"] is None else f"{x['loss']:.5f}", x["tokens"],
                             x.get("documents", "")])
-    paths = [out_prefix + ".json", out_prefix + ".csv"]
-    if make_plot:
-        paths += plot_results(res, out_prefix)
-    return paths
+    return res
 
 
 def table(res):
@@ -537,7 +560,7 @@ def plot_results(res, out_prefix):
 
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(12, 4.5))
     labels = [r["label"] for r in res["runs"]]
-    ratios = [scored(r)[-1]["loss"] / scored(r)[0]["loss"] for r in res["runs"]]
+    ratios = [scored(r)[-1]["loss"] / scored(r)[0]["loss"] if scored(r)[0]["loss"] else math.nan for r in res["runs"]]
     bars = a1.bar(range(len(labels)), ratios, color=[colour(i, len(labels)) for i in range(len(labels))])
     a1.bar_label(bars, fmt="%.2f", fontsize=8)
     a1.axhline(1.0, color="gray", linewidth=1)
@@ -555,30 +578,44 @@ def plot_results(res, out_prefix):
     return [out_prefix + ".png", out_prefix + "_detail.png"]
 
 
+def check_options(o):
+    """Every option of the command line (o: the configured keys) parsed and range-checked, before any checkpoint is
+    read or anything is written: one line naming the fix (SystemExit) otherwise. Returns the eval-time settings."""
+    if o["replot"]:
+        return []
+    if not o["ckpts"]:
+        raise SystemExit("eval error: pass --ckpts=DIR[,DIR...] (out_dirs of trained runs)")
+    parse_names(o["ckpts"], "ckpts", "eval error")
+    check_range({"tokens": o["tokens"], "stride": o["stride"]}, 0, prefix="eval error")
+    check_range({"batch_tokens": o["batch_tokens"], "position_buckets": o["position_buckets"], "min_docs": o["min_docs"]},
+                1, prefix="eval error")
+    check_range({"batch_tokens": o["batch_tokens"]}, 1, 2**30, prefix="eval error")
+    length_spec(o["lengths"], o["multipliers"])
+    settings = eval_settings(reweight_p=o["reweight_p"], rope_scaling=o["rope_scaling"], rope_factor=o["rope_factor"],
+                             attn_dots=o["attn_dots"], logn_scale=o["logn_scale"], length_temp=o["length_temp"])
+    if o["doc_sep"] and o["stride"]:
+        raise SystemExit("eval error: the document-aware mode (--doc_sep) uses non-overlapping windows; drop --stride")
+    if o["attn_backend"] and o["attn_backend"] not in ("reference", *BACKENDS):
+        raise SystemExit(f"eval error: unknown attn_backend={o['attn_backend']!r}; choose one of "
+                         f"{', '.join(('reference', *BACKENDS))} (or leave it out: the checkpoint's)")
+    autocast_ctx(pick_device(o["device"]), o["dtype"])
+    if not os.path.basename(o["out"]):  # '' or a folder: the files would be named .json, .csv, ...
+        raise SystemExit(f"eval error: out names the result files without their extension, e.g. --out=results/eval_length; "
+                         f"got {o['out']!r}")
+    writable_prefix(o["out"], "out", "eval error", (".json", ".csv", ".png", "_detail.png"))
+    return settings
+
+
 def main():
-    configure(globals())
+    o = configure(globals())
     if replot:
         res = read_results(replot, "eval", "eval_length.py", need=("length", "loss"),
                            what="eval_length results (runs with lengths and losses)")
         for p in plot_results(res, replot.removesuffix(".json")):
             print(f"wrote {p}")
         return
-    if not ckpts:
-        raise SystemExit("eval error: pass --ckpts=DIR[,DIR...] (out_dirs of trained runs)")
-    # everything that can be checked without a checkpoint is, before one is loaded
-    check_range({"tokens": tokens, "stride": stride}, 0, prefix="eval error")
-    check_range({"batch_tokens": batch_tokens, "position_buckets": position_buckets}, 1, prefix="eval error")
-    if not os.path.basename(out):  # '' or a folder: the files would be named .json, .csv, ...
-        raise SystemExit(f"eval error: out names the result files without their extension, e.g. --out=results/eval_length; "
-                         f"got {out!r}")
-    writable_prefix(out, "out", "eval error", (".json", ".csv", ".png", "_detail.png"))
-    length_spec(lengths, multipliers)
-    settings = eval_settings(reweight_p=reweight_p, rope_scaling=rope_scaling, rope_factor=rope_factor, attn_dots=attn_dots,
-                             logn_scale=logn_scale, length_temp=length_temp)
-    if doc_sep and stride:
-        raise SystemExit("eval error: the document-aware mode (--doc_sep) uses non-overlapping windows; drop --stride")
-    check_range({"min_docs": min_docs}, 1, prefix="eval error")
-    specs = [(d, o) for d in parse_names(ckpts, "ckpts", "eval error") for o in settings]
+    settings = check_options(o)
+    specs = [(d, ov) for d in parse_names(ckpts, "ckpts", "eval error") for ov in settings]
     res = evaluate(specs, multipliers=multipliers, lengths=lengths, tokens=tokens, stride=stride, backend=attn_backend,
                    device=device, dtype=dtype, buckets=position_buckets, batch_tokens=batch_tokens, doc_sep=doc_sep,
                    min_docs=min_docs, allow_other_data=allow_other_data)

@@ -268,8 +268,12 @@ def evaluate(ckpt_dirs, *, multipliers="1,2,4,8,16", lengths="", depths="0,0.25,
             margs = ck["model_args"]
             model = model_from_checkpoint(ck, dev, **j["overrides"]).eval()
             pbar.set_postfix_str(j["label"])
-            results = score(model, j.pop("trials"), depth_list, margs["block_size"], j["decode"], ctx, dev, batch_size,
-                            pbar)
+            try:
+                results = score(model, j.pop("trials"), depth_list, margs["block_size"], j["decode"], ctx, dev,
+                                batch_size, pbar)
+            except ValueError as e:
+                raise SystemExit(f"eval error: {j['label']} ({j['ckpt']}): {e}; nothing was written: evaluate a "
+                                 "checkpoint that did not diverge, or drop the eval-time setting") from None
             runs.append({"label": j["label"], "ckpt": j["ckpt"], "attn": j["attn"], "reweight_p": j["reweight_p"],
                          "trained_reweight_p": j["trained_reweight_p"], "eval": j["eval"], "pos": margs.get("pos", "rope"),
                          "block_size": margs["block_size"], "dataset": ck["config"]["dataset"],
@@ -368,25 +372,37 @@ def plot_results(res, out_prefix):
     return path
 
 
+def check_options(o):
+    """Every option parsed and range-checked before any checkpoint is read or anything written (one line naming
+    the fix otherwise)."""
+    if o["replot"]:
+        return
+    if not o["ckpts"]:
+        raise SystemExit("eval error: pass --ckpts=DIR[,DIR...] (out_dirs of trained runs)")
+    parse_names(o["ckpts"], "ckpts", "eval error")
+    length_spec(o["lengths"], o["multipliers"])
+    parse_depths(o["depths"])
+    check_range({"trials": o["trials"], "key_len": o["key_len"], "batch": o["batch"]}, 1, prefix="passkey error")
+    check_range({"trials": o["trials"], "batch": o["batch"]}, 1, 100_000, prefix="passkey error")
+    check_range({"key_len": o["key_len"]}, 1, 1000, prefix="passkey error")
+    eval_settings(reweight_p=o["reweight_p"], rope_scaling=o["rope_scaling"], rope_factor=o["rope_factor"],
+                  logn_scale=o["logn_scale"])
+    autocast_ctx(pick_device(o["device"]), o["dtype"])
+    if not os.path.basename(o["out"]):  # '' or a folder: the files would be named .json, .csv, ...
+        raise SystemExit(f"eval error: out names the result files without their extension, e.g. --out=results/passkey; "
+                         f"got {o['out']!r}")
+    writable_prefix(o["out"], "out", "eval error", (".json", ".csv", ".png"))
+
+
 def main():
-    configure(globals())
+    o = configure(globals())
     if replot:
         res = read_results(replot, "eval", "eval_passkey.py", need=("length", "depth", "accuracy", "trials"),
                            what="passkey results (runs with lengths, depths and accuracies)")
         print(table(res))
         print(f"wrote {plot_results(res, replot.removesuffix('.json'))}")
         return
-    if not ckpts:
-        raise SystemExit("eval error: pass --ckpts=DIR[,DIR...] (out_dirs of trained runs)")
-    # everything that can be checked without a checkpoint is, before one is loaded
-    length_spec(lengths, multipliers)
-    parse_depths(depths)
-    check_range({"trials": trials, "key_len": key_len, "batch": batch}, 1, prefix="passkey error")
-    eval_settings(reweight_p=reweight_p, rope_scaling=rope_scaling, rope_factor=rope_factor, logn_scale=logn_scale)
-    if not os.path.basename(out):  # '' or a folder: the files would be named .json, .csv, ...
-        raise SystemExit(f"eval error: out names the result files without their extension, e.g. --out=results/passkey; "
-                         f"got {out!r}")
-    writable_prefix(out, "out", "eval error", (".json", ".csv", ".png"))
+    check_options(o)
     ckpt_dirs = parse_names(ckpts, "ckpts", "eval error")
     res = evaluate(ckpt_dirs, multipliers=multipliers, lengths=lengths, depths=depths, n_trials=trials, seed=seed,
                    n_key=key_len, filler=filler, batch_size=batch, device=device, dtype=dtype, reweight_p=reweight_p,

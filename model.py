@@ -967,7 +967,11 @@ class GPT(nn.Module):
             else:
                 ctx = idx[:, cache_len(cache):]  # only the tokens not cached yet
             logits, _ = self(ctx, cache=cache, rope_len=final_len)
-            logits = logits[:, -1, :] / max(temperature, 1e-8)
+            logits = logits[:, -1, :]
+            if not torch.isfinite(logits).all():  # (multinomial would fail deep inside, argmax pick garbage)
+                raise ValueError(f"the next-token logits are not finite ({logits[~torch.isfinite(logits)][0].item()}) "
+                                 f"at position {idx.size(1)}")
+            logits = logits / max(temperature, 1e-8)
             if vocab is not None:
                 logits[:, vocab:] = -float("inf")
             if top_k is not None:

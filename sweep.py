@@ -30,13 +30,25 @@ import dataclasses
 import io
 import json
 import os
+import re
 import subprocess
 import sys
 
 import numpy as np
 from tqdm import tqdm
 
-from common import ROOT, check_range, data_dir_for, load_checkpoint, parse_list, read_results
+from common import (
+    INVOCATION,
+    ROOT,
+    check_range,
+    data_dir_for,
+    load_checkpoint,
+    parse_list,
+    parse_numbers,
+    pick_device,
+    read_results,
+    writable_prefix,
+)
 from configurator import configure, script_defaults
 from eval_length import colour, eval_settings, evaluate, save_json, write_results
 from model import GPTConfig, attn_names, demo_runs
@@ -65,25 +77,65 @@ ladder = ""              # training contexts, e.g. "64,256,1024": every run trai
                          # batch_size ladder_tokens / T, the same steps) and evaluated at multipliers x its own T
 ladder_tokens = 4096     # tokens per optimiser step at every rung of the ladder
 extra_seeds = ""         # ladder: run@T=seed items, one more seed for one run at one rung (e.g. ssmax@1024=2)
+evaluator = "length"     # length: loss at --multipliers x T (eval_length.py); retrieval: accuracy by key-query
+                         # distance and length, and the text's loss (eval_retrieval.py; a retrieval dataset)
+retrieval_lengths = "1,2,4,8,16"  # eval_retrieval's --lengths, --bins, --prompts, --distractors
+retrieval_bins = "0,1,2,4,8,16"
+retrieval_prompts = 40
+retrieval_distractors = 4
 # -----------------------------------------------------------------------------
-EVAL_KEYS = ("reweight_p", "rope_scaling", "rope_factor", "logn_scale", "attn_dots")
+EVAL_KEYS = ("reweight_p", "rope_scaling", "rope_factor", "logn_scale", "length_temp", "attn_dots")
+# train.py keys the sweep sets for every run (and a ladder's rungs, and --max_iters's schedule): a run, the grid or
+# --train_args that set one too would silently change what the row's name says
+SWEEP_KEYS = ("attn", "layers", "seed", "out_dir", "device", "dataset", "data_dir", "init_from", "overwrite",
+              "eval_only")
+LADDER_KEYS = ("block_size", "batch_size")
+SCHEDULE_KEYS = ("max_iters", "lr_decay_iters", "warmup_iters")
+
+
+def split_top(text, sep=","):
+    """text split at `sep` outside square brackets (a stack's layers pattern keeps its commas and colons)."""
+    parts, depth, cur = [], 0, ""
+    for ch in str(text):
+        depth += (ch == "[") - (ch == "]")
+        if ch == sep and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [p.strip() for p in parts + [cur] if p.strip()]
 
 
 def parse_run(spec):
-    """'lssar:pos=none:reweight_p=3' -> ('lssar', {'pos': 'none', 'reweight_p': '3'}); checked against the registry."""
-    name, *pairs = spec.split(":")
-    if name not in attn_names():
-        raise SystemExit(f"sweep error: unknown attention {name!r} in {spec!r}; choose from {', '.join(attn_names())}")
-    kv = {}
+    """'lssar:pos=none:reweight_p=3' -> ('lssar', {'pos': 'none', 'reweight_p': '3'}), checked against the registry;
+    '[3*softmax:window=16,softmax:pos=none]:learning_rate=1e-3' -> ('layers', {'layers': '3*softmax:...',
+    'learning_rate': '1e-3'}): a stack with a spec per layer (model.parse_layers)."""
+    if spec.startswith("["):
+        if "]" not in spec or split_top(spec, ":")[0] != spec[:spec.rindex("]") + 1]:
+            raise SystemExit(f"sweep error: {spec!r}: write a stack as [layers pattern] or [layers pattern]:key=value "
+                             "(e.g. [3*softmax:window=16,softmax:pos=none])")
+        name, kv, rest = "layers", {"layers": spec[1:spec.rindex("]")]}, spec[spec.rindex("]") + 1:]
+        pairs = rest.split(":")[1:]
+    else:
+        name, *pairs = spec.split(":")
+        kv = {}
+        if name not in attn_names():
+            raise SystemExit(f"sweep error: unknown attention {name!r} in {spec!r}; choose from {', '.join(attn_names())}")
     for pair in pairs:
         key, eq, value = pair.partition("=")
         if not eq or not key or not value:
             raise SystemExit(f"sweep error: {spec!r}: write settings as name:key=value (e.g. lssar:pos=none)")
+        if key in SWEEP_KEYS:
+            raise SystemExit(f"sweep error: {spec!r} sets {key}, which the sweep sets for every run; name the attention "
+                             "first (lssar:pos=none), a stack in brackets, and seeds with --seeds")
         kv[key] = value
     return name, kv
 
 
 def run_label(name, kv):
+    """A run's row name: its attention (or [layers pattern]) and its settings."""
+    if name == "layers":
+        return " ".join([f"[{kv['layers']}]", *(f"{k}={v}" for k, v in kv.items() if k != "layers")])
     return " ".join([name, *(f"{k}={v}" for k, v in kv.items())])
 
 
@@ -95,8 +147,11 @@ def expand_runs():
         key, eq, values = part.partition("=")
         if not eq or not parse_list(values):
             raise SystemExit(f"sweep error: --grid={grid!r}: write key=v1,v2;key2=w1,w2")
+        if key.strip() in SWEEP_KEYS:
+            raise SystemExit(f"sweep error: --grid sets {key.strip()}, which the sweep sets for every run; give attentions "
+                             "in --runs and seeds in --seeds")
         settings = [s | {key.strip(): v} for s in settings for v in parse_list(values)]
-    out = [(*parse_run(spec), spec) for spec in parse_list(runs)]
+    out = [(*parse_run(spec), spec) for spec in split_top(runs)]
     out = [(name, kv | s, spec) for name, kv, spec in out for s in settings]
     labels = [run_label(name, kv) for name, kv, _ in out]
     if not out or len(set(labels)) < len(labels):
@@ -104,8 +159,39 @@ def expand_runs():
     return out
 
 
+def train_arg_keys():
+    """The keys --train_args sets (each item --key=value or a bare --flag), checked against what the sweep and its
+    runs set themselves: one of those would be overridden for every run while its row kept the name."""
+    keys = []
+    for item in train_args.split():
+        if not item.startswith("--") or len(item) < 3 or item[2] == "=":
+            raise SystemExit(f"sweep error: --train_args items are train.py's --key=value overrides, got {item!r}")
+        keys.append(item[2:].partition("=")[0])
+    return keys
+
+
+def check_train_args(trained):
+    """--train_args must not set what the sweep sets (attn, seed, out_dir, ...; a ladder's block_size and batch_size;
+    --max_iters's schedule) nor what a run or the grid sets: refused in one line, before any training."""
+    keys = train_arg_keys()
+    own = set(SWEEP_KEYS) | set(LADDER_KEYS if ladder else ()) | set(SCHEDULE_KEYS if max_iters else ())
+    for k in keys:
+        if k in own:
+            what = ("the ladder's rungs set it" if k in LADDER_KEYS else "--max_iters sets it" if k in SCHEDULE_KEYS else
+                    "the sweep sets it for every run")
+            raise SystemExit(f"sweep error: --train_args sets {k}, but {what}: the rows would be named for one setting "
+                             f"and trained with another; drop --{k} from --train_args")
+        for name, kv, _ in trained:
+            if k in kv:
+                raise SystemExit(f"sweep error: --train_args sets {k}, which run {run_label(name, kv)!r} sets itself; "
+                                 "set it in one place (the run, --grid, or --train_args for all)")
+
+
 def out_dir_for(name, kv, seed):
-    tag = "".join(f"-{k}{v}" for k, v in kv.items()).replace("/", "_").replace(" ", "_")
+    tag = "".join(f"-{k}{v}" for k, v in kv.items() if k != "layers")
+    if name == "layers":  # the pattern, in characters a folder name can hold
+        name = "layers-" + re.sub(r"[^A-Za-z0-9_.=-]+", "_", kv["layers"])
+    tag = re.sub(r"[/ ]", "_", tag)
     return os.path.join(out_root, f"out-{dataset.replace('_', '-')}-{name}{tag}" + ("" if seed == 1337 else f"-seed{seed}"))
 
 
@@ -113,6 +199,10 @@ def ensure_data():
     d = data_dir_for(dataset, data_dir)
     if os.path.exists(os.path.join(d, "train.bin")) and os.path.exists(os.path.join(d, "val.bin")):
         return
+    if dataset == "retrieval_char":  # the retrieval mixture, with its default settings (data/retrieval_char/prepare.py)
+        print(f"preparing the retrieval mixture in {d}")
+        from data.retrieval_char.prepare import prepare
+        return prepare(input or None, d)
     if dataset != "shakespeare_char" and not input:
         raise SystemExit(f"sweep error: no train.bin/val.bin in {d}; prepare {dataset} first, or pass --input=TEXT to "
                          "prepare char-level data from a text file")
@@ -142,27 +232,61 @@ def train_argv(name, kv, seed, out_dir, resume):
     """train.py's arguments for one run."""
     schedule = [f"--max_iters={max_iters}", f"--lr_decay_iters={max_iters}",
                 f"--warmup_iters={max(1, max_iters // 10)}"] if max_iters else []
-    return [config, f"--attn={name}", *(f"--{k}={v}" for k, v in kv.items()), f"--seed={seed}", f"--out_dir={out_dir}",
+    attention = [f"--attn={name}"] if name != "layers" else []  # a stack's layers come with its kv
+    return [config, *attention, *(f"--{k}={v}" for k, v in kv.items()), f"--seed={seed}", f"--out_dir={out_dir}",
             f"--device={device}", f"--dataset={dataset}", *([f"--data_dir={data_dir}"] if data_dir else []), *schedule,
             *(["--init_from=resume"] if resume else []), *(["--overwrite=True"] if retrain else []), *train_args.split()]
 
 
+def train_defaults():
+    return script_defaults(os.path.join(ROOT, "train.py"))
+
+
+def expected_config(name, kv, seed, defaults):
+    """The config train.py builds for one run (its defaults, the config file, the overrides), without running it."""
+    # config files are read from the repo root, where train.py runs
+    argv = [a if a.startswith("--") or os.path.isabs(a) else os.path.join(ROOT, a)
+            for a in train_argv(name, kv, seed, "out", False)]
+    with contextlib.redirect_stdout(io.StringIO()):  # its "Overriding ..." lines
+        return configure(dict(defaults), argv)
+
+
 def check_runs(jobs):
-    """Every run's train.py arguments read as train.py reads them (its defaults, the config file, the overrides)
-    and its model settings by GPTConfig, before any run trains: a typo in the last run stops here, in one line."""
-    defaults = script_defaults(os.path.join(ROOT, "train.py"))
+    """Every run's train.py arguments read as train.py reads them and its model settings by GPTConfig, before any
+    run trains: a typo in the last run stops here, in one line."""
+    defaults = train_defaults()
     model_keys = [f.name for f in dataclasses.fields(GPTConfig) if f.name != "vocab_size"]
     for (name, kv, _), seed in jobs:
-        # config files are read from the repo root, where train.py runs
-        argv = [a if a.startswith("--") or os.path.isabs(a) else os.path.join(ROOT, a)
-                for a in train_argv(name, kv, seed, "out", False)]
         try:
-            with contextlib.redirect_stdout(io.StringIO()):  # its "Overriding ..." lines
-                cfg = configure(dict(defaults), argv)
+            cfg = expected_config(name, kv, seed, defaults)
             GPTConfig(**{k: cfg[k] for k in model_keys}, vocab_size=256)
         except (SystemExit, ValueError) as e:
             why = e.code if isinstance(e, SystemExit) else f"config error: {e}"
             raise SystemExit(f"sweep error: run {run_label(name, kv)!r} seed {seed}: {why}") from None
+
+
+# keys that say where or how a run is computed or logged, not what it trains (and max_iters, which `finished`
+# compares): a checkpoint that differs only in these still is the run its row names
+NOT_THE_RUN = (*INVOCATION, "device", "compile", "attn_backend", "attn_chunk", "attn_dots", "data_dir", "wandb_log",
+               "wandb_project", "wandb_run_name", "eval_interval", "log_interval", "eval_iters", "always_save_checkpoint",
+               "max_iters")
+
+
+def verify_checkpoint(name, kv, seed, defaults):
+    """The row's name comes from the checkpoint: its stored config must be what this run asks train.py for, in every
+    key that defines a run (older checkpoints without a newer key count as its default). A checkpoint reused from
+    another sweep (other --train_args, or edited) stops here with one line naming the key, both values and the fix."""
+    out_dir = out_dir_for(name, kv, seed)
+    stored = load_checkpoint(out_dir)["config"]
+    want = expected_config(name, kv, seed, defaults)
+    for k, v in want.items():
+        if k in NOT_THE_RUN:
+            continue
+        have = stored.get(k, defaults.get(k))
+        if have != v and not (isinstance(v, float) and isinstance(have, (int, float)) and float(have) == v):
+            raise SystemExit(f"sweep error: {out_dir} holds a checkpoint trained with {k}={have!r}, but run "
+                             f"{run_label(name, kv)!r} seed {seed} asks for {k}={v!r}: its row would carry the wrong "
+                             f"name; retrain it (--retrain=True) or move {out_dir} away")
 
 
 def train(name, kv, seed, out_dir, resume):
@@ -191,12 +315,12 @@ def train(name, kv, seed, out_dir, resume):
 def eval_rows(trained):
     """(run index, eval-time overrides, row label) of every evaluated row: each run as trained, then --eval_extra's."""
     rows = [(i, {}, run_label(name, kv)) for i, (name, kv, _) in enumerate(trained)]
-    for item in parse_list(eval_extra):
+    for item in split_top(eval_extra):
         base, *pairs = item.split("+")
         kv = dict(p.partition("=")[::2] for p in pairs)
         if not pairs or any(k not in EVAL_KEYS or not v for k, v in kv.items()):
             raise SystemExit(f"sweep error: --eval_extra item {item!r}: write run+key=value with keys {', '.join(EVAL_KEYS)}")
-        if base not in parse_list(runs):
+        if base not in split_top(runs):
             print(f"sweep: --eval_extra item {item!r} left out: {base!r} is not one of --runs")
             continue
         # eval_length's own reading of these settings (values checked here, before any training)
@@ -227,30 +351,71 @@ def aggregate(res, keys, labels):
     return rows
 
 
+def parse_seeds(text, key):
+    """A comma list of distinct whole seeds >= 0 (no empty items): one line naming the problem otherwise."""
+    return parse_numbers(text, key, int, prefix="sweep error", example="1337,1,2", ok=lambda x: x >= 0,
+                         what="whole numbers >= 0")
+
+
+def check_options():
+    """Every option of the sweep (its module's keys, as configure set them) parsed and range-checked, and every run's
+    train.py arguments read as train.py reads them, before anything is prepared, trained or written: one line
+    naming the fix otherwise. Returns the plan: ('ladder', seeds, rungs, plans) or ('sweep', trained, seeds of each
+    run, rows)."""
+    check_range({"max_iters": max_iters, "eval_tokens": eval_tokens}, 0, prefix="sweep error")
+    check_range({"ladder_tokens": ladder_tokens}, 1, prefix="sweep error")
+    trained = expand_runs()
+    check_train_args(trained)
+    seed_list = parse_seeds(seeds, "seeds")
+    if extra_seeds and not ladder:
+        raise SystemExit("sweep error: --extra_seeds adds a seed to one run at one rung of a ladder; pass --ladder, or "
+                         "add the seed to --seeds")
+    if evaluator not in ("length", "retrieval"):
+        raise SystemExit(f"sweep error: evaluator={evaluator!r}; choose length (loss vs context length) or retrieval")
+    if evaluator == "retrieval":
+        if ladder:
+            raise SystemExit("sweep error: --ladder evaluates loss vs length; use --evaluator=length with it")
+        from eval_retrieval import parse_options
+        parse_options(retrieval_lengths, retrieval_bins, retrieval_prompts, retrieval_distractors, 1, 0,
+                      prefix="sweep error")
+    pick_device(device)
+    if not os.path.basename(results):
+        raise SystemExit(f"sweep error: results names the result files without their extension, e.g. "
+                         f"--results=results/x/sweep; got {results!r}")
+    writable_prefix(results, "results", "sweep error", (".json", ".csv", ".md", ".png"))
+    if ladder:
+        return ("ladder", seed_list, *ladder_plans(trained, seed_list))
+    rows = eval_rows(trained)
+    seeds_of = [seed_list] * len(trained)
+    check_runs([(r, s) for r, ss in zip(trained, seeds_of, strict=True) for s in ss])
+    return "sweep", trained, seeds_of, rows
+
+
 def main():
     configure(globals())
     if replot:
         return redraw(replot)
-    check_range({"max_iters": max_iters, "eval_tokens": eval_tokens, "ladder_tokens": ladder_tokens}, 0,
-                prefix="sweep error")
-    trained = expand_runs()
-    seed_list = parse_list(seeds, int) if seeds.strip() else []
-    if not seed_list or len(set(seed_list)) < len(seed_list):
-        raise SystemExit(f"sweep error: seeds must be a comma list of distinct integers, got {seeds!r}")
-    if ladder:
-        return run_ladder(trained, seed_list)
-    rows = eval_rows(trained)
-    seeds_of = [seed_list] * len(trained)
-    check_runs([(r, s) for r, ss in zip(trained, seeds_of, strict=True) for s in ss])
+    kind, *plan = check_options()
     ensure_data()
+    if kind == "ladder":
+        return run_ladder(*plan)
+    trained, seeds_of, rows = plan
+    seed_list = seeds_of[0]
     res = train_and_evaluate(trained, seeds_of, rows)
     res["settings"] = {"runs": runs, "grid": grid, "seeds": seed_list, "eval_extra": eval_extra, "config": config,
                        "max_iters": max_iters or "config's", "train_args": train_args, "dataset": dataset}
     command = "python " + " ".join(sys.argv)
-    print(markdown(res))
-    paths = write_results(res, results, command, make_plot=False) + plot(res, results)
+    if evaluator == "retrieval":
+        from eval_retrieval import plot as retrieval_plot
+        text = retrieval_markdown(res)
+        save_json(res, results, command)
+        paths = [results + ".json", *retrieval_plot({"runs": res["rows"]}, results)]
+    else:
+        text = markdown(res)
+        paths = write_results(res, results, command, make_plot=False) + plot(res, results)
+    print(text)
     with open(results + ".md", "w") as f:
-        f.write(f"`{command}`\n\n" + markdown(res))
+        f.write(f"`{command}`\n\n" + text)
     for p in [*paths, results + ".md"]:
         print(f"wrote {p}")
 
@@ -303,6 +468,9 @@ def train_and_evaluate(trained, seeds_of, rows, reuse=None):
                        "(--retrain=True to redo)")
         else:
             train(name, kv, seed, out_dir, resume=(it is not None and not retrain))
+    defaults = train_defaults()
+    for (name, kv, _), seed in jobs:
+        verify_checkpoint(name, kv, seed, defaults)
     key = eval_key(trained, seeds_of, rows)
     if reuse is not None and reuse.get("key") == key:
         return reuse
@@ -312,6 +480,8 @@ def train_and_evaluate(trained, seeds_of, rows, reuse=None):
         for seed in seeds_of[i]:
             specs.append((out_dir_for(*trained[i][:2], seed), ov))
             meta.append((k, seed))
+    if evaluator == "retrieval":
+        return retrieval_rows(specs, meta, labels, key)
     old, old_skipped = reusable_runs(reuse, key)
     known = set(old) | {spec_id((x["ckpt"], x["eval"])) for x in old_skipped}
     todo = [spec for spec in specs if spec_id(spec) not in known]
@@ -333,43 +503,149 @@ def train_and_evaluate(trained, seeds_of, rows, reuse=None):
 
 
 # -----------------------------------------------------------------------------
+# the retrieval evaluator: accuracy by distance and length (eval_retrieval.py), every evaluation kept as it is made
+
+
+def retrieval_settings():
+    return dict(lengths=retrieval_lengths, bins=retrieval_bins, n_prompts=retrieval_prompts,
+                n_distractors=retrieval_distractors)
+
+
+def retrieval_rows(specs, meta, labels, key):
+    """Evaluate every (checkpoint, eval-time settings) with eval_retrieval, each saved under <results>_evals/ as soon
+    as it is done (named by the checkpoint on disk and the settings: a rerun after an interruption evaluates only
+    what is missing), then the rows: per row the mean and std over seeds."""
+    import hashlib
+
+    from eval_retrieval import evaluate as retrieval_evaluate
+    cache = results + "_evals"
+    os.makedirs(cache, exist_ok=True)
+    runs, skipped, reused = [], [], 0
+    for spec in tqdm(specs, desc="sweep: evaluate", unit="run", file=sys.stderr):
+        d, ov = spec
+        what = json.dumps([key["ckpts"][os.path.join(d, "ckpt.pt")], ov, retrieval_settings(), device], sort_keys=True)
+        name = f"{os.path.basename(os.path.normpath(d))}-{hashlib.sha256(what.encode()).hexdigest()[:12]}"
+        path = os.path.join(cache, name + ".json")
+        if os.path.exists(path):
+            with open(path) as f:
+                one = json.load(f)
+            reused += 1
+        else:
+            one = retrieval_evaluate([spec], **retrieval_settings(), device=device, empty_ok=True)
+            save_json(one, path.removesuffix(".json"), "python " + " ".join(sys.argv))
+        runs += one["runs"]
+        skipped += one.get("skipped", [])
+    if reused:
+        tqdm.write(f"sweep: {reused} of {len(specs)} evaluations reused from {cache}/ (the same checkpoint and settings)")
+    done = {(x["ckpt"], json.dumps(x["eval"], sort_keys=True)) for x in skipped}
+    meta = [m for spec, m in zip(specs, meta, strict=True) if (spec[0], json.dumps(spec[1], sort_keys=True)) not in done]
+    for r, (k, seed) in zip(runs, meta, strict=True):
+        r["label"], r["seed"] = labels[k], seed
+    res = {"protocol": one["protocol"] if specs else {}, "runs": runs, "key": key,
+           "rows": aggregate_retrieval(runs, [k for k, _ in meta], labels)}
+    return res | ({"skipped": skipped} if skipped else {})
+
+
+def aggregate_retrieval(runs, keys, labels):
+    """Per row over its seeds: each (length, bin) cell's and each bin's exact-match accuracy (over all lengths) and
+    the text's loss per length, mean and std (0 for one seed), in eval_retrieval's run layout (its plots draw rows)."""
+    from eval_retrieval import by_bin
+    by_row = {}
+    for r, k in zip(runs, keys, strict=True):
+        by_row.setdefault(k, []).append(r)
+    std = (lambda a: float(np.std(a, ddof=1)) if len(a) > 1 else 0.0)
+    rows = []
+    for k, rs in by_row.items():
+        cells = []
+        for i, c in enumerate(rs[0]["cells"]):
+            ex = [r["cells"][i]["exact"] for r in rs]
+            cells.append({key: c[key] for key in ("length", "multiple", "bin", "distances", "prompts")} |
+                         {"exact": float(np.mean(ex)), "exact_std": std(ex), "per_seed": ex})
+        bins_ = [by_bin(r) for r in rs]  # [seed][bin] (bin, exact, se, prompts)
+        per_bin = [{"bin": list(b), "exact": float(np.mean([x[i][1] for x in bins_])),
+                    "exact_std": std([x[i][1] for x in bins_]), "prompts": n * len(rs)}
+                   for i, (b, _, _, n) in enumerate(bins_[0])]
+        lm = np.array([[x["loss"] for x in r["lm"]] for r in rs]) if rs[0]["lm"] else np.zeros((len(rs), 0))
+        ratio = lm[:, -1] / lm[:, 0] if lm.shape[1] else np.zeros(0)
+        rows.append({"label": labels[k], "n": len(rs), "seeds": [r["seed"] for r in rs], "cells": cells,
+                     "by_bin": per_bin, "block_size": rs[0]["block_size"], "eval": rs[0]["eval"],
+                     "lm": [{"length": x["length"], "multiple": x["multiple"], "loss": float(lm[:, i].mean()),
+                             "loss_std": std(lm[:, i])} for i, x in enumerate(rs[0]["lm"])],
+                     "lm_ratio": float(ratio.mean()) if len(ratio) else None,
+                     "lm_ratio_std": std(ratio) if len(ratio) else None,
+                     **{key: rs[0][key] for key in ("attn", "reweight_p", "pos", "layers", "describe")}})
+    return rows
+
+
+def retrieval_markdown(res):
+    """The retrieval table: exact-match accuracy (%) per key-query distance bin over all lengths, mean ± std over
+    seeds, and the text's loss at the first and last length with their ratio."""
+    rows = res["rows"]
+    heads = [f"{b['bin'][0]:g}-{b['bin'][1]:g}T" for b in rows[0]["by_bin"]]
+    lm = rows[0]["lm"]
+    lm_heads = [f"LM {lm[0]['multiple']:g}x", f"LM {lm[-1]['multiple']:g}x", "last / 1x"] if lm else []
+    lines = ["| run | n | " + " | ".join(heads + lm_heads) + " |", "|---|---|" + "---|" * (len(heads) + len(lm_heads))]
+    for r in rows:
+        cells = [f"{100 * b['exact']:.0f} ± {100 * b['exact_std']:.0f}" if r["n"] > 1 else f"{100 * b['exact']:.0f}"
+                 for b in r["by_bin"]]
+        if r["lm"]:
+            cells += [f"{r['lm'][0]['loss']:.3f} ± {r['lm'][0]['loss_std']:.3f}",
+                      f"{r['lm'][-1]['loss']:.3f} ± {r['lm'][-1]['loss_std']:.3f}",
+                      f"{r['lm_ratio']:.2f} ± {r['lm_ratio_std']:.2f}"]
+        lines.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + " |")
+    return "\n".join(lines) + "\n"
+
+
+# -----------------------------------------------------------------------------
 # the context ladder: the same runs trained at several contexts
 
 
-def ladder_extra_seeds(trained, rungs):
+def ladder_extra_seeds(trained, rungs, seed_list):
     """--extra_seeds 'run@T=seed,...' -> {(run as written, T): [seeds]}; each item checked against --runs and the
     rungs."""
     out = {}
     specs = [spec for _, _, spec in trained]
-    for item in parse_list(extra_seeds):
+    for item in split_top(extra_seeds):
         spec, at, rest = item.rpartition("@")
         T, eq, seed = rest.partition("=")
-        if not at or not eq or spec not in specs or not T.isdigit() or int(T) not in rungs or not seed.lstrip("-").isdigit():
+        if not at or not eq or spec not in specs or not T.isdigit() or int(T) not in rungs:
             raise SystemExit(f"sweep error: --extra_seeds item {item!r}: write run@T=seed with a run of --runs and T one "
                              f"of --ladder ({', '.join(map(str, rungs))})")
-        out.setdefault((spec, int(T)), []).append(int(seed))
+        [s] = parse_seeds(seed, f"the seed of --extra_seeds item {item!r}")
+        if s in out.get((spec, int(T)), []) or s in seed_list:
+            raise SystemExit(f"sweep error: --extra_seeds item {item!r} repeats seed {s} of {spec} at T={T} (in "
+                             f"{'--seeds' if s in seed_list else '--extra_seeds'}); give each seed once")
+        out.setdefault((spec, int(T)), []).append(s)
     return out
 
 
-def run_ladder(trained, seed_list):
-    """Every run at every rung T of --ladder, with ladder_tokens tokens per step; each rung evaluated at its own
-    multipliers x T; then the ladder's table, files and plots (<results>.json/.csv/.md/.png, <results>_curves.png)."""
-    from common import parse_numbers
+def ladder_plans(trained, seed_list):
+    """The rungs of --ladder and each rung's (T, runs, seeds, rows), every run's arguments checked."""
     rungs = parse_numbers(ladder, "ladder", prefix="sweep error", example="64,256,1024")
     bad = [T for T in rungs if ladder_tokens % T or ladder_tokens < T]
     if bad:
         raise SystemExit(f"sweep error: ladder_tokens={ladder_tokens} is not a whole number of windows of T={bad[0]}; "
                          "choose ladder_tokens as a multiple of every rung")
-    extra = ladder_extra_seeds(trained, rungs)
+    extra = ladder_extra_seeds(trained, rungs, seed_list)
+    for name, kv, _ in trained:  # the rungs set these: a run or grid setting would make two rungs one
+        for k in LADDER_KEYS:
+            if k in kv:
+                raise SystemExit(f"sweep error: run {run_label(name, kv)!r} sets {k}, which every rung of --ladder sets "
+                                 f"(block_size T, batch_size ladder_tokens / T); drop it, or sweep without --ladder")
     plans = []
     for T in rungs:  # the rung's runs: the ladder's block_size and batch_size on top of each run's own settings
         rung = [(name, kv | {"block_size": str(T), "batch_size": str(ladder_tokens // T)}, spec) for name, kv, spec in trained]
-        seeds_of = [seed_list + [s for s in extra.get((spec, T), []) if s not in seed_list] for _, _, spec in trained]
+        seeds_of = [seed_list + extra.get((spec, T), []) for _, _, spec in trained]
         rows = [(i, ov, label.replace(f" block_size={T} batch_size={ladder_tokens // T}", ""))
                 for i, ov, label in eval_rows(rung)]
         plans.append((T, rung, seeds_of, rows))
     check_runs([(r, s) for _, rung, seeds_of, _ in plans for r, ss in zip(rung, seeds_of, strict=True) for s in ss])
-    ensure_data()
+    return rungs, plans
+
+
+def run_ladder(seed_list, rungs, plans):
+    """Every run at every rung T of --ladder, with ladder_tokens tokens per step; each rung evaluated at its own
+    multipliers x T; then the ladder's table, files and plots (<results>.json/.csv/.md/.png, <results>_curves.png)."""
     earlier = earlier_rungs(results + ".json")
     settings = {"runs": runs, "ladder": rungs, "ladder_tokens": ladder_tokens, "seeds": seed_list,
                 "extra_seeds": extra_seeds, "eval_extra": eval_extra, "config": config,

@@ -10,7 +10,7 @@ Every module-level variable below is a config key that a config file or --key=va
 
 import atexit
 import csv
-import importlib.util
+import errno
 import math
 import os
 import shutil
@@ -25,11 +25,13 @@ from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from common import (
+    INVOCATION,
     LOCK_FILE,
     PREPARE_HINT,
+    RESUME_FREE,
     autocast_ctx,
-    check_range,
     check_token_ids,
+    check_train_options,
     checked_config,
     compare_data,
     data_dir_for,
@@ -52,10 +54,10 @@ from common import (
     save_checkpoint,
     set_aside,
     tidy_run_dir,
-    writable_dir,
 )
 from configurator import configure
 from model import GPT, GPTConfig
+from retrieval import answer_stats, task_of
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -125,13 +127,8 @@ config_given = set()     # the keys a config file or --key=value set
 config = configure(globals(), given=config_given)
 MODEL_KEYS = [f.name for f in GPTConfig.__dataclass_fields__.values() if f.name != "vocab_size"]
 # A resume continues the checkpoint's run: every setting comes from its stored config, and one given here that
-# differs is refused, except these, which change how far, how often or where the run goes, not what it computes
-# (data_dir: where the data lies; the data itself is checked by its fingerprint). warmup_iters may also change
-# once the run is past both warmups. The INVOCATION keys say what this command does and are never restored.
-RESUME_FREE = ("max_iters", "lr_decay_iters", "eval_interval", "log_interval", "always_save_checkpoint", "compile",
-               "device", "attn_backend", "attn_chunk", "attn_dots", "data_dir", "wandb_log", "wandb_project",
-               "wandb_run_name")
-INVOCATION = ("out_dir", "init_from", "eval_only", "overwrite")
+# differs is refused, except common.RESUME_FREE's (how far, how often or where the run goes, not what it computes);
+# common.INVOCATION's say what this command does and are never restored.
 master = int(os.environ.get("RANK", "0")) == 0  # DDP: rank 0 writes the out_dir (set again below, with the rest)
 
 
@@ -159,16 +156,14 @@ def restore_run_config(stored, iter_num):
         say(f"resume: from the checkpoint's config: {', '.join(restored)}")
 
 
-# Who writes out_dir, checked before anything else: --eval_only reads the run's checkpoint and writes nothing; a
-# training locks an existing out_dir first (a new one once everything is checked), then tidies what a killed
-# process left there, so that two trainings never write one folder.
-if eval_only and init_from not in ("scratch", "resume"):
-    raise SystemExit(f"config error: eval_only evaluates the checkpoint in out_dir; pass --out_dir={init_from} "
-                     "instead of --init_from")
+# Every option checked in one place before anything is read or written (common.check_train_options); then who
+# writes out_dir: --eval_only reads the run's checkpoint and writes nothing; a training locks an existing out_dir
+# first (a new one once everything is checked), then tidies what a killed process left there, so that two trainings
+# never write one folder.
+check_train_options(config)
 resume = init_from == "resume" or eval_only
 lock = None
 if not eval_only:
-    writable_dir(out_dir, "out_dir")
     if master and os.path.isdir(out_dir):
         lock = lock_out_dir(out_dir)
         for line in tidy_run_dir(out_dir):
@@ -176,16 +171,6 @@ if not eval_only:
 ckpt = load_checkpoint(out_dir) if resume else None  # on the CPU: the model and optimizer move to the device below
 if resume:
     restore_run_config(ckpt["config"], ckpt["iter_num"])
-# numbers out of range stop here, before anything is written (0 would divide by zero or train nothing)
-check_range({k: config[k] for k in ("batch_size", "block_size", "n_layer", "n_head", "n_embd", "max_iters",
-                                    "eval_interval", "log_interval", "eval_iters", "gradient_accumulation_steps",
-                                    "window_align", "attn_chunk")}, 1)
-check_range({k: config[k] for k in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "warmup_iters",
-                                    "lr_decay_iters")}, 0)
-check_range({k: config[k] for k in ("dropout", "beta1", "beta2")}, 0, 1, open_high=True)
-check_range({"rope_base": rope_base}, 0, open_low=True)
-if wandb_log and importlib.util.find_spec("wandb") is None:
-    raise SystemExit("config error: wandb_log=True needs the wandb package; pip install wandb, or drop --wandb_log")
 
 
 def get_lr(it):
@@ -202,17 +187,26 @@ def get_lr(it):
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss per token over a fixed set of windows of each split (every rank computes the same numbers)."""
+    """Mean loss per token over a fixed set of windows of each split (every rank computes the same numbers). On a
+    retrieval dataset also, on the val windows, the loss of the text alone and the answers' loss, per-character and
+    exact-match accuracy (retrieval.answer_stats: the answers are found in the tokens)."""
     eval_model.eval()
-    out = {}
+    out, stats = {}, None
     for split, parts in (("train", train_parts), ("val", val_parts)):
         locs, total, count = even_windows(parts, eval_iters * batch_size, block_size, window_align), 0.0, 0
         for i in range(0, len(locs), batch_size):
             X, Y = get_batch(parts, locs[i:i + batch_size], block_size, device)
             with ctx:
-                _, loss = eval_model(X, Y, reduction="sum")
+                logits, loss = eval_model(X, Y, reduction="sum")
             total, count = total + loss.item(), count + Y.numel()
+            if task is not None and split == "val":
+                batch = answer_stats(logits, X, Y, meta["stoi"])
+                stats = batch if stats is None else [a + b for a, b in zip(stats, batch, strict=True)]
         out[split] = total / count
+    if stats is not None:
+        n_ans, ans_loss, ans_right, n_q, q_right, n_text, text_loss = stats
+        out |= {"text": text_loss / max(n_text, 1), "answer_loss": ans_loss / n_ans if n_ans else math.nan,
+                "answer_char": ans_right / n_ans if n_ans else math.nan, "answer_exact": q_right / n_q if n_q else math.nan}
     eval_model.train()
     return out
 
@@ -244,15 +238,21 @@ torch.backends.cudnn.allow_tf32 = True
 
 train_parts, val_parts = load_split(dataset, "train", data_dir), load_split(dataset, "val", data_dir)
 finetune_p = parse_reweight_p(finetune_reweight_p, "finetune_reweight_p")
-if finetune_p != "ckpt" and init_from == "scratch":
-    raise SystemExit("config error: finetune_reweight_p applies when fine-tuning (--init_from=DIR of another run); "
-                     "from scratch set --reweight_p instead")
 for name, parts in (("train", train_parts), ("val", val_parts)):
     if n_windows(parts, block_size, window_align) < 2:
         raise SystemExit(f"dataset {dataset} {name} split has {sum(map(len, parts))} tokens, too few for windows of "
                          f"block_size+1={block_size + 1}; lower --block_size or prepare more data")
 meta = load_meta(dataset, data_dir)
+if meta is not None and meta["vocab_size"] < 2:  # (data prepared elsewhere: the prepare scripts refuse it)
+    raise SystemExit(f"dataset error: {data_dir_for(dataset, data_dir)}/meta.pkl has a vocabulary of {meta['vocab_size']} "
+                     "symbol(s); a language model needs at least 2 (every loss would be 0): prepare a text with more")
 vocab_size = model_vocab_size(meta)
+task = task_of(meta)  # a retrieval dataset (data/retrieval_char): its answers are logged at every evaluation
+if task is not None and (meta["retrieval"]["block_size"] != block_size or window_align != block_size + 1):
+    raise SystemExit(f"config error: dataset {dataset} holds whole examples of block_size + 1 = "
+                     f"{meta['retrieval']['block_size'] + 1} tokens; train with --block_size="
+                     f"{meta['retrieval']['block_size']} --window_align={meta['retrieval']['block_size'] + 1} (as "
+                     "config/train_retrieval_char.py does), or prepare the data for this block_size")
 for name, parts in (("train", train_parts), ("val", val_parts)):  # every token of every shard, not a prefix
     check_token_ids(parts, meta["vocab_size"] if meta else 50257, f"the {name} split in {data_dir_for(dataset, data_dir)}",
                     PREPARE_HINT.get(dataset, f"python data/{dataset}/prepare.py"))
@@ -360,17 +360,22 @@ if use_wandb:
 # are dropped, so the log reads as one uninterrupted run. --eval_only writes nothing.
 log_path = os.path.join(out_dir, "log.csv")
 writes = master and not eval_only
+ANSWER_COLUMNS = ("text", "answer_loss", "answer_char", "answer_exact")  # retrieval datasets' evaluations (else blank)
 
 
 def write_log(mode, rows):
+    tmp = log_path + ".tmp"
     try:
-        with open(log_path + (".tmp" if mode == "w" else ""), mode, newline="") as f:
+        with open(tmp if mode == "w" else log_path, mode, newline="") as f:
             csv.writer(f).writerows(rows)
         if mode == "w":
-            os.replace(log_path + ".tmp", log_path)
+            os.replace(tmp, log_path)
     except OSError as e:  # a full disk: one line (the checkpoints are kept as they are)
-        raise SystemExit(f"log error: could not write {log_path} ({e.strerror or one_line(e)}); free disk space and "
-                         "resume with --init_from=resume") from None
+        if mode == "w" and os.path.isfile(tmp):
+            os.remove(tmp)
+        fix = "free disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else f"fix {out_dir}"
+        raise SystemExit(f"log error: could not write {log_path} ({e.strerror or one_line(e)}); {fix} and resume with "
+                         "--init_from=resume") from None
 
 
 if writes:
@@ -379,7 +384,7 @@ if writes:
         with open(log_path, newline="") as f:
             rows = list(csv.reader(f))[1:]
         rows = [r for r in rows if int(r[0]) <= iter_num]
-    write_log("w", [["iter", "kind", "loss", "val_loss", "lr", "seconds"], *rows])
+    write_log("w", [["iter", "kind", "loss", "val_loss", "lr", "seconds", *(f"val_{k}" for k in ANSWER_COLUMNS)], *rows])
 
 
 def log_row(*row):
@@ -437,14 +442,18 @@ while True:
     done_before = resume and iter_num == start_iter and evaluated
     if eval_only or (iter_num % eval_interval == 0 or iter_num == max_iters) and not done_before:
         losses = estimate_loss()
-        say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-        if not all(map(math.isfinite, losses.values())):  # never a number in the log
+        say(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}" + (
+            f" (text {losses['text']:.4f}; answers: loss {losses['answer_loss']:.3f}, characters right "
+            f"{losses['answer_char']:.1%}, queries right {losses['answer_exact']:.1%})" if "text" in losses else ""))
+        if not (math.isfinite(losses["train"]) and math.isfinite(losses["val"])):  # never a number in the log
             raise SystemExit(f"non-finite {'val' if not math.isfinite(losses['val']) else 'train'} loss at step "
                              f"{iter_num}; stopped without saving, the last good checkpoint in {out_dir} is kept (try a "
                              "lower learning_rate)")
-        log_row(iter_num, "eval", f"{losses['train']:.6f}", f"{losses['val']:.6f}", lr, f"{time.time() - t_start:.1f}")
+        log_row(iter_num, "eval", f"{losses['train']:.6f}", f"{losses['val']:.6f}", lr, f"{time.time() - t_start:.1f}",
+                *(f"{losses[k]:.6f}" if k in losses else "" for k in ANSWER_COLUMNS))
         if use_wandb:
-            wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr})
+            wandb.log({"iter": iter_num, "train/loss": losses["train"], "val/loss": losses["val"], "lr": lr,
+                       **{f"val/{k}": losses[k] for k in ANSWER_COLUMNS if k in losses}})
         improved = losses["val"] < best_val_loss
         best_val_loss = min(best_val_loss, losses["val"])
         if not eval_only and (iter_num > start_iter or resume):

@@ -77,6 +77,19 @@ CASES = {
     "train negative reweight_p": ("TRAIN --data_dir=DATA --out_dir=OUT --reweight_p=-1", "reweight_p must be >= 0",
                                   ["OUT"], False),
     "train float32 bin": ("TRAIN --data_dir=F32 --out_dir=OUT", "the .bin is of another dtype", ["OUT", "F32"], False),
+    # degenerate data: one symbol is nothing to learn (every loss 0, every ratio of losses undefined)
+    "prepare a text of one symbol": ("data/shakespeare_char/prepare.py --input ONE_CHAR --out_dir OUT/d",
+                                     "the text has 1 distinct character(s) ('a')", ["OUT"], False),
+    "train on data of one symbol": ("TRAIN --data_dir=ONE_SYMBOL --out_dir=OUT", "has a vocabulary of 1 symbol(s)",
+                                    ["OUT", "ONE_SYMBOL"], False),
+    # numbers the model cannot turn into probabilities, internal keys, folders that cannot be made
+    "sample non-finite probabilities": ("sample.py --out_dir=CHAR --reweight_p=1e300 --max_new_tokens=3 "
+                                        "--num_samples=1 --start=abc", "the next-token logits are not finite",
+                                        ["CHAR"], False),
+    "bench internal mem_case": ("bench.py --mem_case=notjson", "--mem_case is bench.py's own hand-over", ["OUT"],
+                                False),
+    "eval_length out under /proc": ("eval_length.py --ckpts=LSSA --out=/proc/x/y",
+                                    "cannot be created: /proc takes no new folder /proc/x", ["LSSA"], False),
 }
 
 
@@ -103,8 +116,15 @@ def results(char_data, tmp_path_factory):
                                          "itos": dict(enumerate(chars))}),
         # GPT-2's BPE with its vocabulary padded as train.py pads it
         "BPE": tiny_run(tmp / "bpe", {"vocab_size": 50257, "tokenizer": "gpt2"}, vocab_size=50304),
-        "F32": str(tmp / "f32"), "OTHER_JSON": str(tmp / "other.json"),
+        "F32": str(tmp / "f32"), "OTHER_JSON": str(tmp / "other.json"), "ONE_CHAR": str(tmp / "one.txt"),
+        "ONE_SYMBOL": str(tmp / "one_symbol"),
     }
+    (tmp / "one.txt").write_text("a" * 5000)
+    (tmp / "one_symbol").mkdir()  # as prepared elsewhere: a vocabulary of one symbol
+    for f in ("train.bin", "val.bin"):
+        np.zeros(3000, dtype=np.uint16).tofile(tmp / "one_symbol" / f)
+    with open(tmp / "one_symbol" / "meta.pkl", "wb") as f:
+        pickle.dump({"vocab_size": 1, "stoi": {"a": 0}, "itos": {0: "a"}}, f)
     (tmp / "f32").mkdir()
     for f in ("train.bin", "val.bin"):  # the right tokens, written as float32
         np.fromfile(char_data / f, dtype=np.uint16).astype(np.float32).tofile(tmp / "f32" / f)

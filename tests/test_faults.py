@@ -423,7 +423,7 @@ def cases(char_data, ref, corpus_file, tmp_path_factory):
                              "set --max_new_tokens to a number in [1, 100000]"),
         "token id past the vocabulary in the second shard": (
             ["train.py", "--dataset=toy", f"--data_dir={shards}", f"--out_dir={tmp}/toy", *TINY],
-            "holds token id 77 (part 2 of 2, near token 0) but its vocabulary has 50 tokens"),
+            "holds token id 77 (part 2 of 2, token 3,000) but its vocabulary has 50 tokens"),
         "NaN loss": (["eval_length.py", f"--ckpts={nan_run}", "--lengths=32", f"--out={tmp}/nan/ev"],
                      "nan_run (" + str(nan_run) + ") at length 32: the loss is nan"),
         "sweep typo in the second run": ([*sweep(tmp / "sweep"), "--runs=softmax,lssa:n_layr=2"],
@@ -453,6 +453,41 @@ def test_one_line(cases, name):
         assert "eval_length" not in r.stderr and "diagnose:" not in r.stderr  # refused before any progress bar
     if name == "sweep typo in the second run":
         assert not (tmp / "sweep").exists() and not (tmp / "sweep_data").exists()  # nothing trained, nothing prepared
+
+
+def test_run_folder_obstacles_are_one_line(char_data, ref, tmp_path):
+    """Folders where a run keeps its files (log.csv, a save's temporary file) stop a fresh run and a resume in one
+    line naming the folder, before anything is changed; readers name what a folder holds instead of a checkpoint (the
+    previous run an interrupted --overwrite left aside, or only best.pt)."""
+    fresh = tmp_path / "fresh"
+    (fresh / "log.csv").mkdir(parents=True)
+    resumed = tmp_path / "resumed"
+    shutil.copytree(ref, resumed)
+    (resumed / "log.csv").unlink()
+    (resumed / "log.csv").mkdir()
+    tmpdir = tmp_path / "tmpdir"
+    shutil.copytree(ref, tmpdir)
+    (tmpdir / "ckpt.pt.tmp123").mkdir()
+    aside = tmp_path / "aside"  # what a kill -9 between --overwrite's move and the new run's first save leaves
+    (aside / common.ASIDE).mkdir(parents=True)
+    shutil.copy(ref / "ckpt.pt", aside / common.ASIDE / "ckpt.pt")
+    best = tmp_path / "best"
+    best.mkdir()
+    shutil.copy(ref / "best.pt", best / "best.pt")
+    before = {d: snapshot(d) for d in (fresh, resumed, tmpdir, aside, best)}
+    train = ["train.py", f"--data_dir={char_data}", *TINY]
+    res = run_all({"fresh": [*train, f"--out_dir={fresh}"],
+                   "resume": [*train, f"--out_dir={resumed}", "--init_from=resume"],
+                   "tmp dir": [*train, f"--out_dir={tmpdir}", "--init_from=resume"],
+                   "aside": ["eval_length.py", f"--ckpts={aside}", f"--out={tmp_path / 'r1' / 'ev'}"],
+                   "best": ["eval_length.py", f"--ckpts={best}", f"--out={tmp_path / 'r2' / 'ev'}"]})
+    fails_with(res["fresh"], f"{fresh / 'log.csv'} is a folder where the run keeps its log.csv file")
+    fails_with(res["resume"], f"{resumed / 'log.csv'} is a folder where the run keeps its log.csv file")
+    fails_with(res["tmp dir"], "ckpt.pt.tmp123 is a folder named like the temporary file of an interrupted save")
+    fails_with(res["aside"], f"an interrupted --overwrite=True left the previous run in {aside / common.ASIDE}")
+    fails_with(res["best"], f"holds best.pt (the best evaluation's weights): pass {best / 'best.pt'}")
+    assert {d: snapshot(d) for d in before} == before  # nothing changed, nothing left (no log.csv.tmp, no lock)
+    assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
 
 
 def test_prepare_scripts_check_their_input_and_output_first(char_data, corpus_file, tmp_path):

@@ -207,7 +207,7 @@ def test_cli_on_a_tiny_finetuned_checkpoint(passkey_data, char_data, tmp_path):
     run("train.py", f"--data_dir={char_data}", f"--out_dir={base}", "--block_size=32", "--attn=lssa", *TINY)
     r = run("train.py", "config/finetune_passkey_char.py", f"--data_dir={passkey_data}", f"--init_from={base}",
             f"--out_dir={ft}", "--block_size=32", "--window_align=33", "--finetune_reweight_p=15", *TINY)
-    assert "fine-tuning" in r.stdout and "attention lssa reweight_p=15" in r.stdout
+    assert "fine-tuning" in r.stdout and "attention lssar backend=" in r.stdout
     margs = torch.load(ft / "ckpt.pt", weights_only=False)["model_args"]
     assert (margs["attn"], margs["reweight_p"]) == ("lssa", 15.0)  # what sample.py / eval_* rebuild
     r = run("train.py", f"--data_dir={char_data}", f"--out_dir={tmp_path / 'x'}", "--finetune_reweight_p=15", *TINY,

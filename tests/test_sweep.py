@@ -46,6 +46,17 @@ def test_sweep(tmp_path, corpus_file):
     r = sweep(tmp_path, corpus_file, "--max_iters=3")
     assert "finished checkpoint at iter 3" in r.stdout + r.stderr and ckpt.stat().st_mtime_ns == mtime
 
+    # a row is named from its checkpoint: one whose stored config differs from the run (here: edited) is refused
+    ck_data = torch.load(ckpt, weights_only=False)
+    ck_data["config"]["pos"] = "none"
+    torch.save(ck_data, ckpt)
+    r = sweep(tmp_path, corpus_file, "--max_iters=3", check=False)
+    assert r.returncode == 1 and "holds a checkpoint trained with pos='none', but run 'softmax' seed 1337 asks for " \
+        "pos='rope'" in r.stderr.strip().splitlines()[-1], r.stderr[-2000:]
+    ck_data["config"]["pos"] = "rope"
+    torch.save(ck_data, ckpt)
+    mtime = ckpt.stat().st_mtime_ns
+
     # an unfinished run (target raised) resumes from its checkpoint instead of starting over
     sweep(tmp_path, corpus_file, "--max_iters=5", "--runs=softmax")
     assert torch.load(ckpt, weights_only=False)["iter_num"] == 5
@@ -85,11 +96,14 @@ def test_grid_with_seeds(tmp_path, corpus_file):
     assert all(png.stat().st_size > 0 for png in pngs) and "eval_length" not in r.stderr
 
 
+LADDER_ARGS = "--train_args=--n_layer=1 --n_embd=32 --eval_iters=1 --eval_interval=2 --log_interval=1"  # (no batch_size)
+
+
 @pytest.mark.parametrize("args,msg", [
     (["--runs=softmax,flash"], "unknown attention 'flash'"),
     (["--runs=softmax,softmax"], "without repeats"),
     (["--runs=lssar:pos"], "name:key=value"),
-    (["--seeds=1,1"], "distinct integers"),
+    (["--seeds=1,1"], "'1' is repeated"),
     (["--grid=reweight_p"], "key=v1,v2"),
     (["--eval_extra=lssa+n_layer=2"], "write run+key=value"),
     (["--eval_extra=lssa+reweight_p=abc"], "reweight_p must be >= 0"),  # checked before any training
@@ -97,6 +111,32 @@ def test_grid_with_seeds(tmp_path, corpus_file):
     (["--eval_extra=softmax+rope_scaling=yarn+rope_factor=x"], "rope_factor must be a number"),
     (["--eval_extra=softmax+rope_scaling=long"], "unknown 'long'"),
     (["--replot=missing.json"], "cannot read results 'missing.json'"),
+    # what the sweep sets itself: refused wherever else it is set (the row would be named for one, trained with another)
+    (["--runs=softmax", "--train_args=--n_layer=1 --attn=lssa"], "--train_args sets attn, but the sweep sets it"),
+    (["--runs=softmax:attn=lssa"], "sets attn, which the sweep sets for every run"),
+    (["--runs=softmax", "--grid=seed=1,2"], "--grid sets seed"),
+    (["--runs=lssar:pos=none", "--train_args=--n_layer=1 --pos=rope"], "which run 'lssar pos=none' sets itself"),
+    (["--ladder=16,32", "--ladder_tokens=64", "--train_args=--n_layer=1 --block_size=32"],
+     "--train_args sets block_size, but the ladder's rungs set it"),
+    ([LADDER_ARGS, "--ladder=16,32", "--ladder_tokens=64", "--grid=block_size=16,32"], "sets block_size, which every rung"),
+    (["--max_iters=3", "--train_args=--n_layer=1 --warmup_iters=5"], "--train_args sets warmup_iters, but --max_iters"),
+    # seeds and extra seeds
+    (["--seeds=1,,2"], "an empty item"),
+    (["--seeds=1,x"], "'x' is not an integer"),
+    (["--seeds=1.5"], "'1.5' is not an integer"),
+    (["--seeds=-3"], "seeds must be whole numbers >= 0"),
+    (["--extra_seeds=softmax@32=2"], "--extra_seeds adds a seed to one run at one rung of a ladder"),
+    ([LADDER_ARGS, "--ladder=16,32", "--ladder_tokens=64", "--extra_seeds=softmax@32=2,softmax@32=2"], "repeats seed 2"),
+    ([LADDER_ARGS, "--ladder=16,32", "--ladder_tokens=64", "--seeds=1337,2", "--extra_seeds=softmax@32=2"], "repeats seed 2"),
+    ([LADDER_ARGS, "--ladder=32", "--ladder_tokens=64", "--extra_seeds=softmax@32=--5"], "'--5' is not an integer"),
+    (["--ladder=32", "--ladder_tokens=-1"], "ladder_tokens=-1 is out of range; set --ladder_tokens to a number >= 1"),
+    (["--ladder=32", "--ladder_tokens=0"], "set --ladder_tokens to a number >= 1"),
+    # stacks, the evaluator, the results path
+    (["--runs=[softmax"], "write a stack as [layers pattern]"),
+    (["--runs=[3*softmax:window=4,lssar]"], "does not divide n_layer=1"),
+    (["--evaluator=loss"], "evaluator='loss'"),
+    (["--evaluator=retrieval", "--retrieval_bins=4,2"], "bins must be at least two increasing edges"),
+    (["--results=/proc/x/res"], "cannot be created: /proc takes no new folder /proc/x"),
 ])
 def test_bad_specs(tmp_path, corpus_file, args, msg):
     r = sweep(tmp_path, corpus_file, *args, check=False)
@@ -110,9 +150,8 @@ def test_ladder(tmp_path, corpus_file):
     each run with softmax by seed at the first length; files and plots, --replot; bad items are one line before
     anything trains."""
     common = ["--runs=softmax,lssar", "--ladder=16,32", "--ladder_tokens=64", "--seeds=1337,1", "--max_iters=2",
-              "--eval_extra=", "--extra_seeds=lssar@32=2"]
-    sweep(tmp_path, corpus_file, *common, f"--results={tmp_path / 'res' / 'ladder'}",
-          "--train_args=--n_layer=1 --n_embd=32 --eval_iters=1 --eval_interval=2 --log_interval=1")
+              "--eval_extra=", "--extra_seeds=lssar@32=2", LADDER_ARGS]
+    sweep(tmp_path, corpus_file, *common, f"--results={tmp_path / 'res' / 'ladder'}")
     res = json.loads((tmp_path / "res" / "ladder.json").read_text())
     assert [r["T"] for r in res["rungs"]] == [16, 32]
     assert res["rungs"][1]["rows"][0]["lengths"] == [32, 128]  # 1x and 4x of the rung's own T
@@ -287,6 +326,7 @@ def test_a_new_row_that_applies_to_no_checkpoint_keeps_the_reused_ones(tmp_path,
     d, _ = make_run(tmp_path, attn="softmax", pos="none")
     monkeypatch.setattr(sweep, "out_dir_for", lambda name, kv, seed: d)
     monkeypatch.setattr(sweep, "finished", lambda out_dir: (0, True))  # a random model, no training wanted
+    monkeypatch.setattr(sweep, "verify_checkpoint", lambda *a: None)  # (make_run's config is not train.py's)
     monkeypatch.setattr(sweep, "multipliers", "1,2")
     monkeypatch.setattr(sweep, "eval_tokens", 0)
     monkeypatch.setattr(sweep, "device", "cpu")

@@ -90,6 +90,12 @@ def get_text(input_path=None, out_dir=None):
                          "pass a text file that holds text")
     return text
 
+def check_vocab(chars):
+    # one symbol is nothing to learn: every loss would be exactly 0 and every ratio of losses undefined
+    if len(chars) < 2:
+        raise SystemExit(f"prepare error: the text has {len(chars)} distinct character(s) ({''.join(chars)!r}); a "
+                         "language model needs at least 2: pass a text with more than one symbol")
+
 def check_splits(n_train, n_val, what):
     # training needs at least 2 tokens in each split (an input and its target)
     if min(n_train, n_val) < 2:
@@ -115,6 +121,7 @@ def prepare(input_path=None, out_dir=None):
     chars = sorted(set(data))
     vocab_size = len(chars)
     assert vocab_size < 2**16, "ids are stored as uint16"
+    check_vocab(chars)
     stoi = {ch: i for i, ch in enumerate(chars)}
     itos = {i: ch for i, ch in enumerate(chars)}
 
