@@ -34,13 +34,15 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import check_range, parse_list, parse_numbers, pick_device, writable_prefix
+from common import check_range, one_line, parse_list, parse_numbers, pick_device, writable_prefix
 from configurator import configure
 from kernels import BACKENDS
 from model import GPT, VARIANTS, GPTConfig, attn_names, canonical_attn, causal_attention
 
 # -----------------------------------------------------------------------------
-kinds = ""               # "" = every attention of model.py's registry, and each with the forget gate (name+forget)
+kinds = ""               # "" = every attention of model.py's registry, each with the forget gate (name+forget), and
+                         # softmax / lssar with ALiBi (name+alibi) and with a window of attn_window keys (name+window)
+attn_window = 1024       # the window of the name+window kinds (kernels/sass.py reports windowed kernels at 1024)
 backends = "sdpa,math,flex,triton"
 lengths = LENGTHS = "64,256,1024,4096,16384"
 grad_max_len = 4096      # forward+backward of attention alone up to this length
@@ -84,15 +86,17 @@ DEMO = dict(n_layer=4, n_head=4, n_embd=128, vocab_size=65)  # config/train_shak
 
 def kind_args(kind):
     """A bench kind -> GPTConfig's attention fields: a name of model.attn_names(), with '+forget' for the forget
-    gate (e.g. softmax+forget: FoX's attention)."""
-    name, plus, gate = kind.partition("+")
-    return dict(attn=name, gate="forget" if plus else "none")
+    gate (e.g. softmax+forget: FoX's attention), '+alibi' for ALiBi, '+window' for a window of attn_window keys."""
+    name, *extras = kind.split("+")
+    return dict(attn=name, gate="forget" if "forget" in extras else "none", pos="alibi" if "alibi" in extras else "rope",
+                window=attn_window if "window" in extras else 0)
 
 
 def bench_kinds():
-    """Every kind bench.py knows: each attention name, and each with the forget gate where the gate applies."""
+    """Every kind bench.py knows: each attention name, each with the forget gate where the gate applies, and softmax
+    and lssar with ALiBi and with a window (the fused kernels' extras)."""
     gated = [f"{a}+forget" for a in attn_names() if VARIANTS[canonical_attn(a)[0]].row is None]
-    return attn_names() + gated
+    return attn_names() + gated + [f"{a}+{x}" for x in ("alibi", "window") for a in ("softmax", "lssar")]
 GPT2 = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)  # config/train_gpt2_fineweb.py
 
 
@@ -304,8 +308,8 @@ MAX_REPEATS, MAX_LENGTH = 100, 1 << 20  # beyond these a run would not end in an
 def check_numbers():
     """Counts and sizes in range before anything runs: 0 repeats or a length of 0 would never finish a case."""
     check_range({"repeats": repeats}, 1, MAX_REPEATS, prefix="bench error")
-    check_range({k: globals()[k] for k in ("attn_batch", "attn_heads", "head_dim", "train_len", "train_batch")}, 1,
-                MAX_LENGTH, prefix="bench error")
+    check_range({k: globals()[k] for k in ("attn_batch", "attn_heads", "head_dim", "train_len", "train_batch",
+                                           "attn_window")}, 1, MAX_LENGTH, prefix="bench error")
     check_range({"grad_max_len": grad_max_len}, 0, prefix="bench error")
     for key in ("lengths", "eval_lengths"):
         if globals()[key]:  # "" skips those cases (lengths="": no attention-alone cases, e.g. the train-step stage
@@ -421,7 +425,7 @@ def compare_with_estimates(path, sass_path=SASS_REPORT):
     Triton kind's time relative to Triton's exp kernel (softmax) and to SDPA, and the static estimate of the first
     ratio (cycles per score over the same passes, sm_90, bf16, head size 64)."""
     from kernels.fused import KERNEL_KIND
-    from kernels.sass import estimate_ratio
+    from kernels.sass import estimate_ratio, visible
     with open(sass_path) as f:
         rows = json.load(f)["kernels"]
     try:
@@ -443,7 +447,10 @@ def compare_with_estimates(path, sass_path=SASS_REPORT):
         args = kind_args(kind)
         variant, p = canonical_attn(args["attn"])
         est = estimate_ratio(rows, KERNEL_KIND.get(variant, "?"), p, args["gate"] == "forget",
-                             ("fwd", "dq", "dkdv") if grad else ("fwd",))
+                             ("fwd", "dq", "dkdv") if grad else ("fwd",), alibi=args["pos"] == "alibi",
+                             window=args["window"])
+        if est and args["window"]:  # per score computed: a window computes fewer of them
+            est *= visible(T, args["window"]) / visible(T, 0)
         base, ref = triton.get(("softmax", T, grad)), sdpa.get((T, grad))
         cells = [f"{sec / base:.2f}" if base else "", f"{est:.2f}" if est else "", f"{sec / ref:.2f}" if ref else ""]
         lines.append(f"| {kind} | {T} | {'fwd+bwd' if grad else 'fwd'} | " + " | ".join(cells) + " |")
@@ -464,10 +471,17 @@ def main():
     if precision:
         writable_prefix(out or os.path.join("results", "bench", "precision"), "out", "bench error", (".json", ".md"))
         return precision_study()
-    if mem_case:  # subprocess mode
-        case = json.loads(mem_case)
+    if mem_case:  # subprocess mode: one case as peak_memory hands it over
+        try:
+            case = json.loads(mem_case)
+            if not isinstance(case, dict) or case.get("what") not in ("attn", "eval", "train") or "kind" not in case:
+                raise ValueError("not a case")
+            fn = build(case, dev, dt)
+        except (ValueError, KeyError, TypeError, NotImplementedError) as e:
+            raise SystemExit(f"bench error: --mem_case is bench.py's own hand-over of one case to a subprocess, a JSON "
+                             f"case it wrote ({type(e).__name__}: {one_line(e)[:100]}); run bench.py without it") from None
         warm = case.get("backend") == "flex" or case["what"] == "train"  # compiles / optimizer state come first
-        print(json.dumps({"peak_bytes": peak_memory_here(build(case, dev, dt), dev, warm)}))
+        print(json.dumps({"peak_bytes": peak_memory_here(fn, dev, warm)}))
         return
     for key, allowed in (("kinds", bench_kinds()), ("eval_kinds", bench_kinds()), ("train_kinds", bench_kinds()),
                          ("backends", BACKENDS)):

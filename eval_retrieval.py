@@ -10,7 +10,7 @@ Protocol (printed and saved with the results): for each total length L = lengths
 training context) and each distance bin [a T, b T) of --bins that fits in L, `prompts` prompts of L characters
 (answer included): a window of the checkpoint's validation text (text_val.bin) with the target pair at a distance
 d drawn uniformly from the bin (characters from the pair's key to the query's key), `distractors` pairs of other
-keys at random places, and the query `{KK=` at the end (retrieval.prompt). The model decodes the value greedily
+keys at random places, and the query `{K` at the end (retrieval.prompt). The model decodes the value greedily
 (argmax, KV cache); exact-match and per-character accuracy with binomial standard errors, per (length, bin) cell
 and per bin over all lengths. Prompt i of a cell is drawn from (seed, L / T, bin, i): the same prompts for every
 model of the same T. Also the language-model loss of the validation text alone at the same lengths (the same
@@ -107,7 +107,7 @@ def cells(T, lens, edges, task):
     out = []
     for m in lens:
         L = int(round(m * T))
-        top = L - task.value_len - task.key_len - 3  # the largest distance a prompt of L characters holds
+        top = L - task.value_len - task.key_len - 1  # the largest distance a prompt of L characters holds
         for a, b in zip(edges[:-1], edges[1:], strict=True):
             lo, hi = max(int(math.ceil(a * T)), task.item_len), min(int(math.ceil(b * T)) - 1, top)
             if lo <= hi:
@@ -242,8 +242,8 @@ def evaluate(specs, *, lengths="1,2,4,8,16", bins="0,1,2,4,8,16", n_prompts=40, 
                          "task": j["task"].as_meta(), "cells": cells_out, "lm": lm})
             del model
     protocol = {
-        "prompt": "validation text with the target pair [KK=VVV] at the given distance (characters from its key to "
-                  "the query's key), distractor pairs of other keys at random places, the query {KK= at the end",
+        "prompt": "validation text with the target pair [KVVV] at the given distance (characters from its key to "
+                  "the query's key), distractor pairs of other keys at random places, the query {K at the end",
         "length": "total characters including the answer; the model reads length - value_len characters",
         "decoding": "greedy (argmax) with a KV cache; exact = every answer character right",
         "prompts": f"{n_prompts} per (length, bin) cell, prompt i drawn from (seed={seed}, length / T, bin, i)",

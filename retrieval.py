@@ -2,16 +2,19 @@
 The retrieval task, written once: key-value episodes inside natural text (MQAR-style: Zoology, Arora et al. 2023),
 trained from scratch by plain next-token prediction and scored by the distance between a key and its query.
 
-    ... natural text [07=kqz] more text [41=abc] ... text {07=kqz} text ...
-                     ^ a pair: key 07, value kqz       ^ a query repeats key 07; its answer is the value
+    ... natural text [7kqz] more text [4abc] ... text {7kqz} text ...
+                     ^ a pair: key 7, value kqz     ^ a query repeats key 7; its answer is the value
 
-Pairs are `[` key `=` value `]`, queries `{` key `=` value `}`; keys are KEY_LEN digits, values VALUE_LEN lowercase
+Pairs are `[` key value `]`, queries `{` key value `}`; keys are key_len digits, values value_len lowercase
 letters (the markers and the digits do not occur in Tiny Shakespeare, so an episode cannot be confused with the
 text; lowercase values are letters the text uses, so only a copy predicts them). In a training window the keys are
 unique, each query comes after its pair, and the pairs, the queries and their distances are spread over the whole
 window (`training_example`). An evaluation prompt (`prompt`) is a window of validation text with the target pair at
 a chosen distance from a query at the very end, and distractor pairs (other keys) around it; the model's greedy
-continuation of `{KK=` is its answer.
+continuation of `{K` is its answer. The key comes right before its value, without a separator: to answer, a query's
+last key character looks for the position that follows the same key in a pair and copies from there, one step of an
+induction head (Olsson et al. 2022); a separator between them would make it two (measured: the demo model learned
+the separated form far more slowly, docs/results.md).
 
 data/retrieval_char/prepare.py builds the training mixture with `training_example`, train.py logs the answers' loss
 and accuracy with `token_roles`, eval_retrieval.py builds its prompts with `prompt` and scores them with `score`.
@@ -22,8 +25,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import torch
 
-PAIR = ("[", "=", "]")    # open, separator, close
-QUERY = ("{", "=", "}")
+PAIR = ("[", "]")         # open, close
+QUERY = ("{", "}")
 KEY_ALPHABET = "0123456789"
 VALUE_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 
@@ -40,8 +43,8 @@ class Task:
 
     @property
     def item_len(self):
-        """Characters of one pair (or query): open, key, separator, value, close."""
-        return self.key_len + self.value_len + 3
+        """Characters of one pair (or query): open, key, value, close."""
+        return self.key_len + self.value_len + 2
 
     def as_meta(self):
         return asdict(self)
@@ -75,12 +78,12 @@ def _value(rng, task):
 
 
 def pair_text(key, value):
-    return f"{PAIR[0]}{key}{PAIR[1]}{value}{PAIR[2]}"
+    return f"{PAIR[0]}{key}{value}{PAIR[1]}"
 
 
 def query_text(key, value=""):
-    """A query; without a value, the prompt's end `{KK=` that the model continues."""
-    return f"{QUERY[0]}{key}{QUERY[1]}" + (f"{value}{QUERY[2]}" if value else "")
+    """A query; without a value, the prompt's end `{K` that the model continues."""
+    return f"{QUERY[0]}{key}" + (f"{value}{QUERY[1]}" if value else "")
 
 
 def training_example(filler, rng, task, length):
@@ -124,19 +127,19 @@ def training_example(filler, rng, task, length):
 def prompt(filler, rng, task, length, distance, n_distractors):
     """An evaluation prompt of `length` characters, answer included: filler text with the target pair's key
     `distance` characters before the query's key, n_distractors pairs of other keys at random places, and the
-    query `{KK=` at the end, followed by the answer (value_len characters). filler: at least `length` characters of
+    query `{K` at the end, followed by the answer (value_len characters). filler: at least `length` characters of
     text. Returns (prompt without the answer, answer, target key)."""
-    body = length - task.value_len  # what the model reads: it ends with `{KK=`
-    q_key = body - 1 - task.key_len  # the query's key starts here
+    body = length - task.value_len  # what the model reads: it ends with `{K`
+    q_key = body - task.key_len  # the query's key starts here
     p_start = q_key - distance - 1   # the target pair's `[`
     if p_start < 0 or distance < task.item_len:
         raise ValueError(f"distance {distance} does not fit a prompt of {length} characters (it needs "
                          f"{task.item_len} <= distance <= {q_key - 1})")
     key, *others = _keys(rng, task, 1 + n_distractors)
     value = _value(rng, task)
-    # the target pair and the distractors at non-overlapping places in [0, body - len('{KK=')): the distractors'
+    # the target pair and the distractors at non-overlapping places in [0, body - len('{K')): the distractors'
     # starts drawn uniformly among the free ones
-    end = body - (task.key_len + 2)
+    end = body - (task.key_len + 1)
     taken = np.zeros(end + 1, dtype=bool)  # taken[s]: an item starting at s would overlap one placed
     taken[max(0, p_start - task.item_len + 1):p_start + task.item_len] = True
     taken[end - task.item_len + 1:] = True
@@ -163,11 +166,12 @@ def prompt(filler, rng, task, length, distance, n_distractors):
     return text, value, key
 
 
-def token_roles(x, y, stoi):
+def token_roles(x, y, stoi, key_len):
     """Which targets of a batch are what, from the token ids alone: x, y (B, T) inputs and next-token targets.
     Returns (answer, query, text): answer (B, T) bool, the targets that are a query's value characters (the
-    answer the model must retrieve); query (B, T) long, the position of that query's `{` (to group a query's
-    characters); text (B, T) bool, the targets outside every pair and query (the language-model part)."""
+    answer the model must retrieve: the characters after the query's key_len key characters); query (B, T) long,
+    the position of that query's `{` (to group a query's characters); text (B, T) bool, the targets outside every
+    pair and query (the language-model part)."""
     B, T = x.shape
     z = torch.cat([x[:, :1], y], dim=1)  # the whole window, positions 0 .. T
     idx = torch.arange(T + 1, device=x.device).expand(B, -1)
@@ -176,23 +180,22 @@ def token_roles(x, y, stoi):
     def last(mask):  # the position of the latest True at or before each position, -1 before the first
         return torch.cummax(torch.where(mask, idx, none), dim=1).values
 
-    q_open, q_close = last(z == stoi[QUERY[0]]), last(z == stoi[QUERY[2]])
-    sep = last(z == stoi[QUERY[1]])
+    q_open, q_close = last(z == stoi[QUERY[0]]), last(z == stoi[QUERY[1]])
     opens = last((z == stoi[QUERY[0]]) | (z == stoi[PAIR[0]]))
-    closes = last((z == stoi[QUERY[2]]) | (z == stoi[PAIR[2]]))
+    closes = last((z == stoi[QUERY[1]]) | (z == stoi[PAIR[1]]))
     inside = opens > torch.cat([none[:, :1], closes[:, :-1]], dim=1)  # from an open marker to its close, both included
-    # target t (token t + 1) is an answer character when token t lies in a query after its separator and token
-    # t + 1 is not the query's close
-    in_answer = (q_open > q_close) & (sep > q_open)
-    answer = in_answer[:, :-1] & (z[:, 1:] != stoi[QUERY[2]])
+    # target t (token t + 1) is an answer character when token t lies in an open query at its last key character or
+    # after it, and token t + 1 is not the query's close
+    in_answer = (q_open > q_close) & (idx - q_open >= key_len)
+    answer = in_answer[:, :-1] & (z[:, 1:] != stoi[QUERY[1]])
     return answer, q_open[:, :-1], ~inside[:, 1:]
 
 
 @torch.no_grad()
-def answer_stats(logits, x, y, stoi):
+def answer_stats(logits, x, y, stoi, key_len):
     """Sums over a batch for the training log: (answer tokens, their summed loss, correct argmax ones, queries,
     queries with every answer character right, text tokens, their summed loss)."""
-    answer, query, text = token_roles(x, y, stoi)
+    answer, query, text = token_roles(x, y, stoi, key_len)
     loss = torch.nn.functional.cross_entropy(logits.float().transpose(1, 2), y, reduction="none")  # (B, T)
     right = logits.argmax(-1) == y
     n_ans = int(answer.sum())

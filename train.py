@@ -200,7 +200,7 @@ def estimate_loss():
                 logits, loss = eval_model(X, Y, reduction="sum")
             total, count = total + loss.item(), count + Y.numel()
             if task is not None and split == "val":
-                batch = answer_stats(logits, X, Y, meta["stoi"])
+                batch = answer_stats(logits, X, Y, meta["stoi"], task.key_len)
                 stats = batch if stats is None else [a + b for a, b in zip(stats, batch, strict=True)]
         out[split] = total / count
     if stats is not None:

@@ -49,10 +49,19 @@ PIPES = {
 }
 OUTSIDE = {"fwd": "q x log2(e) and the cast to the dots' dtype (PyTorch, O(T d) per call)",
            "dq": "delta = rowsum(dout * out) (PyTorch, O(T d) per call)", "dkdv": "none (reads delta and m_t)"}
-# steady-state loops in source order: forward p = 0 [unmasked, diagonal], p > 0 [sweep 1 unmasked, diagonal, sweep 2
-# unmasked, diagonal]; dq [unmasked, diagonal]; dk/dv [diagonal, unmasked]
-LOOPS = {("fwd", False): (2, [0]), ("fwd", True): (4, [0, 2]), ("dq", False): (2, [0]), ("dq", True): (2, [0]),
-         ("dkdv", False): (2, [1]), ("dkdv", True): (2, [1])}
+def steady_loops(pass_, reweight, window, stick):
+    """(loops in the compiled code, the indices of the steady-state ones: the unmasked sweeps), in source order.
+    Forward p = 0 [unmasked, diagonal], p > 0 [sweep 1 unmasked, diagonal, sweep 2 unmasked, diagonal]; dq
+    [unmasked, diagonal]; dk/dv [diagonal, unmasked]; a window adds a masked loop for its lower edge before each
+    forward / dq sweep and after the dk / dv one. Stick-breaking (nearest first): [diagonal, unmasked] everywhere."""
+    if stick:
+        return 2, [1]
+    if pass_ == "fwd":
+        per = 3 if window else 2
+        return (2 * per, [per - 2, 2 * per - 2]) if reweight else (per, [per - 2])
+    return (3, [1]) if window else (2, [1] if pass_ == "dkdv" else [0])
+
+
 DTYPES = {"fp32": (torch.float32, torch.float32), "bf16": (torch.bfloat16, torch.bfloat16),
           "fp16": (torch.float16, torch.float16)}
 
@@ -61,9 +70,15 @@ mode = "report"          # report | check | accuracy | fit
 heads = "64,128"         # head sizes
 dtypes = "fp32,bf16,fp16"  # q.k dots' dtype (v the same)
 ps = "0,15"              # re-weighting powers
-kinds = "softplus,exp"
+kinds = "softplus,exp,stickbreak,stickbreak_self"
 archs = "80,90"
-T = 4096                 # the sequence length the launchers pick tiles for (and 16: decoding tiles, in check)
+subset = ""              # check: "" = every config; "ci" = ci_configs(), the representative subset tests/test_sass.py
+                         # compiles (every tile entry and every kernel kind at least once)
+features = ""            # the score kinds' extras: "single" = none, the gate, ALiBi, a window, each alone (the
+                         # report's default); "all" = every combination of the three (--mode=check's default)
+window = 1024            # the window of the windowed configs
+visit_T = 16384          # the sequence length of the report's work count (key tiles visited per query tile)
+T = 4096                 # the sequence length the launchers pick tiles for (the tiles do not depend on it)
 workers = 0              # compile processes; 0 = one per CPU
 out = "results/bench/sass"
 # -----------------------------------------------------------------------------
@@ -74,11 +89,71 @@ def _bin(tool):
     return os.path.join(os.path.dirname(triton.__file__), "backends", "nvidia", "bin", tool)
 
 
-def configs(Tq, heads_, dtypes_, ps_, kinds_, archs_, gates_=(False, True)):
-    """Every (arch, pass, kind, p, dtype, head size, forget gate) to compile (at sequence length Tq: the tiles do
-    not depend on it)."""
-    return [dict(arch=a, pass_=ps_name, kind=k, p=p, dtype=dt, D=D, T=Tq, gate=g) for a in archs_ for g in gates_
-            for k in kinds_ for p in ps_ for dt in dtypes_ for D in heads_ for ps_name in ("fwd", "dq", "dkdv")]
+def feature_sets(which, W):
+    """(gate, alibi, window) of the score kinds' configs: "single" (none, then each alone) or "all" (every
+    combination)."""
+    if which == "single":
+        return [(False, False, 0), (True, False, 0), (False, True, 0), (False, False, W)]
+    return [(g, a, w) for g in (False, True) for a in (False, True) for w in (0, W)]
+
+
+def configs(Tq, heads_, dtypes_, ps_, kinds_, archs_, features_=((False, False, 0), (True, False, 0))):
+    """Every (arch, pass, kind, p, dtype, head size, forget gate, ALiBi, window) to compile, features_ the (gate,
+    alibi, window) sets of the score kinds (at sequence length Tq: the tiles do not depend on it). Stick-breaking
+    takes none of p > 0, the gate, ALiBi or a window: one config per (arch, dtype, head size, pass)."""
+    from kernels.triton_attn import STICK
+    out = []
+    for a in archs_:
+        for g, al, w in features_:
+            for k in kinds_:
+                if k in STICK and (g or al or w):
+                    continue
+                for p in ps_:
+                    if k in STICK and p:
+                        continue
+                    out += [dict(arch=a, pass_=pn, kind=k, p=p, dtype=dt, D=D, T=Tq, gate=g, alibi=al, window=w)
+                            for dt in dtypes_ for D in heads_ for pn in ("fwd", "dq", "dkdv")]
+    return out
+
+
+def tile_entry(cfg):
+    """The TILES / TILES_EXCEPT entry that gives the config's kernel its tile (triton_attn.tile_key)."""
+    from kernels import triton_attn as K
+    return K.tile_key(cfg["pass_"], cfg["D"], DTYPES[cfg["dtype"]][0].itemsize, cfg["p"], cfg["arch"], cfg["gate"],
+                      cfg["kind"], cfg.get("alibi", False), cfg.get("window", 0) > 0)
+
+
+def ci_configs(W=1024):
+    """The representative subset of the full matrix that CI compiles (tests/test_sass.py; the full matrix is
+    `--mode=check`): configs of fp32 and bf16 dots (fp16 launches take bf16's tiles), picked greedily (the config
+    that covers the most of what is not yet covered; ties to the first in the order sm_90, head size 64, bf16) until
+    they cover:
+      - every entry of TILES and TILES_EXCEPT (an sm_80 entry on sm_80),
+      - every (kind, pass) of the score kinds with no extras and with each of the gate, ALiBi and a window alone,
+        and with and without the re-weighting with all three together (every compile-time branch of the score
+        kernels meets every other),
+      - stick-breaking's two kinds x three passes.
+    A tile that spills only for some other combination (a dtype, head size or architecture its entry does not
+    name) is left to the full check."""
+    from kernels import triton_attn as K
+    cfgs = configs(T, [64, 128], ["bf16", "fp32"], [0.0, 15.0], list(K.KINDS), [90, 80], feature_sets("all", W))
+    need = {("tile", k) for k in list(K.TILES) + list(K.TILES_EXCEPT)}
+    singles, every = [(False, False, 0), (True, False, 0), (False, True, 0), (False, False, W)], (True, True, W)
+    need |= {("kernel", k, pn, None, f) for k in ("softplus", "exp") for pn in ("fwd", "dq", "dkdv") for f in singles}
+    need |= {("kernel", k, pn, p > 0, every) for k in ("softplus", "exp") for pn in ("fwd", "dq", "dkdv") for p in (0, 15)}
+    need |= {("kernel", k, pn, None, singles[0]) for k in K.STICK for pn in ("fwd", "dq", "dkdv")}
+    covers = []
+    for c in cfgs:
+        f = (c["gate"], c["alibi"], c["window"])
+        covers.append({("tile", tile_entry(c)), ("kernel", c["kind"], c["pass_"], None, f),
+                       ("kernel", c["kind"], c["pass_"], c["p"] > 0, f)})
+    picked = []
+    while need:  # greedy set cover: the config that covers the most of what is left (the first such, in order)
+        i = max(range(len(cfgs)), key=lambda j: len(covers[j] & need))
+        assert covers[i] & need, f"no config covers {sorted(need, key=str)[:5]}"
+        picked.append(cfgs[i])
+        need -= covers[i]
+    return picked
 
 
 def launch_of(cfg):
@@ -88,8 +163,9 @@ def launch_of(cfg):
     q = torch.empty(1, 12, cfg["T"], cfg["D"], dtype=qd, device="meta")
     v = torch.empty(1, 12, cfg["T"], cfg["D"], dtype=vd, device="meta")
     c = torch.empty(1, 12, cfg["T"], dtype=torch.float32, device="meta") if cfg.get("gate") else None
+    slopes = torch.empty(12, dtype=torch.float32, device="meta") if cfg.get("alibi") else None
     ls = K.launches(q, q, v, 0, float(cfg["p"]), cfg["kind"], 3, backward=cfg["pass_"] != "fwd" or None, c=c,
-                    arch=cfg["arch"])
+                    arch=cfg["arch"], slopes=slopes, window=cfg.get("window", 0))
     return {launch[0]: launch for launch in ls}[cfg["pass_"]]
 
 
@@ -104,7 +180,7 @@ def compile_launch(launch, arch):
     except ImportError:  # triton 3.2 (see below)
         create_function_from_signature = None
 
-    _, kernel, _, args, meta = launch
+    _, kernel, _, args, meta = launch[:5]
     target = GPUTarget("cuda", arch, 32)
     backend = make_backend(target)
     if hasattr(kernel, "_pack_args"):  # triton >= 3.3: the JIT's own binder and argument packing
@@ -203,13 +279,14 @@ def analyse(cfg):
 def measure(launch, cfg):
     """The counts of one launch (see the module docstring) compiled for sm_<cfg['arch']>, into a copy of cfg (which
     also needs 'p': the loop structure depends on the re-weighting)."""
-    name, _, _, _, meta = launch
+    name, meta = launch[0], launch[4]
     warps, bm, bn = meta["num_warps"], meta["BLOCK_M"], meta["BLOCK_N"]
     t0 = time.time()
     cubin, shared = compile_launch(launch, cfg["arch"])
     ins, labels, res = disassemble(cubin)
     found = loops(ins, labels)
-    want, steady = LOOPS[(name, cfg["p"] > 0)]
+    from kernels.triton_attn import STICK
+    want, steady = steady_loops(name, cfg["p"] > 0, cfg.get("window", 0) > 0, cfg["kind"] in STICK)
     row = dict(cfg, tile=[bm, bn, warps, meta["num_stages"]], regs=res.get("REG", 0), local=res.get("LOCAL", 0),
                stack=res.get("STACK", 0), spill_ops=sum(op.startswith(("STL", "LDL")) for op, _ in ins),
                shared=shared + res.get("SHARED", 0), instructions=len(ins), loops=[b - a for a, b in found],
@@ -261,9 +338,14 @@ def problems(r):
     return out
 
 
+def extras(r):
+    """The config's extras in words: 'forget', 'alibi', 'window=1024' (joined by spaces), or ''."""
+    return " ".join(["forget"] * bool(r["gate"]) + ["alibi"] * bool(r.get("alibi")) +
+                    [f"window={r['window']}"] * bool(r.get("window")))
+
+
 def name_of(r):
-    return (f"sm_{r['arch']} {r['pass_']} {r['kind']} p={r['p']:g}{' gate' if r['gate'] else ''} {r['dtype']} "
-            f"d={r['D']}")
+    return f"sm_{r['arch']} {r['pass_']} {r['kind']} p={r['p']:g} {extras(r)} {r['dtype']} d={r['D']}".replace("  ", " ")
 
 
 def run_all(cfgs, n_workers):
@@ -280,7 +362,7 @@ def with_ratios(rows):
     """Each row's estimate and per-score instructions as ratios to the exp kernel (p = 0, no gate: FlashAttention's
     work) of the same pass, arch, dtype, head size and T."""
     key = lambda r: (r["arch"], r["pass_"], r["dtype"], r["D"], r["T"])
-    ref = {key(r): r for r in rows if r["kind"] == "exp" and r["p"] == 0 and not r["gate"] and "estimate" in r}
+    ref = {key(r): r for r in rows if r["kind"] == "exp" and r["p"] == 0 and not extras(r) and "estimate" in r}
     for r in rows:
         base = ref.get(key(r))
         if base and "estimate" in r:
@@ -295,23 +377,117 @@ def markdown(rows, command):
              f"Estimate from the compiled code (triton {triton.__version__}, ptxas of its wheel), not a measurement: "
              "per score element of the steady-state key loop(s), and the estimated cycles per score as a ratio to "
              "the exp kernel (softmax, p = 0) of the same pass. See kernels/sass.py for the model.", "",
-             "| arch | pass | kind | p | gate | dots | d | tile (BM, BN, warps, stages) | regs | spill | smem KB "
+             "| arch | pass | kind | p | extras | dots | d | tile (BM, BN, warps, stages) | regs | spill | smem KB "
              "| instr/score | x exp | fp32 FMA pipe | cmp/sel | MUFU | int/other | tensor ops per tile | bound "
              "| est. x exp |", "|" + "---|" * 20]
     for r in rows:
         if "estimate" not in r:
-            lines.append(f"| sm_{r['arch']} | {r['pass_']} | {r['kind']} | {r['p']:g} | {'forget' if r['gate'] else ''} | "
+            lines.append(f"| sm_{r['arch']} | {r['pass_']} | {r['kind']} | {r['p']:g} | {extras(r)} | "
                          f"{r['dtype']} | {r['D']} | | | | | error: {r.get('error')} |" + " |" * 8)
             continue
         ps = r["per_score"]
         mufu = " + ".join(f"{v:g} {k[5:]}" for k, v in ps.items() if k.startswith("MUFU")) or "0"
         tc = ", ".join(f"{v} {k}" for k, v in r["tensor_ops"].items())
-        lines.append(f"| sm_{r['arch']} | {r['pass_']} | {r['kind']} | {r['p']:g} | {'forget' if r['gate'] else ''} | "
+        lines.append(f"| sm_{r['arch']} | {r['pass_']} | {r['kind']} | {r['p']:g} | {extras(r)} | "
                      f"{r['dtype']} | {r['D']} | {tuple(r['tile'])} | {r['regs']} | {r['local']} | {r['shared'] / 1024:.0f} | "
                      f"{r['per_score_all']:.1f} | {r.get('x_exp_instructions', 0):.2f} | "
                      f"{ps.get('fp32 fma pipe', 0):.1f} | {ps.get('fp32 compare/select', 0):.1f} | {mufu} | "
                      f"{ps.get('integer/other', 0):.1f} | {tc} | {r['bound']} | {r.get('x_exp_estimate', 0):.2f} |")
+    lines += ["", *alibi_section(rows), "", *window_section(rows)]
     return "\n".join(lines) + "\n"
+
+
+def _without(r, rows, **change):
+    """The row of the same config with some fields changed (e.g. alibi=False), or None."""
+    want = {k: r.get(k) for k in ("arch", "pass_", "kind", "p", "dtype", "D", "T", "gate", "alibi", "window")} | change
+    return next((x for x in rows if all(x.get(k, False if k == "alibi" else 0 if k == "window" else None) == v
+                                        for k, v in want.items()) and "estimate" in x), None)
+
+
+def alibi_section(rows):
+    """Each ALiBi kernel against its kind without ALiBi (same pass, arch, dtype, head size, p, gate, window)."""
+    lines = ["ALiBi: each kernel with ALiBi against the same kernel without it (estimated cycles per score, and "
+             "instructions per score).", "", "| arch | pass | kind | p | dots | d | tile | instr/score | x without | "
+             "est. x without |", "|" + "---|" * 10]
+    for r in rows:
+        base = _without(r, rows, alibi=False) if r.get("alibi") and "estimate" in r else None
+        if base:
+            lines.append(f"| sm_{r['arch']} | {r['pass_']} | {r['kind']} | {r['p']:g} | {r['dtype']} | {r['D']} | "
+                         f"{tuple(r['tile'])} | {r['per_score_all']:.1f} | {r['per_score_all'] / base['per_score_all']:.2f} | "
+                         f"{r['estimate_per_score'] / base['estimate_per_score']:.2f} |")
+    return lines
+
+
+def window_section(rows):
+    """Each windowed kernel against the same kernel without a window: its steady-state cost per score, and the work
+    of a whole call at visit_T (key tiles visited, masked or not, per query tile; per key tile for dk / dv: tiles_of)."""
+    lines = [f"Windows: each windowed kernel against the same kernel without a window: cycles per score of the "
+             f"steady-state loop, and the tiles a call at T = {visit_T} visits (kernels/sass.py tiles_of: the "
+             "launchers' loop bounds), per program (query block; key block for dk / dv), masked + unmasked.", "",
+             "| arch | pass | kind | p | dots | d | window | tile | est. per score x no window | tiles per program, window "
+             "| no window | work x no window | visible scores x no window |", "|" + "---|" * 13]
+    for r in rows:
+        base = _without(r, rows, window=0) if r.get("window") and "estimate" in r else None
+        if not base:
+            continue
+        bm, bn = r["tile"][:2]
+        mw, uw, n = tiles_of(r["pass_"], r["kind"], visit_T, bm, bn, r["window"])
+        m0, u0, _ = tiles_of(r["pass_"], r["kind"], visit_T, bm, bn, 0)
+        lines.append(f"| sm_{r['arch']} | {r['pass_']} | {r['kind']} | {r['p']:g} | {r['dtype']} | {r['D']} | "
+                     f"{r['window']} | {tuple(r['tile'])} | {r['estimate_per_score'] / base['estimate_per_score']:.2f} | "
+                     f"{(mw + uw) / n:.1f} ({mw / n:.1f} masked) | {(m0 + u0) / n:.1f} ({m0 / n:.1f} masked) | "
+                     f"{(mw + uw) / (m0 + u0):.3f} | {visible(visit_T, r['window']) / visible(visit_T, 0):.3f} |")
+    return lines
+
+
+def visible(T, W):
+    """The (query, key) pairs a causal call of T rows computes with, under a window of W keys (0: none)."""
+    W = W or T
+    return W * (W + 1) // 2 + (T - W) * W
+
+
+def tiles_of(pass_, kind, T, bm, bn, W):
+    """(masked tiles, unmasked tiles, programs) a call of T queries and keys visits: the loop bounds of the
+    launchers' kernels (triton_attn _key_range, _bwd_dkdv_kernel, the stick-breaking kernels), written out here for
+    the report (tests/test_sass.py checks them against every tile that holds a visible score)."""
+    from kernels.triton_attn import STICK
+    cdiv = lambda a, b: -(-a // b)
+    masked = unmasked = 0
+    if pass_ != "dkdv":
+        for m0 in range(0, T, bm):
+            first, last = m0, min(m0 + bm, T) - 1
+            if kind in STICK:
+                self_ = kind == "stickbreak_self"
+                top, full = (last // bn) * bn, ((first + self_) // bn) * bn
+                masked += max((top - full) // bn + 1, 0)
+                unmasked += full // bn
+                continue
+            full, hi = ((first + 1) // bn) * bn, last + 1
+            lo = mid = 0
+            if W:
+                lo = (max(first - W + 1, 0) // bn) * bn
+                mid = min(max(cdiv(max(last - W + 1, 0), bn) * bn, lo), full)
+            masked += cdiv(max(mid - lo, 0), bn) + cdiv(max(hi - full, 0), bn)
+            unmasked += cdiv(max(full - mid, 0), bn)
+        return masked, unmasked, cdiv(T, bm)
+    for n0 in range(0, T, bn):
+        lo = (n0 // bm) * bm
+        if kind in STICK:
+            full = max(cdiv(n0 + bn, bm) * bm, lo)
+            masked += cdiv(max(min(full, T) - lo, 0), bm)
+            unmasked += cdiv(max(T - full, 0), bm)
+            continue
+        full = max(cdiv(n0 + bn - 1, bm) * bm, lo)
+        if W:
+            hi = max(min(T, n0 + bn - 1 + W), lo)
+            b = min(full, hi)
+            mid = min(max((max(n0 + W, 0) // bm) * bm, b), hi)
+        else:
+            hi = mid = T
+            b = min(full, T)
+        masked += cdiv(max(b - lo, 0), bm) + cdiv(max(hi - mid, 0), bm)
+        unmasked += cdiv(max(mid - b, 0), bm)
+    return masked, unmasked, cdiv(T, bn)
 
 
 def report(cfgs):
@@ -331,14 +507,28 @@ def report(cfgs):
     print(f"wrote {out}.json, {out}.md ({len(rows)} kernels, {len(bad)} with problems)")
 
 
-def check(cfgs):
-    """Exit 1 with one line per unacceptable kernel (problems), else print how many were compiled."""
+def check(cfgs, summary=None):
+    """Exit 1 with one line per unacceptable kernel (problems), else print how many were compiled; summary: also
+    write that to this markdown file (the full check's record, results/bench/sass_check.md)."""
+    import triton
+    t0 = time.time()
     rows = run_all(cfgs, workers)
     bad = [(r, problems(r)) for r in rows if problems(r)]
-    for r, why in bad:
-        print(f"FAIL {name_of(r)} tile={tuple(r['tile'])}: {'; '.join(why)}")
-    print(f"checked {len(rows)} kernels: {len(rows) - len(bad)} ok, {len(bad)} failed "
-          f"({sum(r['compile_s'] for r in rows):.0f} s of compiling)")
+    lines = [f"FAIL {name_of(r)} tile={tuple(r['tile'])}: {'; '.join(why)}" for r, why in bad]
+    lines.append(f"checked {len(rows)} kernels: {len(rows) - len(bad)} ok, {len(bad)} failed "
+                 f"({sum(r['compile_s'] for r in rows):.0f} s of compiling)")
+    print("\n".join(lines))
+    if summary:
+        count = lambda key: ", ".join(f"{v}: {sum(str(r[key]) == str(v) for r in rows)}"
+                                      for v in sorted({str(r[key]) for r in rows}))
+        with open(summary, "w") as f:
+            f.write(f"`python -m kernels.sass {' '.join(sys.argv[1:])}`\n\ntriton {triton.__version__}, "
+                    f"{time.strftime('%Y-%m-%d')}, {time.time() - t0:.0f} s on {os.cpu_count()} CPUs. Every config "
+                    "compiled for its architecture and checked for register spills, shared memory over the per-block "
+                    "limit and (sm_90, 16-bit dots) dots not all on wgmma.\n\n" + "\n".join(f"    {x}" for x in lines) +
+                    f"\n\nConfigs by arch ({count('arch')}), pass ({count('pass_')}), kind ({count('kind')}), dots "
+                    f"({count('dtype')}), head size ({count('D')}), gate ({count('gate')}), ALiBi ({count('alibi')}), "
+                    f"window ({count('window')}), p ({count('p')}).\n")
     return 1 if bad else 0
 
 
@@ -447,13 +637,15 @@ def fit():
         print(f'"{name}": {tuple(fit_poly(f, deg))},')
 
 
-def estimate_ratio(rows, kind, p, gate, passes, arch=90, dtype="bf16", D=64):
-    """The estimated cycles per score of (kind, p, gate) over the given passes, as a ratio to the exp kernel's
-    (p = 0, no gate) over the same passes: the static prediction of a measured time ratio."""
-    pick = lambda k, pp, g, ps: next((r["estimate_per_score"] for r in rows if (r["arch"], r["dtype"], r["D"], r["kind"],
-                                      r["p"], r["gate"], r["pass_"]) == (arch, dtype, D, k, pp, g, ps)
-                                      and "estimate_per_score" in r), None)
-    mine, ref = [pick(kind, p, gate, ps) for ps in passes], [pick("exp", 0.0, False, ps) for ps in passes]
+def estimate_ratio(rows, kind, p, gate, passes, arch=90, dtype="bf16", D=64, alibi=False, window=0):
+    """The estimated cycles per score of (kind, p, gate, alibi, window) over the given passes, as a ratio to the exp
+    kernel's (p = 0, no extras) over the same passes: the static prediction of a measured time ratio (per score
+    computed: a window's fewer scores are not in it)."""
+    pick = lambda k, pp, g, a, w, ps: next((r["estimate_per_score"] for r in rows if (
+        r["arch"], r["dtype"], r["D"], r["kind"], r["p"], r["gate"], r.get("alibi", False), r.get("window", 0),
+        r["pass_"]) == (arch, dtype, D, k, pp, g, a, w, ps) and "estimate_per_score" in r), None)
+    mine = [pick(kind, p, gate, alibi, window, ps) for ps in passes]
+    ref = [pick("exp", 0.0, False, False, 0, ps) for ps in passes]
     return None if None in mine + ref else sum(mine) / sum(ref)
 
 
@@ -480,9 +672,17 @@ def main():
     for name, values, known in (("dtypes", args[1], DTYPES), ("kinds", args[3], K.KINDS), ("archs", args[4], ARCHS)):
         if not values or any(x not in known for x in values):
             raise SystemExit(f"sass error: {name} must be a comma list of {', '.join(map(str, known))}, got {values}")
-    cfgs = configs(T, *args)
+    which = features or ("all" if mode == "check" else "single")
+    if which not in ("single", "all") or not (isinstance(window, int) and window > 0):
+        raise SystemExit(f"sass error: features must be single or all and window a whole number > 0, got {features!r}, "
+                         f"{window!r}")
+    cfgs = configs(T, *args, feature_sets(which, window))
+    if mode == "check" and subset == "ci":
+        cfgs = ci_configs(window)
+    elif subset:
+        raise SystemExit(f"sass error: subset must be '' (every config) or ci, got {subset!r}")
     if mode == "check":
-        sys.exit(check(cfgs))
+        sys.exit(check(cfgs, None if subset else out + "_check.md"))
     report(cfgs)
 
 

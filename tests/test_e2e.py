@@ -51,7 +51,7 @@ def test_train_resume_sample(char_data, tmp_path):
     # evaluation-time settings, as eval_length.py has them: recorded in the first line, applied to the generation
     r = run("sample.py", f"--out_dir={out}", "--start=ROMEO:", "--num_samples=1", "--max_new_tokens=80", "--device=cpu",
             "--rope_scaling=yarn", "--logn_scale=true", "--reweight_p=3")
-    assert "reweight_p=3 pos=rope rope_scaling=yarn (factor per length) logn_scale" in r.stdout
+    assert "attention lssa reweight_p=3 temp=logn rope_scaling=yarn (factor per length)," in r.stdout
     assert len(r.stdout.split("---------------")[0].split("ROMEO:", 1)[1]) >= 80
     r = run("sample.py", f"--out_dir={out}", "--rope_scaling=pi,yarn", "--device=cpu", check=False)
     assert r.returncode != 0 and "one value each" in r.stderr.strip().splitlines()[-1]

@@ -19,11 +19,11 @@ from retrieval import QUERY, Task, alphabet, pair_text, prompt, score, token_rol
 
 TASK = Task(key_len=1, value_len=3, max_pairs=6, max_queries=6, share=1.0)
 TEXT = make_corpus(20_000, seed=3)
-PAIR_RE = re.compile(r"\[(\d+)=([a-z]+)\]")
-QUERY_RE = re.compile(r"\{(\d+)=([a-z]+)\}")
+PAIR_RE = re.compile(r"\[(\d)([a-z]+)\]")  # (key_len 1, as TASK)
+QUERY_RE = re.compile(r"\{(\d)([a-z]+)\}")
 
 
-@pytest.mark.parametrize("task", [TASK, Task(key_len=2, max_pairs=4, max_queries=2, share=1.0)])
+@pytest.mark.parametrize("task", [TASK, Task(key_len=1, value_len=5, max_pairs=4, max_queries=2, share=1.0)])
 def test_training_examples_are_episodes_as_specified(task):
     rng = np.random.default_rng(0)
     dists = []
@@ -58,8 +58,8 @@ def test_prompts_put_the_key_at_the_distance_asked(length, distance):
     rng = np.random.default_rng(length + distance)
     body, value, key = prompt(TEXT[:length], rng, TASK, length, distance, 4)
     assert len(body) + TASK.value_len == length
-    assert body.endswith(f"{QUERY[0]}{key}{QUERY[1]}")
-    q_key = len(body) - 1 - TASK.key_len
+    assert body.endswith(f"{QUERY[0]}{key}")
+    q_key = len(body) - TASK.key_len
     p_key = q_key - distance
     assert body[p_key - 1:p_key - 1 + TASK.item_len] == pair_text(key, value)
     pairs = PAIR_RE.findall(body)
@@ -71,7 +71,7 @@ def test_prompts_put_the_key_at_the_distance_asked(length, distance):
 
 def test_a_distance_that_does_not_fit_is_refused():
     with pytest.raises(ValueError, match="does not fit"):
-        prompt(TEXT[:100], np.random.default_rng(0), TASK, 100, 95, 2)
+        prompt(TEXT[:100], np.random.default_rng(0), TASK, 100, 96, 2)
     with pytest.raises(ValueError, match="does not fit"):
         prompt(TEXT[:100], np.random.default_rng(0), TASK, 100, 3, 2)
 
@@ -79,13 +79,13 @@ def test_a_distance_that_does_not_fit_is_refused():
 def test_token_roles_find_answers_and_text():
     chars = alphabet(TEXT)
     stoi = {c: i for i, c in enumerate(chars)}
-    window = "ab [3=xyz] cd {3=xyz} e{4=qq"
+    window = "ab [3xyz] cd {3xyz} e{4qq"
     ids = torch.tensor([[stoi[c] for c in window]])
-    answer, query, text = token_roles(ids[:, :-1], ids[:, 1:], stoi)
+    answer, query, text = token_roles(ids[:, :-1], ids[:, 1:], stoi, 1)
     targets = window[1:]
     assert "".join(c for c, a in zip(targets, answer[0].tolist(), strict=True) if a) == "xyzqq"
     assert "".join(c for c, t in zip(targets, text[0].tolist(), strict=True) if t) == "b  cd  e"
-    assert query[0][answer[0]].tolist() == [14, 14, 14, 23, 23]  # grouped by their query's `{`
+    assert query[0][answer[0]].tolist() == [13, 13, 13, 21, 21]  # grouped by their query's `{`
 
 
 class Copier:
@@ -99,7 +99,7 @@ class Copier:
         out = []
         for row in x.tolist():
             text = "".join(self.itos[i] for i in row)
-            key = text[text.rindex(QUERY[0]) + 1:-1]
+            key = text[text.rindex(QUERY[0]) + 1:]
             pairs = PAIR_RE.findall(text)
             value = next(v for k, v in pairs if (k == key) == self.right)
             out.append(row + [self.stoi[c] for c in value[:n]])
@@ -124,8 +124,8 @@ def test_cells_cover_the_bins_that_fit():
     cells = ER.cells(128, [1, 16], [0, 1, 2, 4, 8, 16], TASK)
     assert [(c[1], c[2]) for c in cells] == [(1, (0, 1)), (16, (0, 1)), (16, (1, 2)), (16, (2, 4)), (16, (4, 8)),
                                              (16, (8, 16))]
-    assert cells[0][3] == (TASK.item_len, 128 - TASK.value_len - TASK.key_len - 3)
-    assert cells[-1][3] == (1024, 2048 - 3 - 1 - 3)
+    assert cells[0][3] == (TASK.item_len, 128 - TASK.value_len - TASK.key_len - 1)
+    assert cells[-1][3] == (1024, 2048 - 3 - 1 - 1)
 
 
 # ----------------------------------------------------------------------------------------------------

@@ -32,13 +32,69 @@ def sass(*args, timeout=900):
 
 @pytest.mark.triton_cuda
 def test_every_launcher_config_compiles_cleanly_for_sm80_and_sm90():
-    """The CI gate on the GPU code: `--mode=check` compiles every (pass, kind, p, head size, gate) with fp32 and bf16
-    dots for both architectures and fails on a spill, too much shared memory, or a 16-bit sm_90 kernel without
-    wgmma. fp16 is left to the full check (`python -m kernels.sass --mode=check`): its launches have bf16's tiles,
-    and compiling them too would add 1.3 minutes to CI."""
-    r = sass("--mode=check", "--dtypes=fp32,bf16")
+    """The CI gate on the GPU code: `--mode=check --subset=ci` compiles a representative subset of the launchers'
+    configs (kernels.sass.ci_configs, 56 kernels: every entry of the tile tables TILES and TILES_EXCEPT, an sm_80
+    entry on sm_80; every (kind, pass) of the score kinds plain and with each of the forget gate, ALiBi and a window,
+    and with all three together with and without the re-weighting; stick-breaking's kinds and passes; fp32 and bf16
+    dots, head sizes 64 and 128 as the entries ask) and fails on a spill, too much shared memory, or a 16-bit sm_90
+    kernel without wgmma. The full matrix (every combination of pass, kind, p, dtype incl. fp16, head size, gate,
+    ALiBi, window, architecture) is `python -m kernels.sass --mode=check`: results/bench/sass_check.md."""
+    from kernels.sass import ci_configs
+    n = len(ci_configs())
+    r = sass("--mode=check", "--subset=ci")
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-2000:]
-    assert " 0 failed" in r.stdout and "checked 192 kernels" in r.stdout, r.stdout[-2000:]
+    assert " 0 failed" in r.stdout and f"checked {n} kernels" in r.stdout, r.stdout[-2000:]
+
+
+def test_the_ci_subset_covers_every_tile_entry_and_kernel_kind():
+    """ci_configs covers every TILES / TILES_EXCEPT entry (each through a config that resolves to it) and every
+    kernel kind, ALiBi and windows included, on sm_90; an sm_80-only entry on sm_80."""
+    from kernels.sass import ci_configs, tile_entry
+    cfgs = ci_configs()
+    entries = {tile_entry(c) for c in cfgs}
+    assert entries == set(ta.TILES) | set(ta.TILES_EXCEPT)  # (an "sm_80" entry resolves on sm_80 only)
+    for kind in ta.KINDS:
+        for pass_ in ("fwd", "dq", "dkdv"):
+            assert any(c["kind"] == kind and c["pass_"] == pass_ and c["arch"] == 90 for c in cfgs), (kind, pass_)
+    for feature in ("gate", "alibi", "window"):
+        assert {(c["kind"], c["pass_"]) for c in cfgs if c[feature]} >= {(k, p) for k in ("softplus", "exp")
+                                                                           for p in ("fwd", "dq", "dkdv")}
+
+
+def _brute_tiles(pass_, kind, T, bm, bn, W):
+    """(tiles holding a score the kernel must touch, tiles in which every score is one it computes), by looking at
+    every (query, key) pair: causal, under a window P - W < j <= P; stick-breaking touches the keys j <= P (its own
+    key for the remainder) and computes with j < P (j <= P with the row's own key in the stick)."""
+    def touched(i, j):
+        return j <= i and (not W or j > i - W)
+
+    def computed(i, j):
+        return j < i if kind == "stickbreak" else touched(i, j)
+    need = full = 0
+    outer, inner = (bm, bn) if pass_ != "dkdv" else (bn, bm)
+    for a in range(0, T, outer):
+        for b in range(0, T, inner):
+            qs, ks = (range(a, min(a + outer, T)), range(b, min(b + inner, T)))
+            if pass_ == "dkdv":
+                qs, ks = ks, qs
+            need += any(touched(i, j) for i in qs for j in ks)
+            full += all(computed(i, j) for i in qs for j in ks)
+    return need, full
+
+
+def test_the_report_counts_exactly_the_tiles_the_kernels_need():
+    """kernels.sass.tiles_of (the loop bounds of the launchers' kernels, written out for the report's work count):
+    every kernel visits exactly the tiles that hold a score it must touch, masked or not, and never skips the mask
+    where a score of the tile is outside the row's keys; windows of 1 to 70 keys, tiles of several shapes."""
+    from kernels.sass import tiles_of
+    for kind, windows in (("softplus", (0, 1, 5, 16, 33, 70)), ("stickbreak", (0,)), ("stickbreak_self", (0,))):
+        for W in windows:
+            for T in (1, 17, 40, 130):
+                for bm, bn in ((16, 16), (32, 16), (16, 32), (64, 32), (32, 64)):
+                    for pass_ in ("fwd", "dq", "dkdv"):
+                        masked, unmasked, _ = tiles_of(pass_, kind, T, bm, bn, W)
+                        need, full = _brute_tiles(pass_, kind, T, bm, bn, W)
+                        assert masked + unmasked == need and unmasked <= full, (pass_, kind, T, bm, bn, W)
 
 
 @pytest.mark.triton_cuda

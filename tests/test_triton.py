@@ -1,8 +1,9 @@
 """kernels/triton_attn.py against the float64 oracle of test_attention.py: forward and gradients (dq, dk, dv w.r.t.
 the raw q, k, v, through a float64 QK-norm + row-scale step written here), LSSA and LSSAR (p = 3, 15), the exp kind
-(SSMax, softmax), Tq < Tk with pos_offset, exactly uniform rows, fp16, torch.compile. Without CUDA the kernels
-run through Triton's interpreter (TRITON_INTERPRET=1, set by the module) with 16 x 16 blocks, so every length
-here crosses block edges; tests marked `cuda` need a GPU (bf16, long T)."""
+(SSMax, softmax), stick-breaking (both conventions, long rows whose stick is used up), ALiBi, sliding windows, Tq <
+Tk with pos_offset, exactly uniform rows, fp16, torch.compile. Without CUDA the kernels run through Triton's
+interpreter (TRITON_INTERPRET=1, set by the module) with 16 x 16 blocks, so every length here crosses block edges;
+tests marked `cuda` need a GPU (bf16, long T)."""
 
 import math
 import os
@@ -21,29 +22,37 @@ except ImportError:  # no triton here (e.g. not Linux): conftest.py deselects th
     ta = None
 pytestmark = pytest.mark.triton
 from model import REWEIGHT_EXEMPT_ROWS  # noqa: E402
-from tests.test_attention import make_qkv, oracle  # noqa: E402
+from tests.test_attention import alibi_slopes_oracle, make_qkv, oracle  # noqa: E402
 
 DEV = "cuda" if torch.cuda.is_available() else "cpu"
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
 
-def prepare(q, k, kind, off):
-    """What the model does before the kernel, in float64: LSSA / SSMax (QK-norm, q scaled by log(d) log(N_t)) or
-    softmax (q / sqrt(d)); differentiable, so the gradients reach the raw q, k."""
-    if kind == "softmax":
+KIND = {"lssa": "softplus", "softmax": "exp", "ssmax": "exp", "stickbreak": "stickbreak",
+        "stickbreak_self": "stickbreak_self"}
+STICKS = ["stickbreak", "stickbreak_self"]
+
+
+def prepare(q, k, kind, off, window=0):
+    """What the model does before the kernel, in float64: LSSA / SSMax (QK-norm, q scaled by log(d) log(N_t), N_t
+    the keys row t sees: min(P_t + 1, window) under a window) or softmax and stick-breaking (q / sqrt(d));
+    differentiable, so the gradients reach the raw q, k."""
+    if kind in ("softmax", *STICKS):
         return q / math.sqrt(q.shape[-1]), k
     n = torch.arange(off + 1, off + q.shape[2] + 1, dtype=torch.float64, device=q.device).view(-1, 1)
+    n = n.clamp_max(window) if window else n
     qn = q / q.norm(dim=-1, keepdim=True) * (math.log(q.shape[-1]) * torch.log(n))
     return qn, k / k.norm(dim=-1, keepdim=True)
 
 
-def kernel(q, k, v, p, off, attn="lssa", dtype=torch.float32, v_dtype=None):
+def kernel(q, k, v, p, off, attn="lssa", dtype=torch.float32, v_dtype=None, alibi=False, window=0):
     """triton_attention on raw float64 CPU q, k, v: prepared in float64, cast to `dtype` (v to v_dtype), run on
-    DEV; the output comes back to the CPU (all differentiably)."""
+    DEV; the output comes back to the CPU (all differentiably). alibi: ALiBi with the oracle's slopes."""
     q, k, v = (x.to(DEV) for x in (q, k, v))
-    qp, kp = prepare(q, k, attn, off)
-    kind = "softplus" if attn == "lssa" else "exp"
-    return ta.triton_attention(qp.to(dtype), kp.to(dtype), v.to(v_dtype or dtype), off, p, kind).cpu()
+    qp, kp = prepare(q, k, attn, off, window)
+    slopes = torch.tensor(alibi_slopes_oracle(q.shape[1]), dtype=torch.float32, device=DEV) if alibi else None
+    return ta.triton_attention(qp.to(dtype), kp.to(dtype), v.to(v_dtype or dtype), off, p, KIND[attn], alibi=slopes,
+                               window=window).cpu()
 
 
 def grads(fn, q, k, v, go):
@@ -63,11 +72,11 @@ def rel_errors(got, want):
     return [(g - w).abs().max().item() / max(ref, 1e-30) for g, w in zip(got, want, strict=True)]
 
 
-def check(q, k, v, p, off, attn="lssa", tol=None, go=None, **kw):
+def check(q, k, v, p, off, attn="lssa", tol=None, go=None, alibi=False, window=0, **kw):
     go = torch.randn(v.shape[:2] + q.shape[2:], generator=torch.Generator().manual_seed(1), dtype=torch.float64) \
         if go is None else go
-    want = grads(lambda a, b, c: oracle(a, b, c, attn, p, pos_offset=off), q, k, v, go)
-    got = grads(lambda a, b, c: kernel(a, b, c, p, off, attn, **kw), q, k, v, go)
+    want = grads(lambda a, b, c: oracle(a, b, c, attn, p, pos_offset=off, alibi=alibi, window=window), q, k, v, go)
+    got = grads(lambda a, b, c: kernel(a, b, c, p, off, attn, alibi=alibi, window=window, **kw), q, k, v, go)
     errs = rel_errors(got, want)
     tol = tol or (1e-5 if p == 0 else 5e-5)  # as the math backend (test_backends.py)
     assert max(errs) <= tol, dict(zip(("out", "dq", "dk", "dv"), errs, strict=True))
@@ -204,6 +213,174 @@ def test_exp_kind(attn, p, scale):
 
 
 # ----------------------------------------------------------------------------------------------------
+# stick-breaking: both conventions, nearest first, the remainder to the row's own key
+# ----------------------------------------------------------------------------------------------------
+STICK_CASES = [("stickbreak", 1, 1, 0), ("stickbreak", 40, 40, 0), ("stickbreak", 7, 131, 124),
+               ("stickbreak_self", 17, 17, 0), ("stickbreak_self", 70, 70, 0), ("stickbreak_self", 20, 50, 5),
+               ("stickbreak_self", 9, 40, 31)]  # (a query block that starts at a key block's last key)
+
+
+@pytest.mark.parametrize("attn,Tq,Tk,off", STICK_CASES)
+def test_stickbreak_matches_oracle(attn, Tq, Tk, off):
+    """Forward and gradients against the oracle's product form (tests/test_attention.py _stick), rows crossing
+    several key blocks (16 x 16 under the interpreter), queries after a cache whose blocks do not line up."""
+    B, H = (2, 2) if Tk <= 40 else (1, 2)
+    q = make_qkv(B, H, Tq, Tk, 16, seed=Tq + off, scale=2.0)[0]
+    _, k, v = make_qkv(B, H, Tk, Tk, 16, seed=Tk, scale=2.0)
+    check(q, k, v, 0.0, off, attn)
+
+
+def long_stick_qkv(T, Tq, seed=0):
+    """Four batch elements of rows of T keys: scores q . k / sqrt(16) of +1e4 (every key would take the whole stick:
+    only the nearest counts), -1e4 (none takes any: all goes to the remainder), either at random, each with 1e-2
+    noise; and ordinary random q, k (scale 2). Random v; the last Tq queries."""
+    g = torch.Generator().manual_seed(seed)
+    q = torch.zeros(4, 1, T, 16, dtype=torch.float64)
+    k = torch.zeros(4, 1, T, 16, dtype=torch.float64)
+    q[:3, ..., 0] = 200.0  # q . k / 4 = 200^2 / 4 = 1e4
+    k[0, ..., 0], k[1, ..., 0] = 200.0, -200.0
+    k[2, ..., 0] = 200.0 * torch.randn(T, generator=g, dtype=torch.float64).sign()
+    k[:3] += 1e-2 * torch.randn(k[:3].shape, generator=g, dtype=torch.float64)
+    q[3], k[3] = make_qkv(1, 1, T, T, 16, seed=seed + 1, scale=2.0)[:2]
+    v = torch.randn(4, 1, T, 16, generator=g, dtype=torch.float64)
+    return q[:, :, T - Tq:], k, v
+
+
+@pytest.mark.parametrize("attn", STICKS)
+def test_stickbreak_long_rows(attn, monkeypatch):
+    """Rows of 1040 keys (65 key blocks, the running sums carried across all of them). Where the scores are +-1e4
+    the stick is used up at the first key (or never touched) and the sums of softplus reach 1e7 in log space:
+    output and every gradient finite, the output the oracle's. Ordinary scores: forward and gradients against the
+    oracle (and dv, where the remainder is ~1, everywhere). The queries start at a key block's last key (the
+    remainder's key on the dk / dv kernel's diagonal). The dq tolerance is 5e-5, not 1e-5: the nearest-first
+    backward gets each key's sum over the farther keys as delta minus the nearer keys' sum, exact to fp32 rounding
+    of delta, and the far keys add that rounding up: dq's error grows with the row (4e-6 at 260 keys to 2e-5 at 1040
+    here, against 2e-7 for the math backend, which holds whole rows). Key blocks of 64 here (17 of them), for the
+    interpreter's speed."""
+    monkeypatch.setattr(ta, "_config", lambda *a, **kw: (16, 64, 1, 1))
+    T, Tq = 1040, 17
+    q, k, v = long_stick_qkv(T, Tq)
+    go = torch.randn(4, 1, Tq, 16, generator=torch.Generator().manual_seed(1), dtype=torch.float64)
+    got = grads(lambda a, b, c: kernel(a, b, c, 0.0, T - Tq, attn), q, k, v, go)
+    for t in got:
+        assert torch.isfinite(t).all()
+    want = grads(lambda a, b, c: oracle(a, b, c, attn, pos_offset=T - Tq), q, k, v, go)
+    for i in (0, 3):  # out and dv
+        assert (got[i] - want[i]).abs().max().item() <= 1e-5 * want[i].abs().max().item()
+    errs = rel_errors([t[3:] for t in got], [t[3:] for t in want])
+    assert max(errs) <= 5e-5, dict(zip(("out", "dq", "dk", "dv"), errs, strict=True))
+
+
+def test_stickbreak_dkdv_blocks_wider_than_dq(monkeypatch):
+    """The dk / dv kernel's key blocks may be a multiple of the dq kernel's (the GPU tiles of head size 128): the dq
+    kernel then stores its running sums only where a dk / dv block ends (here 32 keys against 16)."""
+    real, seen = ta._config, []
+
+    def config(kernel, D, elt_size, p, arch, gate=False, kind="softplus", *a):
+        if kernel == "dkdv" and kind in ta.STICK:
+            seen.append(kind)
+            return 16, 32, 1, 1
+        return real(kernel, D, elt_size, p, arch, gate, kind, *a)
+    monkeypatch.setattr(ta, "_config", config)
+    for attn, (Tq, Tk, off) in zip(STICKS, [(7, 131, 124), (40, 40, 0)], strict=True):
+        q = make_qkv(1, 2, Tq, Tk, 16, seed=Tq, scale=2.0)[0]
+        _, k, v = make_qkv(1, 2, Tk, Tk, 16, seed=Tk, scale=2.0)
+        check(q, k, v, 0.0, off, attn)
+    assert set(seen) == set(STICKS)
+
+
+def test_in_tile_sums_split_fp32_into_two_tf32_dots():
+    """_nearer's GPU path for fp32 operands (tf32x3: the high 10 mantissa bits and the rest as two dots, exact for a
+    matrix of +-1): run under the interpreter, whose dots are exact, it must give the plain dot's sums."""
+    x = torch.randn(16, 16, generator=torch.Generator().manual_seed(0), dtype=torch.float32) * 3.0
+    out = torch.empty(2, 16, 16, dtype=torch.float32)
+    _nearer_probe[(1,)](x, out)
+    want = torch.tensor(x.double().flip(-1).cumsum(-1).flip(-1) - x.double(), dtype=torch.float32)
+    torch.testing.assert_close(out[0], want, rtol=0, atol=2e-5)  # plain
+    torch.testing.assert_close(out[1], want, rtol=0, atol=2e-5)  # split
+
+
+if ta is not None:
+    import triton
+    import triton.language as tl
+
+    @triton.jit
+    def _nearer_probe(X, Out):
+        i = tl.arange(0, 16)
+        x = tl.load(X + i[:, None] * 16 + i[None, :])
+        U = ta._tri(16, tl.float32, 1.0, False)
+        tl.store(Out + i[:, None] * 16 + i[None, :], ta._nearer(x, U, tl.zeros_like(x), "ieee", False))
+        tl.store(Out + 256 + i[:, None] * 16 + i[None, :], ta._nearer(x, U, tl.zeros_like(x), "tf32x3", False))
+
+
+# ----------------------------------------------------------------------------------------------------
+# ALiBi and sliding windows in the softplus and exp kernels
+# ----------------------------------------------------------------------------------------------------
+ALIBI_CASES = [("softmax", 0.0, 40, 40, 0), ("lssa", 0.0, 40, 40, 0), ("lssa", 15.0, 40, 40, 0),
+               ("ssmax", 15.0, 40, 40, 0), ("softmax", 0.0, 20, 50, 5), ("lssa", 15.0, 20, 50, 5)]
+
+
+@pytest.mark.parametrize("attn,p,Tq,Tk,off", ALIBI_CASES, ids=[f"{a}-p{p:g}-{Tq}-{Tk}" for a, p, Tq, Tk, _ in ALIBI_CASES])
+def test_alibi_matches_oracle(attn, p, Tq, Tk, off):
+    """ALiBi's -m_h (i - j) per tile, 3 heads (slopes of a head count that is not a power of two), with and without
+    the re-weighting, forward and gradients."""
+    q = make_qkv(1, 3, Tq, Tk, 16, seed=Tq + off, scale=2.0)[0]
+    _, k, v = make_qkv(1, 3, Tk, Tk, 16, seed=Tk, scale=2.0)
+    check(q, k, v, p, off, attn, alibi=True)
+
+
+WINDOW_CASES = [("lssa", 15.0, 1), ("softmax", 0.0, 1), ("ssmax", 15.0, 5), ("lssa", 0.0, 5), ("softmax", 0.0, 16),
+                ("lssa", 15.0, 16), ("lssa", 0.0, 33), ("ssmax", 15.0, 33)]
+
+
+@pytest.mark.parametrize("attn,p,window", WINDOW_CASES, ids=[f"{a}-p{p:g}-w{w}" for a, p, w in WINDOW_CASES])
+def test_window_matches_oracle(attn, p, window):
+    """Query P sees keys P - W < j <= P, N = min(P + 1, W) (in LSSA's scale and the re-weighting): 70 rows over 5
+    key blocks, so blocks before the window are skipped and its lower edge crosses blocks."""
+    q, k, v = make_qkv(1, 2, 70, 70, 16, seed=window, scale=2.0)
+    check(q, k, v, p, 0, attn, window=window)
+
+
+@pytest.mark.parametrize("attn,p,window", [("softmax", 0.0, 33), ("lssa", 15.0, 5)], ids=["softmax-w33", "lssar-w5"])
+def test_window_with_alibi_and_gate(attn, p, window):
+    """A window with ALiBi and with the forget gate (gradient of the gate too), queries after a cache."""
+    from tests.test_attention import attention
+    from tests.test_families import grads as grads_all
+    from tests.test_families import make_logf
+    Tq, Tk, off = 20, 70, 50
+    q = make_qkv(1, 3, Tq, Tk, 16, seed=window, scale=2.0)[0]
+    _, k, v = make_qkv(1, 3, Tk, Tk, 16, seed=7, scale=2.0)
+    logf = make_logf(1, 3, Tk, seed=window)
+    for alibi, gated in ((True, False), (False, True), (True, True)):
+        xs = (q, k, v, logf) if gated else (q, k, v)
+        want = grads_all(lambda *a, al=alibi: oracle(*a[:3], attn, p, pos_offset=off, alibi=al, window=window,
+                                                     logf=a[3] if len(a) > 3 else None), *xs)
+        got = grads_all(lambda *a, al=alibi: attention(*(x.float() for x in a[:3]), attn, p, off, alibi=al,
+                                                       window=window, logf=a[3].float() if len(a) > 3 else None,
+                                                       backend="triton"), *xs)
+        assert max(rel_errors(got, want)) <= 5e-5, (alibi, gated)
+
+
+def test_window_hides_the_keys_before_it():
+    """Keys at or before P - W neither change row P nor get its gradient: a window edge off by one fails here."""
+    T, W = 50, 16
+    q, k, v = make_qkv(1, 2, T, T, 16, seed=11, scale=2.0)
+    for attn, p in (("lssa", 15.0), ("softmax", 0.0)):
+        with torch.no_grad():
+            base = kernel(q, k, v, p, 0, attn, window=W)
+            for j in (0, 15, 16, 30):  # key j is visible to rows j .. j + W - 1 only
+                k2, v2 = k.clone(), v.clone()
+                k2[:, :, j] *= -3.0
+                v2[:, :, j] += 5.0
+                out = kernel(q, k2, v2, p, 0, attn, window=W)
+                assert torch.equal(out[:, :, j + W:], base[:, :, j + W:]), (attn, j)
+                assert not torch.equal(out[:, :, j + W - 1], base[:, :, j + W - 1]), (attn, j)
+    qg, kg, vg = (x.clone().requires_grad_() for x in (q, k, v))
+    kernel(qg, kg, vg, 0.0, 0, "softmax", window=W)[:, :, 40:].sum().backward()  # rows 40.. see keys 25..
+    assert not kg.grad[:, :, :25].any() and not vg.grad[:, :, :25].any() and vg.grad[:, :, 25].abs().min() > 0
+
+
+# ----------------------------------------------------------------------------------------------------
 # dtypes, layouts, interface
 # ----------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("p", [0.0, 15.0], ids=["p0", "p15"])
@@ -235,6 +412,11 @@ def test_supports():
     assert "head size" in ta.supports(big, big, big, "softplus", 0.0)
     assert "dtype" in ta.supports(q.double(), q.double(), q.double(), "softplus", 0.0)
     assert ta.supports(q, q[:, :1], q[:, :1], "softplus", 0.0) is not None
+    assert ta.supports(q, q, q, "stickbreak", 0.0) is None and ta.supports(q, q, q, "exp", 0.0, True, True, 7) is None
+    for bad in (dict(p=3.0), dict(gate=True), dict(alibi=True), dict(window=4)):  # stick-breaking takes none of them
+        assert "stickbreak" in ta.supports(q, q, q, **dict(dict(kind="stickbreak", p=0.0), **bad))
+    with pytest.raises(ValueError, match="slopes"):
+        ta.forward(q, q, q, 0, 0.0, "exp", slopes=torch.ones(3, device=DEV))
     if DEV == "cpu":
         assert "bfloat16" in ta.supports(q, q, q.bfloat16(), "softplus", 0.0)  # the interpreter gets bf16 wrong
     with pytest.raises(ValueError, match="pos_offset"):
@@ -267,6 +449,24 @@ def test_torch_compile_no_graph_breaks():
             torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
 
 
+def test_torch_compile_new_op_arguments():
+    """The op's ALiBi slopes and window, and stick-breaking's fp32 output (the fake implementation's dtype), through
+    aot_eager with fullgraph: the compiled function gives the eager result and gradients."""
+    q, k, v = make_qkv(1, 2, 20, 20, 16, seed=9, scale=2.0)
+    slopes = torch.tensor(alibi_slopes_oracle(2), dtype=torch.float32, device=DEV)
+    fns = [lambda q, k, v: ta.triton_attention(q, k, v.half(), 0, 0.0, "stickbreak").float().square().sum(),
+           lambda q, k, v: ta.triton_attention(q, k, v, 0, 3.0, "exp", alibi=slopes, window=7).square().sum()]
+    args = [x.float().to(DEV).requires_grad_() for x in (q, k, v)]
+    for fn in fns:
+        want = fn(*args)
+        want_grads = torch.autograd.grad(want, args)
+        torch._dynamo.reset()
+        got = torch.compile(fn, fullgraph=True, backend="aot_eager")(*args)
+        torch.testing.assert_close(got, want, rtol=1e-6, atol=0)
+        for a, b in zip(torch.autograd.grad(got, args), want_grads, strict=True):
+            torch.testing.assert_close(a, b, rtol=1e-6, atol=1e-7)
+
+
 # ----------------------------------------------------------------------------------------------------
 # GPU only
 # ----------------------------------------------------------------------------------------------------
@@ -284,12 +484,17 @@ def test_bf16_cuda(qk_dtype, p):
 @pytest.mark.cuda
 @cuda
 @pytest.mark.parametrize("dots", ["bf16", "fp16"])
-@pytest.mark.parametrize("attn,p,gate", [("lssa", 0.0, False), ("lssar", 0.0, False), ("softmax", 0.0, True),
-                                         ("lssar", 0.0, True)], ids=["lssa", "lssar", "fox", "lssar-gate"])
-def test_bf16_dots_cuda(attn, p, gate, dots):
+@pytest.mark.parametrize("attn,p,gate,kw", [("lssa", 0.0, False, {}), ("lssar", 0.0, False, {}), ("softmax", 0.0, True, {}),
+                                            ("lssar", 0.0, True, {}), ("stickbreak", 0.0, False, {}),
+                                            ("stickbreak_self", 0.0, False, {}), ("softmax", 0.0, False, dict(alibi=True)),
+                                            ("lssar", 0.0, True, dict(alibi=True, window=200))],
+                         ids=["lssa", "lssar", "fox", "lssar-gate", "stickbreak", "stickbreak_self", "alibi",
+                              "lssar-gate-alibi-window"])
+def test_bf16_dots_cuda(attn, p, gate, kw, dots):
     """16-bit dots (the default under autocast) against the same arithmetic emulated by the math backend: q, k
     rounded after prepare exactly as the kernels round them, products and sums in fp32 (attn_dots=bf16 / fp16 on
-    the math backend). What differs is the kernels' 16-bit P @ V dot and their fast polynomials: ~2^-9 relative."""
+    the math backend). What differs is the kernels' 16-bit P @ V dot and their fast polynomials: ~2^-9 relative
+    (and stick-breaking's in-tile sums, fp16 and bf16 operands of fp32 sums)."""
     from tests.test_attention import attention
     q, k, v = make_qkv(2, 3, 600, 600, 64, seed=12, scale=2.0)
     logf = torch.nn.functional.logsigmoid(torch.randn(2, 3, 600, generator=torch.Generator().manual_seed(3),
@@ -300,7 +505,7 @@ def test_bf16_dots_cuda(attn, p, gate, dots):
     def run(backend):
         def fn(a, b, c, *lf):
             return attention(a.float().cuda(), b.float().cuda(), c.to(vdt).cuda(), attn, p, logf=lf[0].float().cuda()
-                             if lf else None, backend=backend, dots=dots).cpu()
+                             if lf else None, backend=backend, dots=dots, **kw).cpu()
         return grads(fn, q, k, v, go) if logf is None else grads4(fn, q, k, v, logf, go)
     errs = rel_errors(run("triton"), run("math"))
     assert max(errs) < (2e-2 if attn == "lssar" else 1e-2), errs
@@ -313,14 +518,14 @@ def grads4(fn, q, k, v, logf, go):
     return [t.double() for t in (out, *torch.autograd.grad(out, xs, go.to(out.dtype)))]
 
 
-def chunked_oracle_grads(q, k, v, p, go, rows=512):
+def chunked_oracle_grads(q, k, v, p, go, rows=512, attn="lssa", **kw):
     """out, dq, dk, dv of the float64 oracle, by query chunks (the oracle's pos_offset places a chunk; rows are
     independent given q, k, v): memory O(rows x T) instead of the full T x T matrix."""
     q, k, v = (x.detach().clone().requires_grad_() for x in (q, k, v))
     outs = []
     for c0 in range(0, q.shape[2], rows):
         c1 = min(c0 + rows, q.shape[2])
-        out = oracle(q[:, :, c0:c1], k[:, :, :c1], v[:, :, :c1], "lssa", p, pos_offset=c0)
+        out = oracle(q[:, :, c0:c1], k[:, :, :c1], v[:, :, :c1], attn, p, pos_offset=c0, **kw)
         out.backward(go[:, :, c0:c1])
         outs.append(out.detach())
     return [torch.cat(outs, dim=2), q.grad, k.grad, v.grad]
@@ -340,41 +545,86 @@ def test_long_cuda(T, p):
     assert max(errs) <= (1e-5 if p == 0 else 5e-5), errs
 
 
+LONG_FAMILIES = [("stickbreak", {}, 4097), ("stickbreak_self", {}, 1000), ("softmax", dict(alibi=True), 4097),
+                 ("lssa", dict(alibi=True), 1000), ("softmax", dict(window=1024), 4097),
+                 ("lssa", dict(window=1024, alibi=True), 4097)]
+
+
+@pytest.mark.cuda
+@cuda
+@pytest.mark.parametrize("attn,kw,T", LONG_FAMILIES, ids=[f"{a}-{T}" + "".join(f"-{k}" for k in kw)
+                                                          for a, kw, T in LONG_FAMILIES])
+def test_long_families_cuda(attn, kw, T):
+    """Stick-breaking, ALiBi and windows compiled for the GPU, long rows (the oracle by chunks, on the CPU), fp32.
+    Stick-breaking's dq carries the rounding of its far keys' delta - Q, which grows with the row
+    (test_stickbreak_long_rows): 2e-4 at 4,097 keys."""
+    q, k, v = make_qkv(1, 2, T, T, 64, seed=T, scale=2.0)
+    go = torch.randn(q.shape, generator=torch.Generator().manual_seed(3), dtype=torch.float64)
+    want = chunked_oracle_grads(q, k, v, 0.0, go, attn=attn, **kw)
+    got = grads(lambda a, b, c: kernel(a, b, c, 0.0, 0, attn, **kw), q, k, v, go)
+    errs = rel_errors(got, want)
+    assert max(errs) <= (2e-4 if attn in STICKS else 1e-5), dict(zip(("out", "dq", "dk", "dv"), errs, strict=True))
+
+
 # ----------------------------------------------------------------------------------------------------
 # the backend: dispatch from a spec, and the fallback when a kernel fails
 # ----------------------------------------------------------------------------------------------------
-TRITON_CASES = [("lssa", 0.0), ("lssar", 0.0), ("lssa", 3.0), ("softmax", 15.0), ("ssmax", 0.0), ("ssmax", 15.0),
-                ("ssmax_learn", 0.0), ("ssmax_learn", 15.0)]
+TRITON_CASES = [("lssa", 0.0, {}), ("lssar", 0.0, {}), ("lssa", 3.0, {}), ("softmax", 15.0, {}), ("ssmax", 0.0, {}),
+                ("ssmax", 15.0, {}), ("ssmax_learn", 0.0, {}), ("ssmax_learn", 15.0, {}), ("stickbreak", 0.0, {}),
+                ("stickbreak_self", 0.0, {}), ("lssar", 0.0, dict(alibi=True)),
+                ("ssmax_learn", 15.0, dict(window=9, alibi=True))]
 
 
-@pytest.mark.parametrize("attn,p", TRITON_CASES, ids=[f"{a}-p{p:g}" for a, p in TRITON_CASES])
-def test_backend_matches_the_oracle(attn, p):
-    """causal_attention(..., backend='triton'): the spec's prepare step (QK-norm, scales, learned per-head s) then
-    the kernels, forward and gradients, queries after a KV cache."""
+@pytest.mark.parametrize("attn,p,kw", TRITON_CASES,
+                         ids=[f"{a}-p{p:g}" + "".join(f"-{k}" for k in kw) for a, p, kw in TRITON_CASES])
+def test_backend_matches_the_oracle(attn, p, kw):
+    """causal_attention(..., backend='triton'): the spec's prepare step (QK-norm, scales with the window's N,
+    learned per-head s) then the kernels (ALiBi's slopes from the spec), forward and gradients, queries after a KV
+    cache."""
     from tests.test_attention import attention
     q, k, v = make_qkv(2, 3, 21, 50, 16, seed=5, scale=2.0)
     go = torch.randn(2, 3, 21, 16, generator=torch.Generator().manual_seed(6), dtype=torch.float64)
-    want = grads(lambda a, b, c: oracle(a, b, c, attn, p, pos_offset=29), q, k, v, go)
-    got = grads(lambda a, b, c: attention(a.float(), b.float(), c.float(), attn, p, 29, backend="triton"), q, k, v, go)
+    want = grads(lambda a, b, c: oracle(a, b, c, attn, p, pos_offset=29, **kw), q, k, v, go)
+    got = grads(lambda a, b, c: attention(a.float(), b.float(), c.float(), attn, p, 29, backend="triton", **kw), q, k,
+                v, go)
     assert max(rel_errors(got, want)) < (1e-5 if p == 0 and attn != "lssar" else 5e-5)
 
 
-def test_a_failing_kernel_falls_back_to_math(monkeypatch):
-    """A compile or launch failure warns once (kind, shape, error) and the call is computed by the math backend,
-    forward and backward; a training run goes on."""
+def test_spec_to_kernels():
+    """kernels.fused maps a spec to the kernels exactly where they are exact: the stick's conventions, ALiBi,
+    windows; a forget gate, ALiBi or a window on stick-breaking, and other variants, are refused with a reason."""
+    from kernels import fused
+    from model import AttnSpec
+    q = torch.zeros(1, 2, 5, 16, device=DEV)
+    for attn, kw in (("stickbreak", {}), ("stickbreak_self", {}), ("softmax", dict(alibi=True, gate=True, window=4)),
+                     ("lssar", dict(window=3))):
+        assert fused.supports(AttnSpec.of(attn, **kw), q, True) is None, (attn, kw)
+    assert "without ALiBi" in fused.supports(AttnSpec.of("stickbreak", alibi=True), q, True)
+    assert "computes" in fused.supports(AttnSpec.of("sigmoid"), q, True)
+
+
+FALLBACK_CASES = [("lssa", 15.0, {}), ("stickbreak", 0.0, {}), ("stickbreak_self", 0.0, {}),
+                  ("softmax", 3.0, dict(alibi=True, window=6))]
+
+
+@pytest.mark.parametrize("attn,p,kw", FALLBACK_CASES, ids=["lssar", "stickbreak", "stickbreak_self", "alibi-window"])
+def test_a_failing_kernel_falls_back_to_math(monkeypatch, attn, p, kw):
+    """A compile or launch failure warns once (kind, shape, error) and the call is computed by the math backend with
+    the same spec (the kind, p, ALiBi, the window), forward and backward; a training run goes on."""
     monkeypatch.delenv(ta.STRICT_ENV, raising=False)  # (conftest.py makes the triton tests strict)
     def broken(*a, **k):
         raise RuntimeError("out of resources: shared memory")
 
     q, k, v = make_qkv(1, 2, 20, 20, 16, seed=7, scale=2.0)
     go = torch.randn(1, 2, 20, 16, generator=torch.Generator().manual_seed(8), dtype=torch.float64)
-    want = grads(lambda a, b, c: oracle(a, b, c, "lssa", 15.0), q, k, v, go)
+    want = grads(lambda a, b, c: oracle(a, b, c, attn, p, **kw), q, k, v, go)
     for name in ("forward", "backward"):
         monkeypatch.setattr(ta, "_WARNED", set())
         with monkeypatch.context() as m:
             m.setattr(ta, name, broken)
-            with pytest.warns(UserWarning, match=f"triton {name} kernel failed for kind=softplus p=15.*out of resources"):
-                got = grads(lambda a, b, c: kernel(a, b, c, 15.0, 0), q, k, v, go)
+            with pytest.warns(UserWarning, match=f"triton {name} kernel failed for kind={KIND[attn]} p={p:g}.*out of "
+                                                 "resources"):
+                got = grads(lambda a, b, c: kernel(a, b, c, p, 0, attn, **kw), q, k, v, go)
         assert max(rel_errors(got, want)) < 5e-5
 
 

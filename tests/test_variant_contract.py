@@ -4,6 +4,7 @@ claims it, exactly. Three shapes of variant: a head- and position-dependent bias
 learnable per-head parameter."""
 
 import math
+from dataclasses import asdict
 
 import numpy as np
 import pytest
@@ -27,10 +28,11 @@ def temp_scale(n, d, params):
 NEW = {  # name: (registry entry, oracle line)
     "recency": (Variant("exp(q.k / sqrt(d) - (h + 1) (i - j) / 8), l1-normalised", False, inv_sqrt_d, None, True,
                         bias=recency),
-                (lambda q, k, d, i, j, h, prm: q @ k.transpose(-1, -2) / math.sqrt(d) - (h + 1) / 8 * (i - j),
+                (lambda q, k, d, i, j, h, prm, N=None: q @ k.transpose(-1, -2) / math.sqrt(d) - (h + 1) / 8 * (i - j),
                  lambda s, N: torch.exp(s), True)),
     "expn": (Variant("exp(q.k / sqrt(d)) / N_i, unnormalised", False, inv_sqrt_d, lambda s, n: s - torch.log(n), False),
-             (lambda q, k, d, i, j, h, prm: q @ k.transpose(-1, -2) / math.sqrt(d), lambda s, N: torch.exp(s) / N, False)),
+             (lambda q, k, d, i, j, h, prm, N=None: q @ k.transpose(-1, -2) / math.sqrt(d),
+              lambda s, N: torch.exp(s) / N, False)),
     "tempered": (Variant("exp(t_h q.k / sqrt(d)), t_h learnable per head, l1-normalised", False, temp_scale, None, True,
                          params={"temp": lambda n_head, block_size: torch.linspace(0.5, 1.5, n_head)}),
                  None),  # its oracle line needs the parameter's value: made in the tests
@@ -48,7 +50,7 @@ def name(request, monkeypatch):
 
 def set_temp_oracle(monkeypatch, temp):
     t = temp.double().view(-1, 1, 1)
-    monkeypatch.setitem(ORACLE, "tempered", (lambda q, k, d, i, j, h, prm: t * (q @ k.transpose(-1, -2)) / math.sqrt(d),
+    monkeypatch.setitem(ORACLE, "tempered", (lambda q, k, d, i, j, h, prm, N=None: t * (q @ k.transpose(-1, -2)) / math.sqrt(d),
                                              lambda s, N: torch.exp(s), True))
 
 
@@ -122,7 +124,7 @@ def test_it_trains_decodes_and_evaluates(name, tmp_path):
     ddir.mkdir()
     out.mkdir()
     data[:500].tofile(ddir / "val.bin")
-    save_checkpoint({"model": model.state_dict(), "model_args": vars(model.config), "iter_num": 30, "best_val_loss": 0.0,
+    save_checkpoint({"model": model.state_dict(), "model_args": asdict(model.config), "iter_num": 30, "best_val_loss": 0.0,
                      "config": {"dataset": "tiny", "data_dir": str(ddir)}}, str(out / "ckpt.pt"))
     res = evaluate([(str(out), {})], multipliers="1,4", batch_tokens=64)
     (run,) = res["runs"]

@@ -66,8 +66,8 @@ def prepare(input_path=None, out_dir=None, block_size=128, n_train=40000, n_val=
     text = get_text(input_path, out_dir)
     markers = sorted(set(text) & set(PAIR + QUERY))
     if markers:
-        raise SystemExit(f"prepare error: the text holds {''.join(markers)!r}, the task's markers (pairs [k=v], "
-                         "queries {k=v}); pass a text without them")
+        raise SystemExit(f"prepare error: the text holds {''.join(markers)!r}, the task's markers (pairs [kv], "
+                         "queries {kv}); pass a text without them")
     chars = alphabet(text)
     assert len(chars) < 2**16, "ids are stored as uint16"
     stoi = {c: i for i, c in enumerate(chars)}
