@@ -43,8 +43,9 @@ def supports(spec, q, needs_grad):
     if not spec.variant.normalise:
         return "backend 'flex' normalises every row; unnormalised variants (sigmoid, relu, stickbreak) need 'math'"
     if needs_grad and spec.gate:
-        return ("flex's gradient of the captured forget-gate tensor is not verified here; train a gated model with "
-                "'math' or 'triton'")
+        return ("flex's gradient of the captured forget-gate tensor is unverified (torch has no flex backward on CPU; "
+                "on CUDA it is not checked against the oracle: docs/backends.md); train a gated model with 'math' or "
+                "'triton'")
     if needs_grad and q.device.type != "cuda":
         return f"flex_attention has no backward on {q.device.type} in this torch; train with 'math' or 'auto'"
     if q.dtype == torch.float64 and q.device.type == "cpu":

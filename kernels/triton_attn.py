@@ -116,10 +116,14 @@ MAX_HEAD_SIZE = 128  # the GPU block sizes below are sized for head sizes up to 
 LOG2E, LN2 = 1.4426950408889634, 0.6931471805599453
 _LN2 = tl.constexpr(LN2)
 # The stick's in-tile sums take sp in fp16 on the 16-bit path (2^-11 relative: 8 times finer than bf16; softplus is
-# >= 0 and rarely large). sp is clipped there to 2^14 (base 2): a nearer key with sp >= 2^14 leaves every farther one
-# 2^-16384 = 0 of the stick either way, and the key's own term enters in fp32 (the dot's accumulator).
-SB_CAP = 16384.0
+# >= 0 and rarely large). sp saturates there at fp16's largest value, 65504, instead of overflowing to inf (whose
+# product with U's zeros would be NaN): a nearer key with sp that large leaves every farther one 2^-65504 = 0 of the
+# stick either way, and the key's own term enters in fp32 (the dot's accumulator).
+SB_CAP = 65504.0
 _SB_CAP = tl.constexpr(SB_CAP)
+# Compiled for a GPU (not under the interpreter, which cannot run inline PTX): a few conversions are written as PTX
+# that handles two values per instruction (_f16_sat, _rounded)
+_PTX = tl.constexpr(os.environ.get("TRITON_INTERPRET", "0") in ("", "0"))
 # Minimax polynomials (relative error, on y in [0, 1], coefficients of y^0, y^1, ... as float32), fitted by
 # `python -m kernels.sass --fit`; their measured errors in the module docstring (and tests/test_sass.py):
 #   L(y) = log2(1 + y) / y    (softplus in base 2: max(x, 0) + y L(y))
@@ -735,6 +739,36 @@ def _tri(BLOCK_N: tl.constexpr, dtype: tl.constexpr, sign: tl.constexpr, KEYS_FI
 
 
 @triton.jit
+def _f16_sat(x):
+    # x >= 0 in fp16, saturated at SB_CAP: on a GPU one cvt.rn.satfinite per two values (no separate min)
+    if _PTX:
+        r = tl.inline_asm_elementwise("cvt.rn.satfinite.f16x2.f32 $0, $2, $1;", "=r,r,r", [x], dtype=tl.float16,
+                                      is_pure=True, pack=2)
+    else:
+        r = tl.minimum(x, _SB_CAP).to(tl.float16)
+    return r
+
+
+@triton.jit
+def _rounded(x, dtype: tl.constexpr):
+    # fp32 x rounded to dtype (to nearest even, as the P @ V dot's operand takes it) and back to fp32; on a GPU one
+    # conversion per two values, the halves unpacked with integer ops (not a conversion and a shift per value)
+    if dtype == tl.float32:
+        r = x
+    elif _PTX and dtype == tl.bfloat16:
+        r = tl.inline_asm_elementwise("{ .reg .b32 t; cvt.rn.bf16x2.f32 t, $3, $2; shl.b32 $0, t, 16; "
+                                      "and.b32 $1, t, 0xffff0000; }", "=r,=r,r,r", [x], dtype=tl.float32,
+                                      is_pure=True, pack=2)
+    elif _PTX:
+        r = tl.inline_asm_elementwise("{ .reg .b32 t; .reg .f16 lo, hi; cvt.rn.f16x2.f32 t, $3, $2; "
+                                      "mov.b32 {lo, hi}, t; cvt.f32.f16 $0, lo; cvt.f32.f16 $1, hi; }", "=r,=r,r,r",
+                                      [x], dtype=tl.float32, is_pure=True, pack=2)
+    else:
+        r = x.to(dtype).to(tl.float32)
+    return r
+
+
+@triton.jit
 def _nearer(x, U, acc, PREC: tl.constexpr, KEYS_FIRST: tl.constexpr):
     # acc + for each key the (signed) sum of x over the tile's nearer keys (_tri), on the tensor cores, x in U's
     # dtype. fp32 x on a GPU (PREC tf32x3) as two tf32 dots, its high part (the top 10 mantissa bits, exact in tf32)
@@ -771,7 +805,7 @@ def _sb_tile(a_in, b_in, pos, cols, R, Usp, MASK: tl.constexpr, SELF: tl.constex
     sp = _softplus2(x, tl.exp2(-tl.abs(x)), FAST)
     lb = x - sp
     if FAST:  # the fp16 operand of the in-tile sums (SB_CAP)
-        sp_in = tl.minimum(sp, _SB_CAP)
+        sp_in = _f16_sat(sp)
     else:
         sp_in = sp
     if KEYS_FIRST:
@@ -870,7 +904,7 @@ def _sb_dq_sweep(dq, R, Gd, q, do, Kb, Vb, State, plane, pos, rows, Tq, Usp, Uga
         k = _load_rows(Kb, cols, dims, Tk, D, BLOCK_D, MASK)
         v = _load_rows(Vb, cols, dims, Tk, D, BLOCK_D, MASK)
         lb, sp, a = _sb_tile(q, k, pos, cols, R, Usp, MASK, SELF, FAST, PREC_QK, False)
-        a = a.to(v.dtype).to(tl.float32)  # as the forward's P @ V took it: delta is a sum of these
+        a = _rounded(a, v.dtype)  # as the forward's P @ V took it: delta is a sum of these
         g = tl.dot(do, tl.trans(v), input_precision=PREC_V)  # (BM, BN) dout_t . v_j
         ga, ds = _sb_grad(lb, a, g, Gd, Uga, FAST, PREC_QK, False)
         R += tl.sum(sp, 1)
@@ -934,7 +968,7 @@ def _sb_dkdv_sweep(dk, dv, k, v, Q, DO, R_in, State, plane, bh, cols, n0, Usp, U
         R = tl.load(State + rows, mask=ok, other=0.0)
         Gd = tl.load(State + plane + rows, mask=ok, other=0.0)
         lb, _, a = _sb_tile(k, q, pos, cols, R, Usp, MASK, SELF, FAST, PREC_QK, True)  # (BN, BM)
-        a = a.to(v.dtype).to(tl.float32)
+        a = _rounded(a, v.dtype)
         g = tl.dot(v, tl.trans(do), input_precision=PREC_V)
         ga, ds = _sb_grad(lb, a, g, Gd, Uga, FAST, PREC_QK, True)
         if MASK:  # the remainder 2^-R_total to the row's own key
@@ -1011,7 +1045,7 @@ TILES = {
     ("dkdv", False, True, False): (16, 32, 4, 2), ("dkdv", False, True, True): (32, 16, 8, 2),
     ("dkdv", False, False, False): (32, 16, 8, 2), ("dkdv", False, False, True): (32, 16, 8, 2),
     ("sbfwd", True, True, False): (128, 64, 8, 2), ("sbfwd", True, False, False): (64, 32, 4, 2),
-    ("sbdq", True, True, False): (64, 64, 4, 2), ("sbdq", True, False, False): (64, 32, 4, 1),
+    ("sbdq", True, True, False): (64, 64, 4, 1), ("sbdq", True, False, False): (64, 32, 4, 1),
     ("sbdkdv", True, True, False): (32, 64, 4, 2), ("sbdkdv", True, False, False): (16, 64, 4, 1),
     ("sbfwd", False, True, False): (32, 32, 4, 2), ("sbfwd", False, False, False): (32, 16, 4, 2),
     ("sbdq", False, True, False): (32, 32, 4, 2), ("sbdq", False, False, False): (16, 16, 4, 2),

@@ -1,7 +1,8 @@
 """The GPU program of the Triton kernels, read on the CPU (kernels/sass.py): every config the launchers can
 choose compiles for sm_80 and sm_90 without a register spill, within the per-block shared memory, and with wgmma
 (HGMMA) for every 16-bit dot on sm_90; the checker itself catches each of those; the kernels' elementwise softplus
-and sigmoid (one exp2 and FMAs) are accurate to the stated bounds over the float32 range."""
+and sigmoid (one exp2 and FMAs) are accurate to the stated bounds over the float32 range; the stick-breaking kernels'
+conversions (PTX on a GPU) round as torch does, two values per instruction."""
 
 import json
 import os
@@ -177,6 +178,83 @@ def test_kernel_softplus_matches_the_numpy_model():
         tol = 4e-7 if dev == "cpu" else 2e-6
         np.testing.assert_allclose(w.cpu().numpy(), mw, rtol=tol, atol=0)
         np.testing.assert_allclose(dw.cpu().numpy(), mdw, rtol=tol, atol=1e-30)
+
+
+CONVERSIONS = """
+import triton
+import triton.language as tl
+from kernels import triton_attn as ta
+
+
+@triton.jit
+def conversions(X, SAT, RH, RB, N: tl.constexpr):
+    # the stick-breaking kernels' conversions of N values
+    i = tl.arange(0, N)
+    x = tl.load(X + i)
+    tl.store(SAT + i, ta._f16_sat(x))
+    tl.store(RH + i, ta._rounded(x, tl.float16))
+    tl.store(RB + i, ta._rounded(x, tl.bfloat16))
+"""
+
+
+def _conversions(tmp_path):
+    """The module above, written to tmp_path (Triton needs a kernel's source file; and a compiling process of its
+    own must import it without tests/conftest.py, which turns the interpreter on)."""
+    import importlib.util
+    path = tmp_path / "stick_conversions.py"
+    path.write_text(CONVERSIONS)
+    spec = importlib.util.spec_from_file_location("stick_conversions", path)
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod.conversions
+
+
+def test_the_stick_conversions_round_as_torch_does(tmp_path):
+    """triton_attn._f16_sat and _rounded, the stick-breaking kernels' conversions (PTX on a GPU, two values per
+    instruction; Triton's own ops under the interpreter): fp16 saturated at 65504 instead of inf, and fp32 rounded to
+    fp16 or bf16 to nearest even and back, as torch rounds (bf16 on a GPU only: the interpreter truncates to bf16).
+    Inputs: ties to even for bf16 (1 + 2^-8, 1 + 3 2^-8) and fp16 (1 + 2^-11, 1 + 3 2^-11), fp16's largest value and
+    past it, inf, tiny values, random ones."""
+    import torch
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    edges = [0.0, 1.0, 1 + 2**-8, 1 + 3 * 2**-8, 1 + 2**-11, 1 + 3 * 2**-11, 65504.0, 65519.0, 65520.0, 1e7,
+             float("inf"), 2.0**-20, 1e-30]
+    x = torch.cat([torch.tensor(edges), 100 * torch.randn(256 - len(edges), generator=torch.Generator().manual_seed(0))])
+    x = x.float().to(dev)
+    sat, rh, rb = torch.empty_like(x, dtype=torch.float16), torch.empty_like(x), torch.empty_like(x)
+    _conversions(tmp_path)[(1,)](x, sat, rh, rb, N=x.numel())
+    pos = x >= 0  # (the kernels saturate softplus, >= 0)
+    assert torch.equal(sat[pos], x[pos].clamp(max=65504.0).half())
+    assert torch.equal(rh, x.half().float())
+    if dev == "cuda":
+        assert torch.equal(rb, x.bfloat16().float())
+
+
+@pytest.mark.triton_cuda
+def test_the_stick_conversions_take_one_instruction_per_two_values(tmp_path):
+    """Compiled for sm_80 and sm_90, _f16_sat is one saturating F2FP per two values (no separate min) and _rounded one
+    F2FP per two values and integer unpacking (no F2F, a conversion per value)."""
+    (tmp_path / "stick_conversions.py").write_text(CONVERSIONS)
+    code = """
+import json, torch
+from kernels import sass as S
+from stick_conversions import conversions
+x = torch.empty(256, device="meta")
+out = {}
+for arch in (80, 90):
+    launch = ("conv", conversions, (1,), (x, x.half(), x, x), dict(N=256, num_warps=1, num_stages=1))
+    ins, _, _ = S.disassemble(S.compile_launch(launch, arch)[0])
+    out[arch] = [op for op, _ in ins if op.startswith(("F2F", "FMNMX", "HADD2.F32"))]
+print(json.dumps(out))
+"""
+    env = dict(os.environ, TRITON_INTERPRET="0", PYTHONPATH=os.pathsep.join([ROOT, str(tmp_path)]))
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-2000:]
+    for arch, ops in json.loads(r.stdout.strip().splitlines()[-1]).items():
+        # 32 threads, 8 values each: 4 saturating packs, 4 + 4 packs for fp16 and bf16, 8 fp16 -> fp32 unpacks
+        assert all(o.startswith("F2FP") or o == "HADD2.F32" for o in ops), (arch, ops)
+        assert sum(o.startswith("F2FP.SATFINITE") for o in ops) == 4 and ops.count("HADD2.F32") == 8, (arch, ops)
+        assert sum(o.startswith("F2FP") for o in ops) == 12, (arch, ops)
 
 
 if ta is not None:
