@@ -13,8 +13,9 @@ window (`training_example`). An evaluation prompt (`prompt`) is a window of vali
 a chosen distance from a query at the very end, and distractor pairs (other keys) around it; the model's greedy
 continuation of `{K` is its answer. The key comes right before its value, without a separator: to answer, a query's
 last key character looks for the position that follows the same key in a pair and copies from there, one step of an
-induction head (Olsson et al. 2022); a separator between them would make it two (measured: the demo model learned
-the separated form far more slowly, docs/results.md).
+induction head (Olsson et al. 2022); a separator between them would make it two. The defaults (one-digit keys,
+every window an episode of 1-4 pairs and 1-4 queries) are the recipe the demo model learns in its budget
+(docs/results.md, "Retrieval past the training length").
 
 data/retrieval_char/prepare.py builds the training mixture with `training_example`, train.py logs the answers' loss
 and accuracy with `token_roles`, eval_retrieval.py builds its prompts with `prompt` and scores them with `score`.
@@ -35,11 +36,11 @@ VALUE_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 class Task:
     """The task's settings, stored in the dataset's meta.pkl (meta['retrieval']) so that training and evaluation
     read them from the data the model was trained on."""
-    key_len: int = 2
+    key_len: int = 1
     value_len: int = 3
-    max_pairs: int = 6        # pairs per episode window: 1 .. max_pairs
-    max_queries: int = 3      # queries per episode window: 1 .. min(max_queries, pairs)
-    share: float = 0.5        # the share of training windows that carry an episode (the others are plain text)
+    max_pairs: int = 4        # pairs per episode window: 1 .. max_pairs
+    max_queries: int = 4      # queries per episode window: 1 .. min(max_queries, pairs)
+    share: float = 1.0        # the share of training windows that carry an episode (the others are plain text)
 
     @property
     def item_len(self):

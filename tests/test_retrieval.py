@@ -212,7 +212,7 @@ def test_prepare_refuses_bad_settings_and_markers_in_the_text(tmp_path):
     text = tmp_path / "t.txt"
     text.write_text("a text with a [bracket] in it\n" * 200)
     for args, msg in ((["--input", str(text)], "the task's markers"),
-                      (["--input", str(text), "--max_queries=7"], "max_queries=7 > max_pairs=6"),
+                      (["--input", str(text), "--max_queries=5"], "max_queries=5 > max_pairs=4"),
                       (["--input", str(text), "--block_size=20"], "do not fit a window of 21"),
                       (["--input", str(text), "--share=1.5"], "share=1.5 is out of range")):
         r = run("data/retrieval_char/prepare.py", *args, "--out_dir", str(tmp_path / "out"), check=False)

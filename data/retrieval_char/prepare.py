@@ -11,7 +11,7 @@ config/train_retrieval_char.py does) reads one whole example per window. Writes 
                        the task's settings, block_size and seed
 Deterministic: the same text, settings and seed give the same bytes.
 
-    python data/retrieval_char/prepare.py [--input PATH] [--out_dir DIR] [--block_size 128] [--share 0.5] [--seed 1337]
+    python data/retrieval_char/prepare.py [--input PATH] [--out_dir DIR] [--block_size 64] [--share 1.0] [--seed 1337]
 
 The text comes from the same places as data/shakespeare_char/prepare.py (--input, then $TINYSHAKESPEARE_PATH, then
 out_dir/input.txt, then a download).
@@ -46,8 +46,8 @@ def examples(text, n, length, task, rng, stoi):
     return out.reshape(-1)
 
 
-def prepare(input_path=None, out_dir=None, block_size=128, n_train=40000, n_val=2000, share=0.5, max_pairs=6,
-            max_queries=3, key_len=2, value_len=3, seed=1337):
+def prepare(input_path=None, out_dir=None, block_size=64, n_train=100000, n_val=2000, share=1.0, max_pairs=4,
+            max_queries=4, key_len=1, value_len=3, seed=1337):
     out_dir = out_dir or HERE
     check_range({'block_size': block_size, 'n_train': n_train, 'n_val': n_val, 'max_pairs': max_pairs,
                  'max_queries': max_queries, 'key_len': key_len, 'value_len': value_len}, 1, prefix='prepare error')
@@ -91,13 +91,13 @@ if __name__ == '__main__':
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument('--input', default=None, help="a text file (else $TINYSHAKESPEARE_PATH, else a download)")
     parser.add_argument('--out_dir', default=None, help="where to write the dataset (default: this folder)")
-    parser.add_argument('--block_size', type=int, default=128, help="training context; examples are block_size + 1")
-    parser.add_argument('--n_train', type=int, default=40000, help="training windows")
+    parser.add_argument('--block_size', type=int, default=64, help="training context; examples are block_size + 1")
+    parser.add_argument('--n_train', type=int, default=100000, help="training windows")
     parser.add_argument('--n_val', type=int, default=2000, help="validation windows")
-    parser.add_argument('--share', type=float, default=0.5, help="share of the windows that carry an episode")
-    parser.add_argument('--max_pairs', type=int, default=6, help="pairs per episode: 1 .. this")
-    parser.add_argument('--max_queries', type=int, default=3, help="queries per episode: 1 .. this")
-    parser.add_argument('--key_len', type=int, default=2, help="digits per key")
+    parser.add_argument('--share', type=float, default=1.0, help="share of the windows that carry an episode")
+    parser.add_argument('--max_pairs', type=int, default=4, help="pairs per episode: 1 .. this")
+    parser.add_argument('--max_queries', type=int, default=4, help="queries per episode: 1 .. this")
+    parser.add_argument('--key_len', type=int, default=1, help="digits per key")
     parser.add_argument('--value_len', type=int, default=3, help="letters per value")
     parser.add_argument('--seed', type=int, default=1337)
     args = parser.parse_args()
