@@ -34,7 +34,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import check_range, one_line, parse_list, parse_numbers, pick_device, writable_prefix
+from common import check_range, one_line, parse_list, parse_numbers, pick_device, split_top, writable_prefix
 from configurator import configure
 from kernels import BACKENDS
 from model import GPT, VARIANTS, GPTConfig, attn_names, canonical_attn, causal_attention
@@ -52,6 +52,9 @@ head_dim = 64
 eval_kinds = "softmax,lssa,lssar"
 eval_lengths = "16384"   # GPT-2-small forward, batch 1 ("" to skip)
 train_kinds = "softmax,lssa,lssar"
+decode_kinds = "softmax,[3*softmax:window=64,softmax:pos=none:temp=logn]"  # KV-cache decoding of the demo model, batch
+                         # 1: a uniform stack against a SWAN-style one, whose windowed layers keep only their last keys
+decode_lengths = DECODE_LENGTHS = "1024,4096"  # tokens decoded one at a time ("" to skip; --quick: 256)
 train_len = 256          # CPU demo model train step (4 layers, 128 wide, 4 heads), batch 16
 train_batch = 16
 gpt2_train = "auto"      # GPT-2-small train step at 1024 tokens: auto = on CUDA only | true | false
@@ -86,7 +89,10 @@ DEMO = dict(n_layer=4, n_head=4, n_embd=128, vocab_size=65)  # config/train_shak
 
 def kind_args(kind):
     """A bench kind -> GPTConfig's attention fields: a name of model.attn_names(), with '+forget' for the forget
-    gate (e.g. softmax+forget: FoX's attention), '+alibi' for ALiBi, '+window' for a window of attn_window keys."""
+    gate (e.g. softmax+forget: FoX's attention), '+alibi' for ALiBi, '+window' for a window of attn_window keys; or
+    a stack, its layers pattern in brackets ([3*softmax:window=64,softmax:pos=none:temp=logn], model.parse_layers)."""
+    if kind.startswith("[") and kind.endswith("]"):
+        return dict(layers=kind[1:-1])
     name, *extras = kind.split("+")
     return dict(attn=name, gate="forget" if "forget" in extras else "none", pos="alibi" if "alibi" in extras else "rope",
                 window=attn_window if "window" in extras else 0)
@@ -98,6 +104,22 @@ def bench_kinds():
     gated = [f"{a}+forget" for a in attn_names() if VARIANTS[canonical_attn(a)[0]].row is None]
     return attn_names() + gated + [f"{a}+{x}" for x in ("alibi", "window") for a in ("softmax", "lssar")]
 GPT2 = dict(n_layer=12, n_head=12, n_embd=768, vocab_size=50304)  # config/train_gpt2_fineweb.py
+
+
+def split_kinds(text, key="decode_kinds"):
+    """A comma list of bench kinds and [layers pattern] stacks, each checked as the demo model it builds; a bad one
+    stops with one line."""
+    out = split_top(text)
+    for k in out:
+        if k.startswith("["):
+            try:
+                GPTConfig(block_size=train_len, **kind_args(k), **DEMO)
+            except ValueError as e:
+                raise SystemExit(f"bench error: {key}: {k}: {one_line(e)}") from None
+        elif k not in bench_kinds():
+            raise SystemExit(f"bench error: unknown {key} {k}; choose from {', '.join(bench_kinds())}, or a stack "
+                             "[layers pattern] of 4 layers, e.g. [3*softmax:window=64,softmax:pos=none:temp=logn]")
+    return out
 
 
 def build(case, dev, dt):
@@ -132,6 +154,8 @@ def build(case, dev, dt):
         return run
     if case.get("backend") == "triton" and not dev.startswith("cuda"):
         raise NotImplementedError("interpreter, not timed")
+    if what == "decode":
+        return build_decode(case, dev, dt)
     size = GPT2 if case["model"] == "gpt2" else DEMO
     model = GPT(GPTConfig(block_size=T, **kind_args(kind), **size)).to(dev)
     fwd = torch.compile(model) if case.get("compile") else model
@@ -153,6 +177,25 @@ def build(case, dev, dt):
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
+    return run
+
+
+def build_decode(case, dev, dt):
+    """The demo model (trained context train_len) decoding T tokens greedily one at a time from one, through its KV
+    cache (model.GPT.new_cache). Each run records the cache's bytes at the end in case["cache_bytes"]: a windowed
+    layer keeps its last keys only (model.cache_keep), so its share stays flat as T grows."""
+    model = GPT(GPTConfig(block_size=train_len, **kind_args(case["kind"]), **DEMO)).to(dev).eval()
+    start = torch.zeros(1, 1, dtype=torch.long, device=dev)
+
+    def run():
+        cache = model.new_cache()
+        x = start
+        with torch.no_grad(), _autocast(dev, dt):
+            for _ in range(case["T"]):
+                logits, _ = model(x, cache=cache)
+                x = logits[:, -1:].argmax(-1)
+        case["cache_bytes"] = sum(t.numel() * t.element_size() for layer in cache for t in layer.values()
+                                  if torch.is_tensor(t))
     return run
 
 
@@ -236,6 +279,8 @@ def time_cases(cases, dev, dt, label):
 
 
 def describe(c):
+    if c["what"] == "decode":
+        return f"decode demo T={c['T']:<6d} {c['kind']} (KV cache {c.get('cache_bytes', 0) / 2**20:.2f} MiB)"
     if c["what"] == "attn":
         return f"attn {'fwd+bwd' if c['grad'] else 'fwd':7s} T={c['T']:<6d} {c['kind']:8s} {c['backend']:5s}"
     return f"{c['what']:5s} {c['model']:5s}{' compiled' if c.get('compile') else ''} T={c['T']:<6d} {c['kind']:8s} auto "
@@ -261,7 +306,9 @@ def table(results):
              "|---|---|---|---|---|---|---|---|"]
     for c in results:
         what = c["what"] if c["what"] != "attn" else f"attn {'fwd+bwd' if c['grad'] else 'fwd'}"
-        if c["what"] != "attn":
+        if c["what"] == "decode":
+            what += f" demo B=1, KV cache {c.get('cache_bytes', 0) / 2**20:.2f} MiB"
+        elif c["what"] != "attn":
             what += f" {c['model']} B={c['batch']}" + (" compiled" if c.get("compile") else "")
         if "seconds" not in c:
             lines.append(f"| {what} | {c['T']} | {c['kind']} | {c.get('backend', 'auto')} | n/a: {c.get('skipped', '')} |"
@@ -290,6 +337,8 @@ def plan(dev):
     compiled = [False, True] if train_compile.lower() == "true" or (train_compile == "auto" and on_gpu) else [False]
     cases += [dict(what="train", model="demo", kind=k, T=train_len, batch=train_batch, compile=c)
               for c in compiled for k in parse_list(train_kinds)]
+    for T in parse_list("256" if quick and decode_lengths == DECODE_LENGTHS else decode_lengths, int):
+        cases += [dict(what="decode", model="demo", kind=k, T=T, batch=1) for k in split_kinds(decode_kinds)]
     if not quick and (gpt2_train.lower() == "true" or (gpt2_train == "auto" and on_gpu)):
         cases += [dict(what="train", model="gpt2", kind=k, T=1024, batch=8 if on_gpu else 1, compile=c)
                   for c in compiled for k in parse_list(train_kinds)]
@@ -488,6 +537,7 @@ def main():
         bad = [x for x in parse_list(globals()[key]) if x not in allowed]
         if bad:
             raise SystemExit(f"bench error: unknown {key} {', '.join(bad)}; choose from {', '.join(allowed)}")
+    split_kinds(decode_kinds)
     check_numbers()
     path = out or os.path.join("results", "bench", f"bench_{dev.split(':')[0]}{'_quick' if quick else ''}")
     writable_prefix(path, "out", "bench error", (".json", ".md"))

@@ -432,6 +432,7 @@ def check_train_options(o):
                                    "lr_decay_iters")}, 0)
     check_range({k: o[k] for k in ("dropout", "beta1", "beta2")}, 0, 1, open_high=True)
     check_range({"rope_base": o["rope_base"]}, 0, open_low=True)
+    check_range({"reweight_start": o["reweight_start"]}, 0, 2**40)
     if o["wandb_log"] and importlib.util.find_spec("wandb") is None:
         raise SystemExit("config error: wandb_log=True needs the wandb package; pip install wandb, or drop --wandb_log")
     p = parse_reweight_p(o["finetune_reweight_p"], "finetune_reweight_p")
@@ -441,9 +442,15 @@ def check_train_options(o):
     if o["init_from"] == "scratch":
         model_keys = [f for f in GPTConfig.__dataclass_fields__ if f != "vocab_size"]
         try:
-            GPTConfig(**{k: o[k] for k in model_keys}, vocab_size=256)
+            cfg = GPTConfig(**{k: o[k] for k in model_keys}, vocab_size=256)
         except (ValueError, TypeError) as e:
             raise SystemExit(f"config error: {one_line(e)}") from None
+        if o["reweight_start"] and not any(sp.reweight_p for sp in cfg.layer_specs):
+            raise SystemExit(f"config error: reweight_start={o['reweight_start']} delays a re-weighting this model does "
+                             "not have (reweight_p = 0 in every layer); drop it, or train with --attn=lssar")
+        if o["reweight_start"] >= o["max_iters"]:
+            raise SystemExit(f"config error: reweight_start={o['reweight_start']} >= max_iters={o['max_iters']}: the "
+                             "re-weighting would never be trained; lower --reweight_start")
     autocast_ctx(pick_device(o["device"]), o["dtype"])
     if not o["eval_only"]:
         writable_dir(o["out_dir"], "out_dir")
@@ -629,10 +636,17 @@ def checked_config(model_args, device="cpu", needs_grad=False, **overrides):
     return cfg
 
 
-def model_from_checkpoint(ckpt, device="cpu", **overrides):
+def model_from_checkpoint(ckpt, device="cpu", reader=True, **overrides):
     """Rebuild the GPT a checkpoint was trained as (attention, p, positions, sizes: its model_args, read through
     GPTConfig, which also resolves checkpoints stored before the canonical form, e.g. ('lssar', 0.0) -> ('lssa',
-    15.0)); keyword overrides change eval-time fields such as reweight_p or attn_backend without retraining."""
+    15.0)); keyword overrides change eval-time fields such as reweight_p or attn_backend without retraining.
+    reader (every script but train.py): a checkpoint saved before its curriculum switched the re-weighting on
+    (train.py's reweight_start) is refused, since it would be evaluated as what it is not yet."""
+    start = ckpt.get("config", {}).get("reweight_start", 0)
+    if reader and ckpt["iter_num"] < start:
+        raise SystemExit(f"checkpoint error: this checkpoint is at iteration {ckpt['iter_num']}, before its "
+                         f"reweight_start={start}: its re-weighting is not on yet; evaluate it once it has trained "
+                         f"past step {start} (or pass --reweight_p=0 to a copy trained without it)")
     model = GPT(checked_config(ckpt["model_args"], device, **overrides))
     state = ckpt["model"]
     prefix = "_orig_mod."  # torch.compile'd models save their weights under this prefix
@@ -648,6 +662,19 @@ def model_from_checkpoint(ckpt, device="cpu", **overrides):
 def parse_list(s, cast=str):
     """'a,b,c' -> [cast(a), cast(b), cast(c)], blanks dropped."""
     return [cast(x.strip()) for x in str(s).split(",") if x.strip()]
+
+
+def split_top(text, sep=","):
+    """text split at `sep` outside square brackets (a stack's layers pattern keeps its commas and colons)."""
+    parts, depth, cur = [], 0, ""
+    for ch in str(text):
+        depth += (ch == "[") - (ch == "]")
+        if ch == sep and depth == 0:
+            parts.append(cur)
+            cur = ""
+        else:
+            cur += ch
+    return [p.strip() for p in parts + [cur] if p.strip()]
 
 
 def parse_reweight_p(value, key="reweight_p", prefix="config error"):

@@ -877,6 +877,10 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.config = config
+        # False: every layer computes without its re-weighting (p = 0), a curriculum's first stage (train.py's
+        # reweight_start: a model with p = 15 from the first step gets almost no gradient toward keys it does not
+        # already weigh above average, docs/results.md); the layers' specs stay as configured
+        self.reweight_on = True
         self.transformer = nn.ModuleDict(dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
             drop=nn.Dropout(config.dropout),
@@ -920,6 +924,8 @@ class GPT(nn.Module):
                              f"{offset + T} tokens; use a pos='rope', 'alibi' or 'none' model to go longer")
         x = self.transformer.wte(idx)
         rope, specs = None, cfg.layer_specs
+        if not self.reweight_on:
+            specs = [replace(sp, reweight_p=0.0) if sp.reweight_p else sp for sp in specs]
         if cfg.pos == "learned":
             x = x + self.transformer.wpe(torch.arange(offset, offset + T, device=idx.device))
         if any(sp.rope for sp in specs):

@@ -47,6 +47,7 @@ from common import (
     parse_numbers,
     pick_device,
     read_results,
+    split_top,
     writable_prefix,
 )
 from configurator import configure, script_defaults
@@ -79,6 +80,9 @@ ladder_tokens = 4096     # tokens per optimiser step at every rung of the ladder
 extra_seeds = ""         # ladder: run@T=seed items, one more seed for one run at one rung (e.g. ssmax@1024=2)
 evaluator = "length"     # length: loss at --multipliers x T (eval_length.py); retrieval: accuracy by key-query
                          # distance and length, and the text's loss (eval_retrieval.py; a retrieval dataset)
+threads = 2              # CPU threads of each training run (OMP_NUM_THREADS, MKL_NUM_THREADS; 0 = torch's default): on
+                         # a CPU the numbers depend on it (the order of the matmuls' sums), so a sweep reproduces its
+                         # committed table only with the threads it was made with (results/*.md say which)
 retrieval_lengths = "1,2,4,8,16"  # eval_retrieval's --lengths, --bins, --prompts, --distractors
 retrieval_bins = "0,1,2,4,8,16"
 retrieval_prompts = 40
@@ -91,19 +95,6 @@ SWEEP_KEYS = ("attn", "layers", "seed", "out_dir", "device", "dataset", "data_di
               "eval_only")
 LADDER_KEYS = ("block_size", "batch_size")
 SCHEDULE_KEYS = ("max_iters", "lr_decay_iters", "warmup_iters")
-
-
-def split_top(text, sep=","):
-    """text split at `sep` outside square brackets (a stack's layers pattern keeps its commas and colons)."""
-    parts, depth, cur = [], 0, ""
-    for ch in str(text):
-        depth += (ch == "[") - (ch == "]")
-        if ch == sep and depth == 0:
-            parts.append(cur)
-            cur = ""
-        else:
-            cur += ch
-    return [p.strip() for p in parts + [cur] if p.strip()]
 
 
 def parse_run(spec):
@@ -294,6 +285,8 @@ def train(name, kv, seed, out_dir, resume):
     log_path = os.path.join(out_dir, "train_stdout.txt")
     os.makedirs(out_dir, exist_ok=True)
     env = dict(os.environ, PYTHONUNBUFFERED="1")
+    if threads:
+        env.update(OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads))
     label = f"{run_label(name, kv)} seed {seed}"
     tail = ""  # the run's last non-empty line: a failed run's error
     with open(log_path, "a") as log, tqdm(desc=f"train {label}", unit="it", file=sys.stderr) as bar:
@@ -364,6 +357,7 @@ def check_options():
     run, rows)."""
     check_range({"max_iters": max_iters, "eval_tokens": eval_tokens}, 0, prefix="sweep error")
     check_range({"ladder_tokens": ladder_tokens}, 1, prefix="sweep error")
+    check_range({"threads": threads}, 0, 1024, prefix="sweep error")
     trained = expand_runs()
     check_train_args(trained)
     seed_list = parse_seeds(seeds, "seeds")
@@ -403,7 +397,8 @@ def main():
     seed_list = seeds_of[0]
     res = train_and_evaluate(trained, seeds_of, rows)
     res["settings"] = {"runs": runs, "grid": grid, "seeds": seed_list, "eval_extra": eval_extra, "config": config,
-                       "max_iters": max_iters or "config's", "train_args": train_args, "dataset": dataset}
+                       "max_iters": max_iters or "config's", "train_args": train_args, "dataset": dataset,
+                       "threads": threads}
     command = "python " + " ".join(sys.argv)
     if evaluator == "retrieval":
         from eval_retrieval import plot as retrieval_plot
@@ -415,9 +410,17 @@ def main():
         paths = write_results(res, results, command, make_plot=False) + plot(res, results)
     print(text)
     with open(results + ".md", "w") as f:
-        f.write(f"`{command}`\n\n" + text)
+        f.write(f"`{command}`\n\n{trained_with()}\n\n" + text)
     for p in [*paths, results + ".md"]:
         print(f"wrote {p}")
+
+
+def trained_with():
+    """A line on what the training numbers depend on beyond the command: threads, torch."""
+    import torch
+    n = f"{threads} CPU thread{'s' * (threads > 1)}" if threads else "torch's default number of CPU threads"
+    return (f"Runs trained here with {n} each (--threads) and torch {torch.__version__}: on a CPU a run reproduces "
+            "bit for bit with the same threads, CPU and torch; finished runs are reused as they are.")
 
 
 def eval_key(trained, seeds_of, rows):

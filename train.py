@@ -92,6 +92,8 @@ dropout = 0.0
 bias = True
 attn = "softmax"         # a variant of model.VARIANTS (softmax, lssa, ssmax, sigmoid, relu) or the shorthand lssar
 reweight_p = 0.0         # re-weighting power, a number >= 0; 0 = off (attn=lssar means lssa with 15)
+reweight_start = 0       # a curriculum: the re-weighting (of every layer that has one) is off for the first this many
+                         # steps, then on; 0 = on from the start (docs/results.md: retrieval from scratch needs it)
 pos = "rope"             # rope | learned | none | alibi
 gate = "none"            # none | forget: a forget gate per layer adds c_i - c_j to the scores (FoX: attn=softmax, pos=none)
 window = 0               # > 0: sliding-window attention (query i sees keys i - window < j <= i)
@@ -289,7 +291,7 @@ try:
                              f"it instead: --init_from={out_dir} --out_dir=ANOTHER_DIR")
         check_vocab(ckpt, f"the checkpoint in {out_dir}", "resume on the dataset it was trained on")
         compare_data(ckpt.get("data"), data_fp, f"the run in {out_dir}", "resume error", other_fix="")
-        model = model_from_checkpoint(ckpt, device, **runtime)
+        model = model_from_checkpoint(ckpt, device, reader=False, **runtime)
         iter_num, best_val_loss = ckpt["iter_num"], ckpt.get("best_val_loss", 1e9)
         evaluated = ckpt.get("evaluated", True)  # False: saved by a signal before its iteration's evaluation
     elif init_from == "scratch":
@@ -301,7 +303,8 @@ try:
             raise SystemExit(f"vocab mismatch: {init_from} was trained with another vocabulary than dataset {dataset}'s "
                              "(the same size, other tokens); fine-tune on data made with the same tokenizer")
         # p has no parameters: the same weights, trained with another second stage
-        model = model_from_checkpoint(ckpt, device, **runtime, **({} if finetune_p == "ckpt" else {"reweight_p": finetune_p}))
+        model = model_from_checkpoint(ckpt, device, reader=False, **runtime,
+                                      **({} if finetune_p == "ckpt" else {"reweight_p": finetune_p}))
         say(f"fine-tuning {init_from} (trained {ckpt['iter_num']} iterations)")
         ckpt = None
 except ValueError as e:
@@ -325,7 +328,9 @@ if aside:
         f"{out_dir}: this run stopped before saving a checkpoint; the previous run is restored"))
 tokens_per_iter = gradient_accumulation_steps * batch_size * block_size
 say(f"tokens per iteration: {tokens_per_iter:,} ({world_size} process(es) x {local_micro_steps} micro-batches x "
-    f"{batch_size} x {block_size}) | device {device} | dtype {dtype} | {sum(map(len, train_parts)):,} train tokens")
+    f"{batch_size} x {block_size}) | device {device}"
+    + (f" ({torch.get_num_threads()} threads)" if device_type == "cpu" else "")
+    + f" | dtype {dtype} | {sum(map(len, train_parts)):,} train tokens")
 say(f"model: {model.get_num_params() / 1e6:.2f}M parameters, attention {gptconf.describe()} backend={gptconf.attn_backend}")
 
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == "float16"))
@@ -403,6 +408,9 @@ def checkpoint(*names, evaluated=True):
         "model_args": model_args, "iter_num": iter_num, "best_val_loss": best_val_loss, "config": config,
         "rng": {"cpu": torch.get_rng_state(), "cuda": torch.cuda.get_rng_state() if device_type == "cuda" else None},
         "evaluated": evaluated, "data": data_fp,
+        # what the numbers also depend on: on a CPU the thread count sets the order of the matmuls' sums
+        "env": {"torch": torch.__version__, "device": device_type,
+                "cpu_threads": torch.get_num_threads() if device_type == "cpu" else None},
     }
     for name in names if master else ():
         save_checkpoint(state, os.path.join(out_dir, name))
@@ -437,6 +445,7 @@ while True:
     lr = get_lr(iter_num)
     for group in optimizer.param_groups:
         group["lr"] = lr
+    raw_model.reweight_on = iter_num >= reweight_start  # (a function of the step: a resume continues the schedule)
 
     # a resumed checkpoint's evaluation is in the log already, unless a signal saved it before that evaluation
     done_before = resume and iter_num == start_iter and evaluated

@@ -21,6 +21,13 @@ sys.path.insert(0, ROOT)
 if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"
 
+# pytest.ini runs the suite in two processes (pytest-xdist: -n 2): each then computes on one thread, and so do the
+# scripts it starts, so that two workers on two cores do not oversubscribe them (two processes of two threads each
+# on two cores run several times slower than one)
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+
 
 def run(*args, check=True, timeout=300):
     """Run one of the repo's scripts as a user would, from the repo root."""
@@ -204,6 +211,8 @@ def pytest_collection_modifyitems(config, items):
             items[:] = [it for it in items if not it.get_closest_marker(marker)]
             config.hook.pytest_deselected(items=out)
             _notes.append(f"deselected {len(out)} tests marked {marker}: {why}")
+    if hasattr(config, "workeroutput"):  # an xdist worker: its notes go to the controller, which prints them
+        config.workeroutput["notes"] = list(_notes)
 
 
 def pytest_collectreport(report):
@@ -220,6 +229,14 @@ def pytest_sessionfinish(session, exitstatus):
     # a suite that silently tests less must not pass: what cannot run here is a marker, deselected above
     if _skipped and session.exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
+
+
+@pytest.hookimpl(optionalhook=True)  # (a hook of xdist's: unknown where it is not installed)
+def pytest_testnodedown(node, error):
+    # (xdist's controller) every worker collects every test, so their notes are the same: keep one copy
+    for note in getattr(node, "workeroutput", {}).get("notes", []):
+        if note not in _notes:
+            _notes.append(note)
 
 
 def pytest_terminal_summary(terminalreporter):

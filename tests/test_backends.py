@@ -259,16 +259,18 @@ def test_pick_backend_cuda_rules(monkeypatch, triton_ok):
 # ----------------------------------------------------------------------------------------------------
 def test_bench_quick(tmp_path):
     out = tmp_path / "bench"
-    r = run("bench.py", "--quick", "--lengths=16,40", "--kinds=softmax,lssar,relu", "--backends=sdpa,math,triton",
-            "--repeats=1", "--train_len=16", "--train_batch=2", "--memory=true", f"--out={out}", timeout=600)
+    r = run("bench.py", "--quick", "--lengths=16", "--kinds=softmax,lssar,relu", "--backends=sdpa,math,triton",
+            "--repeats=1", "--train_len=16", "--train_batch=2", "--train_kinds=softmax,lssar", "--memory=true",
+            "--decode_lengths=8", "--decode_kinds=softmax", f"--out={out}", timeout=600)
     res = json.loads((out.with_suffix(".json")).read_text())
     assert res["meta"]["device"] == "cpu"
     cases = res["results"]
     timed = [c for c in cases if "seconds" in c]
-    # attn: 2 lengths x {fwd, fwd+bwd} x (softmax sdpa+math, lssar math, relu math); train: 3 kinds
-    assert len(timed) == 2 * 2 * 4 + 3
+    # attn: {fwd, fwd+bwd} x (softmax sdpa+math, lssar math, relu math); train: 2 kinds; decode: 1
+    assert len(timed) == 2 * 4 + 2 + 1
     assert all(c["seconds"] > 0 and math.isfinite(c["time_vs_softmax_sdpa"]) for c in timed)
     assert all(c["peak_bytes"] > 0 for c in timed if c["what"] == "train")
+    assert [c["cache_bytes"] for c in timed if c["what"] == "decode"] == [4 * 8 * 2 * 128 * 4]  # 4 layers, k and v
     sk = [c for c in cases if "skipped" in c]
     # lssar / relu through sdpa are refused, not faked; triton on a CPU would only be the interpreter
     assert {c["skipped"] for c in sk if c["backend"] == "triton"} == {"interpreter, not timed"}
@@ -298,6 +300,25 @@ def test_every_bench_kind_runs(monkeypatch):
     cases = [dict(what="attn", kind=k, backend="math", T=24, grad=g) for k in kinds for g in (False, True)]
     bench.time_cases(cases, "cpu", "float32", "[1/1]")
     assert [c["kind"] for c in cases if "seconds" not in c] == []
+
+
+def test_bench_decoding_memory_of_a_windowed_stack_is_bounded(monkeypatch):
+    """bench.py's decode cases: the KV cache of a uniform stack grows with every token; a SWAN-style stack's windowed
+    layers keep their last window - 1 keys, so only its global layer grows (a cache that kept too many keys would
+    show here)."""
+    import bench
+
+    monkeypatch.setattr(bench, "repeats", 1)
+    monkeypatch.setattr(bench, "DEMO", dict(n_layer=4, n_head=2, n_embd=16, vocab_size=13))
+    swan = "[3*softmax:window=8,softmax:pos=none:temp=logn]"
+    assert bench.split_kinds(f"softmax,{swan}") == ["softmax", swan]
+    cases = [dict(what="decode", model="demo", kind=k, T=T, batch=1) for k in ("softmax", swan) for T in (32, 64)]
+    bench.time_cases(cases, "cpu", "float32", "[1/1]")
+    per_key = 2 * 16 * 4  # k and v of one position of one layer, fp32
+    got = {(c["kind"], c["T"]): c["cache_bytes"] // per_key for c in cases}
+    assert got == {("softmax", 32): 4 * 32, ("softmax", 64): 4 * 64, (swan, 32): 3 * 7 + 32, (swan, 64): 3 * 7 + 64}
+    with pytest.raises(SystemExit, match="decode_kinds: \\[2\\*softmax"):
+        bench.split_kinds("[2*softmax:window=8,lssa:pos=learned]")
 
 
 def test_bench_compare_puts_estimates_next_to_measurements(tmp_path):

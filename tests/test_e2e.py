@@ -95,3 +95,28 @@ def test_wandb_offline_writes_a_run(char_data, tmp_path, monkeypatch):
     run("train.py", f"--data_dir={char_data}", f"--out_dir={out}", *TINY, "--max_iters=2", "--wandb_log=True")
     runs = list((out / "wandb").glob("offline-run-*"))
     assert len(runs) == 1 and any(runs[0].rglob("*.wandb"))
+
+
+def test_reweight_start_trains_without_the_reweighting_first(char_data, tmp_path):
+    """--reweight_start=K: the first K steps compute with p = 0 (the same losses as LSSA itself, same seed and data),
+    then with the model's p; a reader refuses a checkpoint saved before the switch; a model without re-weighting
+    refuses the key."""
+    def losses(out, *args):
+        run("train.py", "config/train_shakespeare_char.py", f"--data_dir={char_data}", f"--out_dir={out}", *TINY,
+            "--max_iters=6", *args)
+        return [float(r["loss"]) for r in read_log(out) if r["kind"] == "train"]
+    lssa = losses(tmp_path / "lssa", "--attn=lssa")
+    lssar = losses(tmp_path / "lssar", "--attn=lssar")
+    curr = losses(tmp_path / "curr", "--attn=lssar", "--reweight_start=3", "--eval_interval=2")
+    assert curr[:3] == lssa[:3] and curr[3] != lssa[3] and curr[3] != lssar[3]
+    ckpt = torch.load(tmp_path / "curr" / "ckpt.pt", weights_only=False)
+    assert ckpt["config"]["reweight_start"] == 3 and ckpt["model_args"]["reweight_p"] == 15.0
+    (tmp_path / "early").mkdir()  # the checkpoint as an interrupted run would have left it at step 2
+    torch.save(dict(ckpt, iter_num=2), tmp_path / "early" / "ckpt.pt")
+    r = run("eval_length.py", f"--ckpts={tmp_path / 'early'}", f"--out={tmp_path / 'res'}", "--device=cpu", check=False)
+    assert r.returncode == 1 and "before its reweight_start=3" in r.stderr.strip().splitlines()[-1]
+    r = run("eval_length.py", f"--ckpts={tmp_path / 'curr'}", f"--out={tmp_path / 'res'}", "--device=cpu", check=False)
+    assert r.returncode == 0
+    r = run("train.py", "config/train_shakespeare_char.py", f"--data_dir={char_data}", f"--out_dir={tmp_path / 'x'}",
+            *TINY, "--attn=softmax", "--reweight_start=3", check=False)
+    assert r.returncode == 1 and "delays a re-weighting this model does not have" in r.stderr

@@ -40,6 +40,9 @@ def test_sweep(tmp_path, corpus_file):
         assert (tmp_path / "res" / f).stat().st_size > 0
     ckpt = tmp_path / "out-shakespeare-char-softmax" / "ckpt.pt"
     assert torch.load(ckpt, weights_only=False)["config"]["warmup_iters"] == 1  # a short sweep leaves warmup
+    # every run trains with --threads (default 2) whatever the environment says, and the table says so
+    assert torch.load(ckpt, weights_only=False)["env"]["cpu_threads"] == 2
+    assert "Runs trained here with 2 CPU threads each (--threads)" in md
     mtime = ckpt.stat().st_mtime_ns
 
     # finished runs are skipped
