@@ -34,10 +34,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from common import check_range, one_line, parse_list, parse_numbers, pick_device, split_top, writable_prefix
 from configurator import configure
 from kernels import BACKENDS
 from model import GPT, VARIANTS, GPTConfig, attn_names, canonical_attn, causal_attention
+from options import check_range, one_line, parse_list, parse_numbers, pick_device, split_top, writable_prefix
 
 # -----------------------------------------------------------------------------
 kinds = ""               # "" = every attention of model.py's registry, each with the forget gate (name+forget), and
@@ -392,7 +392,8 @@ def precision_checkpoint_qkv(path, T):
     """([(q, k, v) float64 (1, H, T, d) of every layer], the model's GPTConfig) of a checkpoint on the first T
     validation tokens."""
     import model as M
-    from common import load_checkpoint, load_stream, model_from_checkpoint
+    from dataset import load_stream
+    from runs import load_checkpoint, model_from_checkpoint
     ck = load_checkpoint(path)
     gpt = model_from_checkpoint(ck, "cpu").eval()
     cfg = ck["config"]

@@ -28,19 +28,12 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (
-    check_range,
-    checked_config,
-    load_checkpoint,
-    load_stream,
-    model_from_checkpoint,
-    parse_names,
-    pick_device,
-    writable_prefix,
-)
 from configurator import configure
+from dataset import load_stream
 from eval_length import checkpoint_lengths, colour, data_record, length_spec
 from model import AttentionProbe
+from options import check_range, parse_names, pick_device, writable_prefix
+from runs import checked_config, load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
 ckpts = ""

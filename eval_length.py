@@ -41,17 +41,13 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (
+from configurator import configure
+from dataset import compare_data, dataset_fingerprint, get_tokenizer, load_meta, load_stream
+from kernels import BACKENDS, DOTS
+from model import LENGTH_TEMPS, GPTConfig
+from options import (
     autocast_ctx,
     check_range,
-    checked_config,
-    compare_data,
-    dataset_fingerprint,
-    get_tokenizer,
-    load_checkpoint,
-    load_meta,
-    load_stream,
-    model_from_checkpoint,
     parse_names,
     parse_numbers,
     parse_reweight_list,
@@ -59,9 +55,7 @@ from common import (
     read_results,
     writable_prefix,
 )
-from configurator import configure
-from kernels import BACKENDS, DOTS
-from model import LENGTH_TEMPS, GPTConfig
+from runs import checked_config, load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
 ckpts = ""               # comma-separated out_dirs (or ckpt.pt files)

@@ -34,26 +34,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (
-    ROOT,
-    autocast_ctx,
-    check_range,
-    compare_data,
-    data_dir_for,
-    data_fingerprint,
-    get_tokenizer,
-    load_checkpoint,
-    load_meta,
-    load_stream,
-    model_from_checkpoint,
-    parse_names,
-    parse_numbers,
-    pick_device,
-    read_results,
-    writable_prefix,
-)
 from configurator import configure
+from dataset import ROOT, compare_data, data_dir_for, data_fingerprint, get_tokenizer, load_meta, load_stream
 from eval_length import applies, checkpoint_lengths, eval_settings, eval_time, length_spec, save_json
+from options import autocast_ctx, check_range, parse_names, parse_numbers, pick_device, read_results, writable_prefix
+from runs import load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
 ckpts = ""               # comma-separated out_dirs (or ckpt.pt files)

@@ -31,23 +31,8 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from common import (
-    autocast_ctx,
-    check_range,
-    checked_config,
-    compare_data,
-    data_dir_for,
-    dataset_fingerprint,
-    load_checkpoint,
-    load_meta,
-    model_from_checkpoint,
-    parse_names,
-    parse_numbers,
-    pick_device,
-    read_results,
-    writable_prefix,
-)
 from configurator import configure
+from dataset import compare_data, data_dir_for, dataset_fingerprint, load_meta
 from eval_length import (
     applies,
     attention_record,
@@ -59,7 +44,9 @@ from eval_length import (
     token_budget,
     write_all,
 )
+from options import autocast_ctx, check_range, parse_names, parse_numbers, pick_device, read_results, writable_prefix
 from retrieval import prompt, score, task_of
+from runs import checked_config, load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
 ckpts = ""               # comma-separated out_dirs (or ckpt.pt files) of runs trained on a retrieval dataset

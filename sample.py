@@ -12,23 +12,12 @@ yarn; by --rope_factor, or 0 = by the generation's final length / block_size), -
 
 import torch
 
-from common import (
-    autocast_ctx,
-    check_range,
-    compare_data,
-    data_dir_for,
-    data_fingerprint,
-    get_tokenizer,
-    load_checkpoint,
-    load_meta,
-    model_from_checkpoint,
-    model_vocab_size,
-    one_line,
-    pick_device,
-)
 from configurator import configure
+from dataset import compare_data, data_dir_for, data_fingerprint, get_tokenizer, load_meta, model_vocab_size
 from eval_length import eval_settings
 from kernels import BACKENDS
+from options import autocast_ctx, check_range, one_line, pick_device
+from runs import load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
 out_dir = "out"

@@ -37,22 +37,12 @@ import sys
 import numpy as np
 from tqdm import tqdm
 
-from common import (
-    INVOCATION,
-    ROOT,
-    check_range,
-    data_dir_for,
-    load_checkpoint,
-    parse_list,
-    parse_numbers,
-    pick_device,
-    read_results,
-    split_top,
-    writable_prefix,
-)
 from configurator import configure, script_defaults
+from dataset import ROOT, data_dir_for
 from eval_length import colour, eval_settings, evaluate, save_json, write_results
 from model import GPTConfig, attn_names, demo_runs
+from options import INVOCATION, check_range, parse_list, parse_numbers, pick_device, read_results, split_top, writable_prefix
+from runs import load_checkpoint
 
 # -----------------------------------------------------------------------------
 runs = ",".join(demo_runs())  # attentions to train: model.py registry names, optionally name:key=value:...

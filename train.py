@@ -24,40 +24,36 @@ import torch.distributed as dist
 from torch.distributed import destroy_process_group, init_process_group
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from common import (
-    INVOCATION,
-    LOCK_FILE,
+from configurator import configure
+from dataset import (
     PREPARE_HINT,
-    RESUME_FREE,
-    autocast_ctx,
     check_token_ids,
-    check_train_options,
-    checked_config,
     compare_data,
     data_dir_for,
     data_fingerprint,
-    drop_aside,
     even_windows,
     get_batch,
-    load_checkpoint,
     load_meta,
     load_split,
-    lock_out_dir,
-    model_from_checkpoint,
     model_vocab_size,
     n_windows,
-    one_line,
-    parse_reweight_p,
-    pick_device,
     random_windows,
+)
+from model import GPT, GPTConfig
+from options import INVOCATION, RESUME_FREE, autocast_ctx, check_train_options, one_line, parse_reweight_p, pick_device
+from retrieval import answer_stats, task_of
+from runs import (
+    LOCK_FILE,
+    checked_config,
+    drop_aside,
+    load_checkpoint,
+    lock_out_dir,
+    model_from_checkpoint,
     restore_aside,
     save_checkpoint,
     set_aside,
     tidy_run_dir,
 )
-from configurator import configure
-from model import GPT, GPTConfig
-from retrieval import answer_stats, task_of
 
 # -----------------------------------------------------------------------------
 # I/O
@@ -129,8 +125,8 @@ config_given = set()     # the keys a config file or --key=value set
 config = configure(globals(), given=config_given)
 MODEL_KEYS = [f.name for f in GPTConfig.__dataclass_fields__.values() if f.name != "vocab_size"]
 # A resume continues the checkpoint's run: every setting comes from its stored config, and one given here that
-# differs is refused, except common.RESUME_FREE's (how far, how often or where the run goes, not what it computes);
-# common.INVOCATION's say what this command does and are never restored.
+# differs is refused, except options.RESUME_FREE's (how far, how often or where the run goes, not what it computes);
+# options.INVOCATION's say what this command does and are never restored.
 master = int(os.environ.get("RANK", "0")) == 0  # DDP: rank 0 writes the out_dir (set again below, with the rest)
 
 
@@ -158,7 +154,7 @@ def restore_run_config(stored, iter_num):
         say(f"resume: from the checkpoint's config: {', '.join(restored)}")
 
 
-# Every option checked in one place before anything is read or written (common.check_train_options); then who
+# Every option checked in one place before anything is read or written (options.check_train_options); then who
 # writes out_dir: --eval_only reads the run's checkpoint and writes nothing; a training locks an existing out_dir
 # first (a new one once everything is checked), then tidies what a killed process left there, so that two trainings
 # never write one folder.

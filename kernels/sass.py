@@ -653,8 +653,8 @@ def main():
     if "triton" not in sys.modules:  # before triton_attn imports triton: real @jit functions, not interpreted
         os.environ["TRITON_INTERPRET"] = "0"
     os.environ.setdefault("TRITON_DEFAULT_FP_FUSION", "1")  # FMA contraction, triton's default (silences its warning)
-    from common import parse_list, parse_numbers
     from configurator import configure
+    from options import parse_list, parse_numbers
     configure(globals())
     if mode not in ("report", "check", "accuracy", "fit"):
         raise SystemExit(f"sass error: mode must be report, check, accuracy or fit, got {mode!r}")

@@ -17,11 +17,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from test_eval_length import make_run
 
-import common
-from common import check_range, parse_names, parse_numbers, parse_reweight_list
+import dataset
+import options
+import runs
 from configurator import configure
 from conftest import ROOT
 from eval_length import eval_lengths, token_budget
+from options import check_range, parse_names, parse_numbers, parse_reweight_list
 
 PROPERTY = settings(max_examples=200, deadline=None)
 TRAIN = ["train.py", "--n_layer=1", "--n_head=2", "--n_embd=16", "--block_size=16", "--batch_size=2", "--eval_iters=1",
@@ -316,26 +318,26 @@ def test_checkpoints_of_other_kinds(tmp_path):
         else:
             torch.save(obj, tmp_path / name)
         with pytest.raises(SystemExit, match=message) as e:
-            common.load_checkpoint(str(tmp_path / name))
+            runs.load_checkpoint(str(tmp_path / name))
         one_line_exit(e, "checkpoint ")
     torch.save(nano, tmp_path / "nano.pt")
     with pytest.raises(SystemExit, match="weights do not fit") as e:
-        common.model_from_checkpoint(common.load_checkpoint(str(tmp_path / "nano.pt")))
+        runs.model_from_checkpoint(runs.load_checkpoint(str(tmp_path / "nano.pt")))
     one_line_exit(e, "checkpoint error: ")
     with pytest.raises(SystemExit, match="unknown attn_backend") as e:
-        common.model_from_checkpoint(ck, attn_backend="cuda-magic")
+        runs.model_from_checkpoint(ck, attn_backend="cuda-magic")
     one_line_exit(e, "config error: ")
 
 
 def test_data_files_of_other_kinds(tmp_path):
     (tmp_path / "train.bin").write_bytes(b"\x01\x00\x02")  # 3 bytes: not uint16 tokens
     with pytest.raises(SystemExit, match="odd number of bytes") as e:
-        common.load_split("x", "train", str(tmp_path))
+        dataset.load_split("x", "train", str(tmp_path))
     one_line_exit(e, str(tmp_path))
     for content in (b"not a pickle", pickle.dumps(["a", "list"]), pickle.dumps({"vocab_size": "65"})):
         (tmp_path / "meta.pkl").write_bytes(content)
         with pytest.raises(SystemExit, match="is not a dataset meta.pkl") as e:
-            common.load_meta("x", str(tmp_path))
+            dataset.load_meta("x", str(tmp_path))
         one_line_exit(e, "dataset error: ")
 
 
@@ -349,5 +351,5 @@ def test_devices_this_machine_lacks():
         cases.append(("mps", "MPS is not available"))
     for device, message in cases:
         with pytest.raises(SystemExit, match=re.escape(message)) as e:
-            common.pick_device(device)
+            options.pick_device(device)
         one_line_exit(e, "config error: ")

@@ -11,10 +11,11 @@ import numpy as np
 import pytest
 import torch
 
-from common import model_from_checkpoint, save_checkpoint, write_shard
 from conftest import ROOT
+from dataset import write_shard
 from eval_length import doc_separator, doc_window_plan, documents, evaluate
 from model import GPT, GPTConfig
+from runs import model_from_checkpoint, save_checkpoint
 
 EOT, V = 22, 23  # a small BPE-like vocabulary whose last id ends each document
 DOC_LENS = [5, 40, 7, 100, 33, 70, 12, 65]

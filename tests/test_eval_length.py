@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from common import model_from_checkpoint, save_checkpoint
 from conftest import ROOT
 from eval_length import evaluate, token_budget, window_plan
 from model import GPT, GPTConfig
+from runs import model_from_checkpoint, save_checkpoint
 
 V = 23
 

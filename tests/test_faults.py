@@ -20,7 +20,9 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import dataset
+import options
+import runs
 from conftest import ROOT, run
 from eval_length import evaluate
 
@@ -32,10 +34,10 @@ TINY = ["--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=32", "--batch_
 DRIVER = r'''
 import errno, io, os, random, runpy, signal, sys
 sys.path.insert(0, os.getcwd())
-import common, torch
+import dataset, torch
 
 fault, at = os.environ["FAULT"], int(os.environ["FAULT_AT"])
-real_save, real_fsync, real_replace, real_windows = torch.save, os.fsync, os.replace, common.random_windows
+real_save, real_fsync, real_replace, real_windows = torch.save, os.fsync, os.replace, dataset.random_windows
 saves = 0  # ckpt.pt saves of this process
 
 
@@ -83,7 +85,7 @@ def windows(parts, n, T, seed, it, *a):
     return real_windows(parts, n, T, seed, it, *a)
 
 
-torch.save, os.fsync, os.replace, common.random_windows = save, fsync, replace, windows
+torch.save, os.fsync, os.replace, dataset.random_windows = save, fsync, replace, windows
 sys.argv = ["train.py", *sys.argv[1:]]
 runpy.run_path("train.py", run_name="__main__")
 '''
@@ -163,7 +165,7 @@ def test_kills_inside_saves_and_sigint_on_an_eval_step_resume_exactly(driver, ch
     # killed at a random byte of its second save (iteration 4): the first (iteration 2) loads, the partial file stays
     r = faulty(driver, "write", 2, *args)
     assert r.returncode == -signal.SIGKILL, r.stderr
-    assert common.load_checkpoint(str(out))["iter_num"] == 2
+    assert runs.load_checkpoint(str(out))["iter_num"] == 2
     (partial,) = out.glob("ckpt.pt.tmp*")
     # resumed, killed after writing the next save, before its fsync: the start removed the last partial file and took
     # over the lock the killed process left behind
@@ -171,11 +173,11 @@ def test_kills_inside_saves_and_sigint_on_an_eval_step_resume_exactly(driver, ch
     assert r.returncode == -signal.SIGKILL, r.stderr
     assert "removed 1 temporary file(s) of interrupted saves" in r.stdout and not partial.exists()
     assert "taking over the lock file of a training that is no longer running" in r.stdout
-    assert common.load_checkpoint(str(out))["iter_num"] == 2
+    assert runs.load_checkpoint(str(out))["iter_num"] == 2
     # killed right after ckpt.pt was renamed into place (best.pt not yet written): the new one loads
     r = faulty(driver, "replace", 1, *resume)
     assert r.returncode == -signal.SIGKILL, r.stderr
-    assert common.load_checkpoint(str(out))["iter_num"] == 4
+    assert runs.load_checkpoint(str(out))["iter_num"] == 4
     # SIGINT during the step that makes iteration 6, an evaluation step: saved before that evaluation, exit 130
     r = faulty(driver, "sigint", 5, *resume)
     assert r.returncode == 128 + signal.SIGINT and "saved checkpoint at iteration 6" in r.stdout, r.stderr
@@ -184,7 +186,7 @@ def test_kills_inside_saves_and_sigint_on_an_eval_step_resume_exactly(driver, ch
     r = run("train.py", f"--out_dir={out}", "--init_from=resume")
     assert "resume: from the checkpoint's config:" in r.stdout
     assert rows(out) == rows(ref) and same_weights(out, ref)
-    assert not list(out.glob("*.tmp*")) and not (out / common.LOCK_FILE).exists()
+    assert not list(out.glob("*.tmp*")) and not (out / runs.LOCK_FILE).exists()
 
 
 def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(driver, char_data, tmp_path):
@@ -192,12 +194,12 @@ def test_disk_full_during_a_save_is_one_line_and_keeps_the_previous_checkpoint(d
     r = faulty(driver, "enospc", 2, f"--out_dir={out}", f"--data_dir={char_data}", *TINY)
     fails_with(r, "No space left on device")
     assert "the previous ckpt.pt is kept" in last_line(r) and "--init_from=resume" in last_line(r)
-    assert common.load_checkpoint(str(out))["iter_num"] == 2 and not list(out.glob("*.tmp*"))
+    assert runs.load_checkpoint(str(out))["iter_num"] == 2 and not list(out.glob("*.tmp*"))
 
 
 def test_save_checkpoint_disk_full_in_process(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    common.save_checkpoint({"iter_num": 1}, str(path))
+    runs.save_checkpoint({"iter_num": 1}, str(path))
     good = digest(path)
     real_open = open
 
@@ -220,9 +222,9 @@ def test_save_checkpoint_disk_full_in_process(tmp_path, monkeypatch):
         def fileno(self):
             return self.f.fileno()
 
-    monkeypatch.setattr(common, "open", lambda p, mode="r": Full(real_open(p, mode)), raising=False)
+    monkeypatch.setattr(runs, "open", lambda p, mode="r": Full(real_open(p, mode)), raising=False)
     with pytest.raises(SystemExit, match="No space left on device.*previous ckpt.pt is kept") as e:
-        common.save_checkpoint({"iter_num": 2, "w": torch.zeros(1000)}, str(path))
+        runs.save_checkpoint({"iter_num": 2, "w": torch.zeros(1000)}, str(path))
     assert "\n" not in str(e.value.code)
     assert digest(path) == good and os.listdir(tmp_path) == ["ckpt.pt"]
 
@@ -257,7 +259,7 @@ def test_two_trainings_race_for_one_out_dir(char_data, tmp_path):
     assert winner.returncode == 128 + signal.SIGTERM, won
     iters = [int(r[0]) for r in rows(out)[1:] if r[1] == "train"]
     assert iters == list(range(1, len(iters) + 1)) and iters  # one run's log, not two interleaved
-    assert common.load_checkpoint(str(out))["iter_num"] == iters[-1] and not (out / common.LOCK_FILE).exists()
+    assert runs.load_checkpoint(str(out))["iter_num"] == iters[-1] and not (out / runs.LOCK_FILE).exists()
 
 
 def test_overwrite_that_fails_or_is_killed_keeps_the_old_run(driver, char_data, ref, tmp_path):
@@ -272,13 +274,13 @@ def test_overwrite_that_fails_or_is_killed_keeps_the_old_run(driver, char_data, 
     assert snapshot(out) == before
     # killed (kill -9) during its second step, before its first checkpoint: the next start puts the old run back
     r = faulty(driver, "sigkill", 1, *args)
-    assert r.returncode == -signal.SIGKILL and (out / common.ASIDE / "ckpt.pt").exists(), r.stderr
+    assert r.returncode == -signal.SIGKILL and (out / runs.ASIDE / "ckpt.pt").exists(), r.stderr
     r = run("train.py", f"--out_dir={out}", "--init_from=resume")
     assert "restored the run that an interrupted --overwrite=True had moved" in r.stdout
-    assert rows(out) == rows(ref) and same_weights(out, ref) and not (out / common.ASIDE).exists()
+    assert rows(out) == rows(ref) and same_weights(out, ref) and not (out / runs.ASIDE).exists()
     # a replacement that saves a checkpoint: the old run is gone, only the new one is there
     run("train.py", *args, "--max_iters=2")
-    assert common.load_checkpoint(str(out))["iter_num"] == 2 and not (out / common.ASIDE).exists()
+    assert runs.load_checkpoint(str(out))["iter_num"] == 2 and not (out / runs.ASIDE).exists()
     assert [r[0] for r in rows(out)[1:]] == ["0", "1", "2", "2"]
 
 
@@ -356,8 +358,8 @@ def test_data_swapped_for_a_same_size_vocabulary(ref, char_data, corpus_file, tm
     # evaluating on it on purpose: allowed, and the results say which data they are of
     res = evaluate([(str(run_dir), {})], lengths="32", tokens=640, device="cpu", allow_other_data=True)
     rec = res["runs"][0]["data"]
-    assert rec["trained_on"] == "other" and rec["dir"] == str(data) and rec["val"] == common.split_id(
-        common.load_split("x", "val", str(data)))
+    assert rec["trained_on"] == "other" and rec["dir"] == str(data) and rec["val"] == dataset.split_id(
+        dataset.load_split("x", "val", str(data)))
     # the same size but other characters: refused everywhere, even with --allow_other_data
     other = tmp_path / "other_vocab"
     shutil.copytree(char_data, other)
@@ -393,9 +395,9 @@ def cases(char_data, ref, corpus_file, tmp_path_factory):
     # two train shards; the second holds an id past the vocabulary, beyond any prefix of the first
     shards = tmp / "shards"
     shards.mkdir()
-    common.write_shard(shards / "toy_train_000000.bin", np.arange(5000) % 50)
-    common.write_shard(shards / "toy_train_000001.bin", np.r_[np.arange(3000) % 50, 77, np.arange(500) % 50])
-    common.write_shard(shards / "toy_val_000000.bin", np.arange(2000) % 50)
+    dataset.write_shard(shards / "toy_train_000000.bin", np.arange(5000) % 50)
+    dataset.write_shard(shards / "toy_train_000001.bin", np.r_[np.arange(3000) % 50, 77, np.arange(500) % 50])
+    dataset.write_shard(shards / "toy_val_000000.bin", np.arange(2000) % 50)
     with open(shards / "meta.pkl", "wb") as f:
         pickle.dump({"vocab_size": 50}, f)
     # a run whose weights are NaN
@@ -469,8 +471,8 @@ def test_run_folder_obstacles_are_one_line(char_data, ref, tmp_path):
     shutil.copytree(ref, tmpdir)
     (tmpdir / "ckpt.pt.tmp123").mkdir()
     aside = tmp_path / "aside"  # what a kill -9 between --overwrite's move and the new run's first save leaves
-    (aside / common.ASIDE).mkdir(parents=True)
-    shutil.copy(ref / "ckpt.pt", aside / common.ASIDE / "ckpt.pt")
+    (aside / runs.ASIDE).mkdir(parents=True)
+    shutil.copy(ref / "ckpt.pt", aside / runs.ASIDE / "ckpt.pt")
     best = tmp_path / "best"
     best.mkdir()
     shutil.copy(ref / "best.pt", best / "best.pt")
@@ -484,7 +486,7 @@ def test_run_folder_obstacles_are_one_line(char_data, ref, tmp_path):
     fails_with(res["fresh"], f"{fresh / 'log.csv'} is a folder where the run keeps its log.csv file")
     fails_with(res["resume"], f"{resumed / 'log.csv'} is a folder where the run keeps its log.csv file")
     fails_with(res["tmp dir"], "ckpt.pt.tmp123 is a folder named like the temporary file of an interrupted save")
-    fails_with(res["aside"], f"an interrupted --overwrite=True left the previous run in {aside / common.ASIDE}")
+    fails_with(res["aside"], f"an interrupted --overwrite=True left the previous run in {aside / runs.ASIDE}")
     fails_with(res["best"], f"holds best.pt (the best evaluation's weights): pass {best / 'best.pt'}")
     assert {d: snapshot(d) for d in before} == before  # nothing changed, nothing left (no log.csv.tmp, no lock)
     assert not (tmp_path / "r1").exists() and not (tmp_path / "r2").exists()
@@ -545,11 +547,11 @@ def test_configure_collects_the_keys_it_was_given(tmp_path):
 def test_writable_dir(tmp_path):
     file = tmp_path / "f"
     file.write_text("x")
-    assert common.writable_dir(str(tmp_path / "new" / "deeper"), "out_dir") == str(tmp_path / "new" / "deeper")
+    assert options.writable_dir(str(tmp_path / "new" / "deeper"), "out_dir") == str(tmp_path / "new" / "deeper")
     assert not (tmp_path / "new").exists() and os.listdir(tmp_path) == ["f"]  # checked, nothing left behind
     for path, message in ((file, "is a file"), (file / "sub", f"cannot be created: {file} is a file")):
         with pytest.raises(SystemExit, match=message):
-            common.writable_dir(str(path), "out_dir")
+            options.writable_dir(str(path), "out_dir")
     (tmp_path / "res.json").mkdir()
     with pytest.raises(SystemExit, match="which is a folder"):
-        common.writable_prefix(str(tmp_path / "res"), "out")
+        options.writable_prefix(str(tmp_path / "res"), "out")

@@ -15,7 +15,7 @@ import pyarrow.parquet as pq
 import pytest
 import tiktoken
 
-import common
+import dataset
 from conftest import ROOT, TEST_ENCODING, run
 
 SHARD, VAL = 500, 300
@@ -71,11 +71,11 @@ def prep(local, out, **kw):
 
 
 def read_all(out, prefix="fineweb"):
-    val = common.list_shards(str(out), "val")
-    train = common.list_shards(str(out), "train")
+    val = dataset.list_shards(str(out), "val")
+    train = dataset.list_shards(str(out), "train")
     assert [os.path.basename(p) for p in val] == [f"{prefix}_val_000000.bin"]
     assert [os.path.basename(p) for p in train] == [f"{prefix}_train_{i:06d}.bin" for i in range(len(train))]
-    return common.read_shard(val[0]), [common.read_shard(p) for p in train]
+    return dataset.read_shard(val[0]), [dataset.read_shard(p) for p in train]
 
 
 def expected(docs):

@@ -4,10 +4,10 @@ position encodings, config validation, the configurator."""
 import pytest
 import torch
 
-from common import model_from_checkpoint
 from configurator import configure
 from eval_length import eval_time
 from model import GPT, GPTConfig
+from runs import model_from_checkpoint
 from tests.test_attention import CASES
 
 KINDS = CASES  # every attention of the registry (and re-weighting on each normalised one)

@@ -15,9 +15,9 @@ import eval_passkey
 import eval_retrieval
 import sample
 import sweep
-from common import check_train_options
 from configurator import config_keys, configure, script_defaults
 from conftest import ROOT
+from options import check_train_options
 
 # paths a random option may name: relative ones land in the test's empty folder (checked to stay empty)
 PATHS = ["out/x", "", ".", "res/a/b", "/proc/x/y", "/dev/null/x", "f.json", "a,b", "[x]"]

@@ -14,8 +14,8 @@ import pytest
 import torch
 
 import eval_passkey
-from common import get_tokenizer, model_from_checkpoint, model_vocab_size, save_checkpoint
 from conftest import TEST_ENCODING, make_corpus, run
+from dataset import get_tokenizer, model_vocab_size
 from eval_passkey import (
     FILLER_SENTENCE,
     evaluate,
@@ -25,6 +25,7 @@ from eval_passkey import (
     score,
 )
 from model import GPT, GPTConfig
+from runs import model_from_checkpoint, save_checkpoint
 
 TINY = ["--n_layer=1", "--n_head=2", "--n_embd=32", "--batch_size=4", "--eval_iters=1", "--eval_interval=2",
         "--log_interval=1", "--warmup_iters=1", "--max_iters=2", "--device=cpu"]

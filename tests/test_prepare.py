@@ -13,10 +13,11 @@ import numpy as np
 import pytest
 import tiktoken
 
-from common import get_tokenizer, model_vocab_size, save_checkpoint
 from conftest import TEST_ENCODING, make_corpus, run
+from dataset import get_tokenizer, model_vocab_size
 from eval_passkey import CHAR_ALPHABET, FILLER_SENTENCE, KEY_SENTENCE, QUESTION
 from model import GPT, GPTConfig
+from runs import save_checkpoint
 
 ROOT = Path(__file__).resolve().parents[1]
 # the test encoding everywhere; GPT-2's own BPE (its real vocabulary and end-of-text id) where its files are cached

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-import common
+import runs
 from conftest import ROOT, run
 
 # dropout > 0 so that exact resume also needs the RNG state, not only the weights and the data position
@@ -102,7 +102,7 @@ def test_refuses_to_overwrite_another_run(char_data, tmp_path):
 
 def test_atomic_checkpoint_write(tmp_path, monkeypatch):
     path = tmp_path / "ckpt.pt"
-    common.save_checkpoint({"iter_num": 1}, str(path))
+    runs.save_checkpoint({"iter_num": 1}, str(path))
     good = digest(path)
 
     def dies_midway(obj, f):
@@ -111,7 +111,7 @@ def test_atomic_checkpoint_write(tmp_path, monkeypatch):
 
     monkeypatch.setattr(torch, "save", dies_midway)
     with pytest.raises(KeyboardInterrupt):
-        common.save_checkpoint({"iter_num": 2}, str(path))
+        runs.save_checkpoint({"iter_num": 2}, str(path))
     assert digest(path) == good and os.listdir(tmp_path) == ["ckpt.pt"]  # old one intact, no temp file left
 
 
@@ -195,7 +195,7 @@ def test_non_finite_loss_stops_and_keeps_checkpoint(char_data, tmp_path):
             "--learning_rate=1e-4", "--min_lr=1e30", "--warmup_iters=0", "--lr_decay_iters=2", "--grad_clip=0"]
     r = run("train.py", *args, check=False)
     assert r.returncode != 0 and "non-finite" in r.stderr and "step 2" in r.stderr, r.stdout + r.stderr
-    assert common.load_checkpoint(str(out))["iter_num"] == 1  # the last good one
+    assert runs.load_checkpoint(str(out))["iter_num"] == 1  # the last good one
     with open(out / "log.csv") as f:
         assert "nan" not in f.read()  # never a number in the log
 

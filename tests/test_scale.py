@@ -11,9 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from common import get_batch, load_split, random_windows, read_shard, write_shard
 from configurator import configure, script_defaults
 from conftest import ROOT, run
+from dataset import get_batch, load_split, random_windows, read_shard, write_shard
 from model import GPT, GPTConfig
 
 V = 50

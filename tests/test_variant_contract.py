@@ -11,9 +11,9 @@ import pytest
 import torch
 
 import kernels
-from common import model_from_checkpoint, save_checkpoint
 from eval_length import evaluate
 from model import GPT, VARIANTS, AttnSpec, GPTConfig, Variant, causal_attention, inv_sqrt_d
+from runs import model_from_checkpoint, save_checkpoint
 from tests.test_attention import ORACLE, make_qkv, oracle
 
 

@@ -1,7 +1,7 @@
 """
 Prepare FineWeb (default: the sample-10BT config), FineWeb-Edu or local text files as GPT-2 BPE token shards.
 Writes <name>_val_000000.bin (the first --val_tokens tokens of the stream), <name>_train_000000.bin, ...
-(--shard_tokens tokens each, the last one may be shorter; format in common.py), meta.pkl and
+(--shard_tokens tokens each, the last one may be shorter; format in dataset.py), meta.pkl and
 prepare_state.json into out_dir.
 
     python data/fineweb/prepare.py                                    # fineweb sample-10BT, streamed
@@ -30,13 +30,14 @@ from multiprocessing import Pool
 import numpy as np
 from tqdm import tqdm
 
-# run as a script only this folder is on sys.path; common.py and the shakespeare helpers live under the repo root
+# run as a script only this folder is on sys.path; dataset.py, options.py and the shakespeare helpers live under the repo root
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-import common  # noqa: E402
 from data.shakespeare.prepare import get_encoder  # noqa: E402
 from data.shakespeare_char.prepare import one_line, write_atomic  # noqa: E402
+from dataset import list_shards, read_shard, write_shard  # noqa: E402
+from options import writable_dir  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DATASET, SAMPLE, SHARD_TOKENS = 'HuggingFaceFW/fineweb', 'sample-10BT', 100_000_000
@@ -162,10 +163,10 @@ def finished_shards(out_dir, prefix):
     with a valid header is a whole shard). A bad one is left out, and rewritten when its turn comes."""
     done = {}
     for split in ('val', 'train'):
-        for path in common.list_shards(out_dir, split):
+        for path in list_shards(out_dir, split):
             if os.path.basename(path).startswith(f'{prefix}_{split}_'):
                 try:
-                    done[path] = len(common.read_shard(path))
+                    done[path] = len(read_shard(path))
                 except (SystemExit, ValueError, OSError):
                     pass
     return done
@@ -174,7 +175,7 @@ def finished_shards(out_dir, prefix):
 def check_state(out_dir, state):
     """Refuse to mix shards made with different arguments in one folder: they would not form one stream."""
     path = os.path.join(out_dir, STATE_FILE)
-    has_shards = bool(common.list_shards(out_dir, 'train') or common.list_shards(out_dir, 'val'))
+    has_shards = bool(list_shards(out_dir, 'train') or list_shards(out_dir, 'val'))
     if not has_shards:
         return  # nothing to protect (a run that failed before its first shard may have left a state file)
     if not os.path.exists(path):
@@ -203,7 +204,7 @@ def prepare(dataset=DATASET, sample=SAMPLE, local=None, text_field='text', out_d
         if v < low:
             raise SystemExit(f"--{flag} must be >= {low}, got {v}")
 
-    common.writable_dir(out_dir, 'out_dir', 'prepare error')  # before any download or tokenising
+    writable_dir(out_dir, 'out_dir', 'prepare error')  # before any download or tokenising
 
     global _enc
     _enc = get_encoder(encoding)  # before the stream, so an offline machine fails fast and downloads nothing
@@ -222,7 +223,7 @@ def prepare(dataset=DATASET, sample=SAMPLE, local=None, text_field='text', out_d
     write_atomic(os.path.join(out_dir, 'meta.pkl'),
                  lambda f: pickle.dump({'vocab_size': _enc.n_vocab, 'tokenizer': encoding}, f))
     for tmp in glob.glob(os.path.join(out_dir, f'{name}_*.bin.tmp*')):
-        os.remove(tmp)  # left by a run that was killed mid-write (common.write_shard cleans up otherwise)
+        os.remove(tmp)  # left by a run that was killed mid-write (write_shard cleans up otherwise)
 
     done = finished_shards(out_dir, name)
     if done:
@@ -244,7 +245,7 @@ def prepare(dataset=DATASET, sample=SAMPLE, local=None, text_field='text', out_d
         if have == fill or (cut and have is not None and have > fill):
             stats['skipped'] += 1
         else:
-            common.write_shard(path, buf[:fill])
+            write_shard(path, buf[:fill])
         stats[f'{split}_tokens'] += fill
         stats[f'{split}_shards'] += 1
         if bar.total != fill:  # the stream (or --max_tokens) ended this shard early: show it as done

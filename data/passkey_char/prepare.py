@@ -25,9 +25,10 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from common import PREPARE_HINT, check_range, load_meta, load_stream, writable_dir  # noqa: E402
 from data.shakespeare_char.prepare import write_split  # noqa: E402
+from dataset import PREPARE_HINT, load_meta, load_stream  # noqa: E402
 from eval_passkey import draw, filler_len, passkey_example, passkey_template  # noqa: E402
+from options import check_range, writable_dir  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 DEFAULT_SRC = os.path.join(ROOT, 'data', 'shakespeare_char')

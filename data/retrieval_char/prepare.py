@@ -26,8 +26,8 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from common import check_range, writable_dir  # noqa: E402
 from data.shakespeare_char.prepare import check_splits, get_text, write_atomic, write_split  # noqa: E402
+from options import check_range, writable_dir  # noqa: E402
 from retrieval import KEY_ALPHABET, PAIR, QUERY, Task, alphabet, training_example  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))

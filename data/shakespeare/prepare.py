@@ -22,7 +22,7 @@ except ImportError:
     # run as a script, only this folder is on sys.path; the text-source logic lives beside it, under the repo root
     sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
     from data.shakespeare_char.prepare import check_splits, get_text, one_line, write_split
-from common import writable_dir  # noqa: E402
+from options import writable_dir  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 

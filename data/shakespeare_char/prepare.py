@@ -21,11 +21,11 @@ import urllib.request
 
 import numpy as np
 
-# run as a script only this folder is on sys.path; common.py lives under the repo root
+# run as a script only this folder is on sys.path; options.py lives under the repo root
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
-from common import writable_dir  # noqa: E402
+from options import writable_dir  # noqa: E402
 
 DATA_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 ENV_VAR = 'TINYSHAKESPEARE_PATH'
