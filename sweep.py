@@ -394,7 +394,7 @@ def main():
         from eval_retrieval import plot as retrieval_plot
         text = retrieval_markdown(res)
         save_json(res, results, command)
-        paths = [results + ".json", *retrieval_plot({"runs": res["rows"]}, results)]
+        paths = [results + ".json", *retrieval_plot({"runs": res["rows"]}, results), *training_curves(res, results)]
     else:
         text = markdown(res)
         paths = write_results(res, results, command, make_plot=False) + plot(res, results)
@@ -403,6 +403,42 @@ def main():
         f.write(f"`{command}`\n\n{trained_with()}\n\n" + text)
     for p in [*paths, results + ".md"]:
         print(f"wrote {p}")
+
+
+def training_curves(res, prefix):
+    """<prefix>_training.png: each row's exact-match accuracy on the answers of the validation windows (key-query
+    distances below T) at every evaluation during training, from its runs' log.csv (train.py), mean over seeds (the
+    steps all of them logged): when a model learns to retrieve, and whether it does before its extrapolation counts."""
+    import csv
+
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    curves = {}
+    for r in res["runs"]:
+        if r.get("eval"):  # an evaluation-time row: its run's training is drawn already
+            continue
+        with open(os.path.join(r["ckpt"], "log.csv"), newline="") as f:
+            points = {int(x["iter"]): float(x["val_answer_exact"]) for x in csv.DictReader(f)
+                      if x["kind"] == "eval" and x.get("val_answer_exact")}
+        curves.setdefault(r["label"], []).append(points)
+    if not curves:
+        return []
+    fig, ax = plt.subplots(figsize=(8 if len(curves) <= 10 else 11, 4.8))
+    for i, (label, seeds) in enumerate(curves.items()):
+        steps = sorted(set.intersection(*(set(p) for p in seeds)))
+        ax.plot(steps, [np.mean([p[t] for p in seeds]) for t in steps], color=colour(i, len(curves)),
+                marker="o" if i >= 10 else None, markersize=3, label=f"{label} (n={len(seeds)})")
+    ax.axhline(0.95, color="gray", linestyle=":", linewidth=1)
+    ax.set(xlabel="training step", ylabel="answers right (exact, validation windows)", ylim=(-0.03, 1.03),
+           title="Learning to retrieve (distances < T), mean over seeds")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=7, loc="upper left", **({} if len(curves) <= 10 else dict(bbox_to_anchor=(1.01, 1.0))))
+    fig.tight_layout()
+    fig.savefig(prefix + "_training.png", dpi=120)
+    plt.close(fig)
+    return [prefix + "_training.png"]
 
 
 def trained_with():

@@ -241,7 +241,7 @@ def test_sweep_with_the_retrieval_evaluator(retrieval_run, tmp_path):
     assert row["cells"][0]["exact"] == pytest.approx(np.mean(per)) and row["cells"][0]["per_seed"] == per
     md = (tmp_path / "res" / "sweep.md").read_text()
     assert "| [softmax:window=8,lssar:pos=none] | 2 |" in md and "0-1T" in md and "LM 1x" in md
-    for f in ("sweep.png", "sweep_distance.png"):
+    for f in ("sweep.png", "sweep_distance.png", "sweep_training.png"):
         assert (tmp_path / "res" / f).stat().st_size > 0
     assert len(list((tmp_path / "res" / "sweep_evals").glob("*.json"))) == 4
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
