@@ -878,7 +878,9 @@ def markdown(res):
     head = "| attention | p (train -> eval) | n | " + " | ".join(f"{m:g}x" for m in mults) + " | last / 1x |"
     lines = [head, "|" + "---|" * (len(mults) + 4)]
     for r in rows:
-        p = f"{r['trained_reweight_p']:g}" + (f" -> {r['reweight_p']:g}" if r["reweight_p"] != r["trained_reweight_p"] else "")
+        # a stack's p is its layers' (in its label's pattern); the config's own reweight_p is not what they compute
+        p = ("per layer" if r.get("pos") == "layers" else f"{r['trained_reweight_p']:g}") + (
+            f" -> {r['reweight_p']:g}" if r["reweight_p"] != r["trained_reweight_p"] else "")
         cells = [f"{m:.3f} ± {s:.3f}" if many else f"{m:.3f}" for m, s in zip(r["loss_mean"], r["loss_std"], strict=True)]
         ratio = f"{r['ratio_mean']:.2f} ± {r['ratio_std']:.2f}" if many else f"{r['ratio_mean']:.2f}"
         lines.append(f"| {r['label']} | {p} | {r['n']} | " + " | ".join(cells) + f" | {ratio} |")

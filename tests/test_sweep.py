@@ -368,3 +368,16 @@ def test_position_ranges_are_cut_at_the_rungs_in_increasing_order():
     got = {x["T"]: [(p["start"], p["end"], p["loss"]) for p in x["by_position"]]
            for x in sweep_mod.ladder_summary([rung(8), rung(2)])}
     assert got == {8: [(0, 2, 0.5), (2, 8, 4.5)], 2: [(0, 2, 0.5)]}
+
+
+def test_markdown_names_a_stacks_p_by_its_layers():
+    """A stack's rows carry the config's top-level reweight_p (0), not what its layers compute: the table must not
+    print it as the row's p."""
+    import sweep
+    row = {"label": "[3*softmax:window=16,lssar:pos=none]", "n": 1, "multipliers": [1, 2], "loss_mean": [1.8, 1.9],
+           "loss_std": [0.0, 0.0], "ratio_mean": 1.05, "ratio_std": 0.0, "reweight_p": 0.0, "trained_reweight_p": 0.0,
+           "pos": "layers"}
+    plain = dict(row, label="lssar", pos="rope", reweight_p=15.0, trained_reweight_p=15.0)
+    lines = sweep.markdown({"rows": [row, plain]}).splitlines()
+    assert lines[2].startswith("| [3*softmax:window=16,lssar:pos=none] | per layer | 1 |"), lines[2]
+    assert lines[3].startswith("| lssar | 15 | 1 |"), lines[3]
