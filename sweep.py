@@ -394,7 +394,8 @@ def main():
         from eval_retrieval import plot as retrieval_plot
         text = retrieval_markdown(res)
         save_json(res, results, command)
-        paths = [results + ".json", *retrieval_plot({"runs": res["rows"]}, results), *training_curves(res, results)]
+        paths = [results + ".json", retrieval_csv(res, results), *retrieval_plot({"runs": res["rows"]}, results),
+                 *training_curves(res, results)]
     else:
         text = markdown(res)
         paths = write_results(res, results, command, make_plot=False) + plot(res, results)
@@ -403,6 +404,26 @@ def main():
         f.write(f"`{command}`\n\n{trained_with()}\n\n" + text)
     for p in [*paths, results + ".md"]:
         print(f"wrote {p}")
+
+
+def retrieval_csv(res, prefix):
+    """<prefix>.csv of a retrieval sweep: per row, one line per (length, distance bin) cell (exact-match accuracy,
+    mean and std over seeds, and each seed's) and one per length of the text's loss (kind lm)."""
+    import csv
+    with open(prefix + ".csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["label", "n", "seeds", "kind", "multiple", "length", "bin_start", "bin_end", "prompts", "mean", "std",
+                    "per_seed"])
+        for r in res["rows"]:
+            seeds = " ".join(map(str, r["seeds"]))
+            for c in r["cells"]:
+                w.writerow([r["label"], r["n"], seeds, "exact", f"{c['multiple']:g}", c["length"], f"{c['bin'][0]:g}",
+                            f"{c['bin'][1]:g}", c["prompts"], f"{c['exact']:.4f}", f"{c['exact_std']:.4f}",
+                            " ".join(f"{x:.4f}" for x in c.get("per_seed", []))])
+            for e in r.get("lm", []):
+                w.writerow([r["label"], r["n"], seeds, "lm", f"{e['multiple']:g}", e["length"], "", "", "",
+                            f"{e['loss']:.4f}", f"{e['loss_std']:.4f}", ""])
+    return prefix + ".csv"
 
 
 def training_curves(res, prefix):

@@ -3,6 +3,7 @@ the evaluation (eval_retrieval.py): episodes as specified (keys unique, every qu
 pair's value), prompts at the distance asked and the same for a seed, the token roles, scoring that gives a copying
 model 100% and a wrong one 0%, the scripts end to end on the test corpus, and bad input as one line."""
 
+import csv
 import json
 import os
 import re
@@ -243,6 +244,13 @@ def test_sweep_with_the_retrieval_evaluator(retrieval_run, tmp_path):
     assert "| [softmax:window=8,lssar:pos=none] | 2 |" in md and "0-1T" in md and "LM 1x" in md
     for f in ("sweep.png", "sweep_distance.png", "sweep_training.png"):
         assert (tmp_path / "res" / f).stat().st_size > 0
+    with open(tmp_path / "res" / "sweep.csv", newline="") as f:
+        lines = list(csv.DictReader(f))
+    cell = next(x for x in lines if x["label"] == row["label"] and x["kind"] == "exact")
+    assert (cell["multiple"], cell["bin_start"], cell["seeds"]) == ("1", "0", "1337 1")
+    assert float(cell["mean"]) == pytest.approx(row["cells"][0]["exact"], abs=1e-4)
+    assert [float(x) for x in cell["per_seed"].split()] == pytest.approx(per, abs=1e-4)
+    assert sum(x["kind"] == "lm" for x in lines) == 2 * len(row["lm"])
     assert len(list((tmp_path / "res" / "sweep_evals").glob("*.json"))) == 4
     again = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert again.returncode == 0 and "4 of 4 evaluations reused" in again.stdout + again.stderr, again.stderr[-2000:]
