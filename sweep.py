@@ -627,6 +627,11 @@ def aggregate_retrieval(runs, keys, labels):
     return rows
 
 
+def _pm(mean, std, n, fmt):
+    """'mean ± std' over n seeds; the mean alone for one seed (it has no spread)."""
+    return f"{mean:{fmt}} ± {std:{fmt}}" if n > 1 else f"{mean:{fmt}}"
+
+
 def retrieval_markdown(res):
     """The retrieval table: exact-match accuracy (%) per key-query distance bin over all lengths, mean ± std over
     seeds, and the text's loss at the first and last length with their ratio."""
@@ -639,9 +644,9 @@ def retrieval_markdown(res):
         cells = [f"{100 * b['exact']:.0f} ± {100 * b['exact_std']:.0f}" if r["n"] > 1 else f"{100 * b['exact']:.0f}"
                  for b in r["by_bin"]]
         if r["lm"]:
-            cells += [f"{r['lm'][0]['loss']:.3f} ± {r['lm'][0]['loss_std']:.3f}",
-                      f"{r['lm'][-1]['loss']:.3f} ± {r['lm'][-1]['loss_std']:.3f}",
-                      f"{r['lm_ratio']:.2f} ± {r['lm_ratio_std']:.2f}"]
+            cells += [_pm(r["lm"][0]["loss"], r["lm"][0]["loss_std"], r["n"], ".3f"),
+                      _pm(r["lm"][-1]["loss"], r["lm"][-1]["loss_std"], r["n"], ".3f"),
+                      _pm(r["lm_ratio"], r["lm_ratio_std"], r["n"], ".2f")]
         lines.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + " |")
     return "\n".join(lines) + "\n"
 
