@@ -26,6 +26,7 @@ rungs, and the same command continues it, reusing every evaluation whose checkpo
 """
 
 import contextlib
+import csv
 import dataclasses
 import io
 import json
@@ -409,7 +410,6 @@ def main():
 def retrieval_csv(res, prefix):
     """<prefix>.csv of a retrieval sweep: per row, one line per (length, distance bin) cell (exact-match accuracy,
     mean and std over seeds, and each seed's) and one per length of the text's loss (kind lm)."""
-    import csv
     with open(prefix + ".csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["label", "n", "seeds", "kind", "multiple", "length", "bin_start", "bin_end", "prompts", "mean", "std",
@@ -430,8 +430,6 @@ def training_curves(res, prefix):
     """<prefix>_training.png: each row's exact-match accuracy on the answers of the validation windows (key-query
     distances below T) at every evaluation during training, from its runs' log.csv (train.py), mean over seeds (the
     steps all of them logged): when a model learns to retrieve, and whether it does before its extrapolation counts."""
-    import csv
-
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -820,7 +818,6 @@ def ladder_markdown(out, command):
 def write_ladder(out, prefix, command):
     """The ladder's files; <prefix>.json last (a rerun reuses the rungs it holds): once it is there, so are the
     others for the same rungs."""
-    import csv
     os.makedirs(os.path.dirname(prefix) or ".", exist_ok=True)
     keys = ["T", "label", "n", "seeds", "first", "first_std", "last", "last_std", "ratio", "ratio_std", "diff_softmax",
             "diff_softmax_std"]
