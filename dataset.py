@@ -20,6 +20,8 @@ PREPARE_HINT = {  # how to make each dataset, for error messages
     "shakespeare": "python data/shakespeare/prepare.py",
     "fineweb": "python data/fineweb/prepare.py",
     "openwebtext": "python data/openwebtext/prepare.py",
+    "retrieval_char_curriculum": "python data/retrieval_char/prepare.py --out_dir=data/retrieval_char_curriculum "
+                                 "--curriculum=48000",  # (retrieval.CURRICULUM)
 }
 
 
@@ -113,6 +115,14 @@ def random_windows(parts, n, T, seed, it, micro, align=1):
     did, so that results made with them reproduce.)"""
     g = torch.Generator().manual_seed(hash((seed, it, micro)) & 0x7FFFFFFFFFFFFFFF)
     return _locate(parts, torch.randint(n_windows(parts, T, align) - 1, (n,), generator=g).numpy(), T, align)
+
+
+def sequential_windows(parts, n, T, it, micro, micro_steps, align=1):
+    """n consecutive windows for one micro-batch, in the order they are stored: micro-batch (it, micro) reads windows
+    (it * micro_steps + micro) * n .. + n - 1, wrapping at the end. For data whose order is part of the recipe (a
+    curriculum written by the prepare script); like random_windows a pure function of the step."""
+    start = (it * micro_steps + micro) * n
+    return _locate(parts, (start + np.arange(n)) % n_windows(parts, T, align), T, align)
 
 
 def even_windows(parts, n, T, align=1):

@@ -45,7 +45,7 @@ from eval_length import (
     write_all,
 )
 from options import autocast_ctx, check_range, parse_names, parse_numbers, pick_device, read_results, writable_prefix
-from retrieval import prompt, score, task_of
+from retrieval import PAIR, prompt, score, task_of
 from runs import checked_config, load_checkpoint, model_from_checkpoint
 
 # -----------------------------------------------------------------------------
@@ -137,10 +137,11 @@ def job(d, ck, ov, lens, edges, dev):
 
 
 def make_prompts(j, cell, n, seed_, n_distractors):
-    """The n prompts of a cell (ids) and their answers (strings), each from (seed, length multiple, bin, i)."""
+    """The n prompts of a cell (ids), their answers (strings), distances, and whether a distractor pair lies between
+    the target pair and the query (crossed), each prompt from (seed, length multiple, bin, i)."""
     L, m, (a, b), (lo, hi) = cell
     itos, stoi, text, task = j["meta"]["itos"], j["meta"]["stoi"], j["text"], j["task"]
-    ids, answers, dists = [], [], []
+    ids, answers, dists, crossed = [], [], [], []
     for i in range(n):
         rng = np.random.default_rng([seed_, int(round(m * 1000)), int(round(a * 1000)), int(round(b * 1000)), i])
         d = int(rng.integers(lo, hi + 1))
@@ -149,7 +150,20 @@ def make_prompts(j, cell, n, seed_, n_distractors):
         ids.append([stoi[c] for c in body])
         answers.append(value)
         dists.append(d)
-    return torch.tensor(ids, dtype=torch.long), answers, dists
+        crossed.append(PAIR[0] in body[len(body) - task.key_len - d:])  # after the target pair's `[`
+    return torch.tensor(ids, dtype=torch.long), answers, dists, crossed
+
+
+def crossed_accuracy(run):
+    """Exact-match accuracy over the prompts (all cells) with a distractor pair between the target and the query:
+    a model that copies the nearest pair's value, whatever its key, scores 0 here and full marks on the others.
+    (accuracy, prompts); (None, 0) for evaluations made before the split was recorded, or rows aggregated over seeds:
+    their own mean."""
+    if "crossed_exact" in run:  # a sweep row: the mean over seeds
+        return run["crossed_exact"], run.get("crossed_prompts", 0)
+    cs = [c for c in run["cells"] if "crossed" in c]
+    n = sum(c["crossed"] for c in cs)
+    return (sum(c["crossed_right"] for c in cs) / n if n else None), n
 
 
 @torch.no_grad()
@@ -202,7 +216,7 @@ def evaluate(specs, *, lengths="1,2,4,8,16", bins="0,1,2,4,8,16", n_prompts=40, 
                 L, m, (a, b), (lo, hi) = cell
                 pbar.set_postfix_str(f"{j['label']} L={m:g}T bin {a:g}-{b:g}T")
                 t0 = time.time()
-                x, truth, dists = make_prompts(j, cell, n_prompts, seed, n_distractors)
+                x, truth, dists, crossed = make_prompts(j, cell, n_prompts, seed, n_distractors)
                 try:
                     got = decode(model, x, j["task"].value_len, ctx, dev, batch_size, pbar)
                 except ValueError as e:
@@ -215,6 +229,8 @@ def evaluate(specs, *, lengths="1,2,4,8,16", bins="0,1,2,4,8,16", n_prompts=40, 
                 cells_out.append({"length": L, "multiple": m, "bin": [a, b], "distances": [lo, hi], "prompts": n_prompts,
                                   "exact": exact / n_prompts, "exact_se": binomial_se(exact, n_prompts),
                                   "chars": right / chars, "chars_se": binomial_se(right, chars),
+                                  "crossed": sum(crossed), "crossed_right": sum(o == t for o, t, c in zip(
+                                      answers, truth, crossed, strict=True) if c),
                                   "seconds": round(time.time() - t0, 2), "wrong_examples": wrong})
             lm = []
             if j["lm_budget"]:
@@ -261,12 +277,15 @@ def table(res):
     edges = res["protocol"]["bins"]
     heads = [f"{a:g}-{b:g}T" for a, b in zip(edges[:-1], edges[1:], strict=True)]
     w = max(max(len(r["label"]) for r in res["runs"]) + 2, 12)
-    lines += ["exact-match accuracy (%) by key-query distance, all lengths", "run".ljust(w) + "".join(f"{h:>10}" for h in heads)
-              + "   LM loss 1x, last"]
+    lines += ["exact-match accuracy (%) by key-query distance, all lengths; 'between': the prompts with a distractor "
+              "pair between the target and the query", "run".ljust(w) + "".join(f"{h:>10}" for h in heads)
+              + f"{'between':>10}   LM loss 1x, last"]
     for r in res["runs"]:
         bb = {f"{a:g}-{b:g}T": acc for (a, b), acc, _, _ in by_bin(r)}
+        cx, _ = crossed_accuracy(r)
         lm = f"   {r['lm'][0]['loss']:.3f}, {r['lm'][-1]['loss']:.3f}" if r["lm"] else ""
-        lines.append(r["label"].ljust(w) + "".join(f"{100 * bb[h]:10.0f}" if h in bb else " " * 10 for h in heads) + lm)
+        lines.append(r["label"].ljust(w) + "".join(f"{100 * bb[h]:10.0f}" if h in bb else " " * 10 for h in heads)
+                     + (f"{100 * cx:10.0f}" if cx is not None else " " * 10) + lm)
     return "\n".join(lines)
 
 
@@ -283,12 +302,12 @@ def _write_tables(res, prefix, command):
     with open(prefix + ".csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["label", "ckpt", "block_size", "length", "multiple", "bin_start", "bin_end", "prompts", "exact",
-                    "exact_se", "chars", "chars_se"])
+                    "exact_se", "chars", "chars_se", "crossed", "crossed_right"])
         for r in res["runs"]:
             for c in r["cells"]:
                 w.writerow([r["label"], r["ckpt"], r["block_size"], c["length"], f"{c['multiple']:g}", f"{c['bin'][0]:g}",
                             f"{c['bin'][1]:g}", c["prompts"], f"{c['exact']:.4f}", f"{c['exact_se']:.4f}",
-                            f"{c['chars']:.4f}", f"{c['chars_se']:.4f}"])
+                            f"{c['chars']:.4f}", f"{c['chars_se']:.4f}", c.get("crossed", ""), c.get("crossed_right", "")])
     with open(prefix + ".md", "w") as f:
         f.write(f"`{command}`\n\n```\n{table(res)}\n```\n")
 

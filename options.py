@@ -245,6 +245,8 @@ def check_train_options(o):
     check_range({k: o[k] for k in ("dropout", "beta1", "beta2")}, 0, 1, open_high=True)
     check_range({"rope_base": o["rope_base"]}, 0, open_low=True)
     check_range({"reweight_start": o["reweight_start"]}, 0, 2**40)
+    if o["data_order"] not in ("random", "sequential"):
+        raise SystemExit(f"config error: data_order is random or sequential; got {o['data_order']!r}")
     if o["wandb_log"] and importlib.util.find_spec("wandb") is None:
         raise SystemExit("config error: wandb_log=True needs the wandb package; pip install wandb, or drop --wandb_log")
     p = parse_reweight_p(o["finetune_reweight_p"], "finetune_reweight_p")

@@ -30,6 +30,7 @@ PAIR = ("[", "]")         # open, close
 QUERY = ("{", "}")
 KEY_ALPHABET = "0123456789"
 VALUE_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
+CURRICULUM = 48000  # dataset retrieval_char_curriculum's near windows: the first 1,500 steps of batch 32 (its config)
 
 
 @dataclass(frozen=True)
@@ -87,13 +88,33 @@ def query_text(key, value=""):
     return f"{QUERY[0]}{key}" + (f"{value}{QUERY[1]}" if value else "")
 
 
-def training_example(filler, rng, task, length):
+def training_example(filler, rng, task, length, max_distance=None, near="adjacent"):
     """One training window of `length` characters: with probability task.share an episode (1..max_pairs pairs of
     unique keys, 1..max_queries queries of some of those keys, each after its pair, all at random places in the
     filler), else filler alone. filler: a string of at least `length` characters (only its start is used).
+    max_distance: a curriculum's near episodes, every query at most max_distance characters after its pair (key to
+    key), in one of two kinds (near): "adjacent", every query right after its own pair (nothing between them but
+    text), the text between them drawn as before and cut short; "span", the usual episode (pairs may lie between a
+    query and its pair) confined to a span of max_distance + item_len characters at a random place in the window,
+    with as many pairs as the span holds (at most max_pairs). An adjacent episode can be answered by copying the
+    nearest pair, whatever its key; a span episode of two or more pairs cannot.
     Returns (text, [(key, pair start, query start), ...])."""
     if rng.random() >= task.share:
         return filler[:length], []
+    if max_distance is not None and near == "span":
+        span = min(length, max_distance + task.item_len)
+        cap = min(task.max_pairs, span // (2 * task.item_len))
+        if cap < 1:
+            raise ValueError(f"max_distance={max_distance} is shorter than a pair ({task.item_len} characters)")
+        o = int(rng.integers(0, length - span + 1))
+        sub = Task(**(task.as_meta() | {"max_pairs": cap, "max_queries": min(task.max_queries, cap), "share": 1.0}))
+        episode, asked = training_example(filler[o:], rng, sub, span)
+        items = sum(episode.count(c) for c in (PAIR[0], QUERY[0])) * task.item_len  # (the text has no markers)
+        text = filler[:o] + episode + filler[o + span - items:length - items]
+        assert len(text) == length, (len(text), length)
+        return text, [(k, p + o, q + o) for k, p, q in asked]
+    if max_distance is not None and near != "adjacent":
+        raise ValueError(f"near is adjacent or span; got {near!r}")
     n_pairs = int(rng.integers(1, task.max_pairs + 1))
     n_queries = int(rng.integers(1, min(task.max_queries, n_pairs) + 1))
     room = length - task.item_len * (n_pairs + n_queries)
@@ -103,14 +124,34 @@ def training_example(filler, rng, task, length):
     values = [_value(rng, task) for _ in keys]
     asked = rng.choice(n_pairs, size=n_queries, replace=False)
     items = [("pair", i) for i in range(n_pairs)] + [("query", int(i)) for i in asked]
-    order = list(rng.permutation(len(items)))  # a random order, then every query moved after its pair
-    slot = {items[j]: s for s, j in enumerate(order)}
-    for i in asked:
-        p, q = slot[("pair", int(i))], slot[("query", int(i))]
-        if q < p:
-            slot[("pair", int(i))], slot[("query", int(i))] = q, p
-    ordered = sorted(items, key=lambda it: slot[it])
-    cuts = np.sort(rng.integers(0, room + 1, len(ordered)))  # where each item goes into the filler
+    if max_distance is None:
+        order = list(rng.permutation(len(items)))  # a random order, then every query moved after its pair
+        slot = {items[j]: s for s, j in enumerate(order)}
+        for i in asked:
+            p, q = slot[("pair", int(i))], slot[("query", int(i))]
+            if q < p:
+                slot[("pair", int(i))], slot[("query", int(i))] = q, p
+        ordered = sorted(items, key=lambda it: slot[it])
+    else:  # the pairs in a random order, each asked one's query right after it
+        if max_distance < task.item_len:
+            raise ValueError(f"max_distance={max_distance} is shorter than a pair ({task.item_len} characters)")
+        ordered = [it for i in rng.permutation(n_pairs) for it in
+                   ([("pair", int(i))] + ([("query", int(i))] if i in asked else []))]
+    if max_distance is None:
+        cuts = np.sort(rng.integers(0, room + 1, len(ordered)))  # where each item goes into the filler
+    else:  # each query's text gap after its pair uniform in 0 .. max_distance - item_len (as far as the room allows),
+        gaps, left = [], room  # then the pairs at sorted uniform places in the text that is left
+        for kind, _ in ordered:
+            g = int(rng.integers(0, min(max_distance - task.item_len, left) + 1)) if kind == "query" else 0
+            gaps.append(g)
+            left -= g
+        base, k, cuts = np.sort(rng.integers(0, left + 1, n_pairs)), 0, []
+        for (kind, _), g in zip(ordered, gaps, strict=True):
+            if kind == "pair":
+                cuts.append(int(base[k]) + sum(gaps[:len(cuts)]))
+                k += 1
+            else:
+                cuts.append(cuts[-1] + g)
     out, pos, starts, last = [], 0, {}, 0
     for (kind, i), c in zip(ordered, cuts, strict=True):
         out.append(filler[last:c])

@@ -181,10 +181,11 @@ def ensure_data():
     d = data_dir_for(dataset, data_dir)
     if os.path.exists(os.path.join(d, "train.bin")) and os.path.exists(os.path.join(d, "val.bin")):
         return
-    if dataset == "retrieval_char":  # the retrieval mixture, with its default settings (data/retrieval_char/prepare.py)
-        print(f"preparing the retrieval mixture in {d}")
+    if dataset in ("retrieval_char", "retrieval_char_curriculum"):  # the retrieval mixture, with its default settings
+        print(f"preparing the retrieval mixture in {d}")  # (data/retrieval_char/prepare.py)
         from data.retrieval_char.prepare import prepare
-        return prepare(input or None, d)
+        from retrieval import CURRICULUM
+        return prepare(input or None, d, curriculum=CURRICULUM if dataset == "retrieval_char_curriculum" else 0)
     if dataset != "shakespeare_char" and not input:
         raise SystemExit(f"sweep error: no train.bin/val.bin in {d}; prepare {dataset} first, or pass --input=TEXT to "
                          "prepare char-level data from a text file")
@@ -597,7 +598,7 @@ def retrieval_rows(specs, meta, labels, key):
 def aggregate_retrieval(runs, keys, labels):
     """Per row over its seeds: each (length, bin) cell's and each bin's exact-match accuracy (over all lengths) and
     the text's loss per length, mean and std (0 for one seed), in eval_retrieval's run layout (its plots draw rows)."""
-    from eval_retrieval import by_bin
+    from eval_retrieval import by_bin, crossed_accuracy
     by_row = {}
     for r, k in zip(runs, keys, strict=True):
         by_row.setdefault(k, []).append(r)
@@ -615,12 +616,15 @@ def aggregate_retrieval(runs, keys, labels):
                    for i, (b, _, _, n) in enumerate(bins_[0])]
         lm = np.array([[x["loss"] for x in r["lm"]] for r in rs]) if rs[0]["lm"] else np.zeros((len(rs), 0))
         ratio = lm[:, -1] / lm[:, 0] if lm.shape[1] else np.zeros(0)
+        cross = [crossed_accuracy(r) for r in rs]  # (accuracy, prompts) per seed; None where not recorded
+        crossed = ({"crossed_exact": float(np.mean([a for a, _ in cross])), "crossed_std": std([a for a, _ in cross]),
+                    "crossed_prompts": sum(n for _, n in cross)} if all(a is not None for a, _ in cross) else {})
         rows.append({"label": labels[k], "n": len(rs), "seeds": [r["seed"] for r in rs], "cells": cells,
                      "by_bin": per_bin, "block_size": rs[0]["block_size"], "eval": rs[0]["eval"],
                      "lm": [{"length": x["length"], "multiple": x["multiple"], "loss": float(lm[:, i].mean()),
                              "loss_std": std(lm[:, i])} for i, x in enumerate(rs[0]["lm"])],
                      "lm_ratio": float(ratio.mean()) if len(ratio) else None,
-                     "lm_ratio_std": std(ratio) if len(ratio) else None,
+                     "lm_ratio_std": std(ratio) if len(ratio) else None, **crossed,
                      **{key: rs[0][key] for key in ("attn", "reweight_p", "pos", "layers", "describe")}})
     return rows
 
@@ -632,15 +636,20 @@ def _pm(mean, std, n, fmt):
 
 def retrieval_markdown(res):
     """The retrieval table: exact-match accuracy (%) per key-query distance bin over all lengths, mean ± std over
-    seeds, and the text's loss at the first and last length with their ratio."""
+    seeds, on the prompts with a distractor pair between the target and the query ('pair between': where a copy of the
+    nearest pair scores 0), and the text's loss at the first and last length with their ratio."""
     rows = res["rows"]
     heads = [f"{b['bin'][0]:g}-{b['bin'][1]:g}T" for b in rows[0]["by_bin"]]
     lm = rows[0]["lm"]
     lm_heads = [f"LM {lm[0]['multiple']:g}x", f"LM {lm[-1]['multiple']:g}x", "last / 1x"] if lm else []
+    between = all("crossed_exact" in r for r in rows)  # (evaluations made before the split was recorded lack it)
+    heads += ["pair between"] if between else []
     lines = ["| run | n | " + " | ".join(heads + lm_heads) + " |", "|---|---|" + "---|" * (len(heads) + len(lm_heads))]
     for r in rows:
         cells = [f"{100 * b['exact']:.0f} ± {100 * b['exact_std']:.0f}" if r["n"] > 1 else f"{100 * b['exact']:.0f}"
                  for b in r["by_bin"]]
+        if between:
+            cells.append(_pm(100 * r["crossed_exact"], 100 * r["crossed_std"], r["n"], ".0f"))
         if r["lm"]:
             cells += [_pm(r["lm"][0]["loss"], r["lm"][0]["loss_std"], r["n"], ".3f"),
                       _pm(r["lm"][-1]["loss"], r["lm"][-1]["loss_std"], r["n"], ".3f"),

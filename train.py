@@ -38,6 +38,7 @@ from dataset import (
     model_vocab_size,
     n_windows,
     random_windows,
+    sequential_windows,
 )
 from model import GPT, GPTConfig
 from options import INVOCATION, RESUME_FREE, autocast_ctx, check_train_options, one_line, parse_reweight_p, pick_device
@@ -80,6 +81,8 @@ gradient_accumulation_steps = 1
 batch_size = 12
 block_size = 1024
 window_align = 1         # windows start at multiples of this (e.g. one fixed-length example per window); 1 = anywhere
+data_order = "random"    # random: each step draws its windows from (seed, step); sequential: the windows in the order
+                         # stored, for data whose order is a curriculum (data/retrieval_char/prepare.py --curriculum)
 # model
 n_layer = 12
 n_head = 12
@@ -251,6 +254,10 @@ if task is not None and (meta["retrieval"]["block_size"] != block_size or window
                      f"{meta['retrieval']['block_size'] + 1} tokens; train with --block_size="
                      f"{meta['retrieval']['block_size']} --window_align={meta['retrieval']['block_size'] + 1} (as "
                      "config/train_retrieval_char.py does), or prepare the data for this block_size")
+if (meta or {}).get("retrieval", {}).get("curriculum") and data_order != "sequential":
+    raise SystemExit(f"config error: dataset {dataset} begins with a curriculum of {meta['retrieval']['curriculum']:,} "
+                     "examples in order; read it in that order with --data_order=sequential (as "
+                     "config/train_retrieval_char_curriculum.py does)")
 for name, parts in (("train", train_parts), ("val", val_parts)):  # every token of every shard, not a prefix
     check_token_ids(parts, meta["vocab_size"] if meta else 50257, f"the {name} split in {data_dir_for(dataset, data_dir)}",
                     PREPARE_HINT.get(dataset, f"python data/{dataset}/prepare.py"))
@@ -472,7 +479,10 @@ while True:
     loss_sum = torch.zeros((), device=device)
     for m in range(local_micro_steps):
         micro = m * world_size + rank  # this rank's share of the step's micro-batches
-        locs = random_windows(train_parts, batch_size, block_size, seed, iter_num, micro, window_align)
+        locs = (random_windows(train_parts, batch_size, block_size, seed, iter_num, micro, window_align)
+                if data_order == "random" else
+                sequential_windows(train_parts, batch_size, block_size, iter_num, micro, gradient_accumulation_steps,
+                                   window_align))
         X, Y = get_batch(train_parts, locs, block_size, device)
         if ddp:  # average gradients across ranks only once, after the last micro-batch
             model.require_backward_grad_sync = m == local_micro_steps - 1

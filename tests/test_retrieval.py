@@ -6,6 +6,7 @@ model 100% and a wrong one 0%, the scripts end to end on the test corpus, and ba
 import csv
 import json
 import os
+import pickle
 import re
 import subprocess
 import sys
@@ -16,7 +17,7 @@ import torch
 
 import eval_retrieval as ER
 from conftest import ROOT, make_corpus, run
-from retrieval import QUERY, Task, alphabet, pair_text, prompt, score, token_roles, training_example
+from retrieval import CURRICULUM, QUERY, Task, alphabet, pair_text, prompt, score, token_roles, training_example
 
 TASK = Task(key_len=1, value_len=3, max_pairs=6, max_queries=6, share=1.0)
 TEXT = make_corpus(20_000, seed=3)
@@ -52,6 +53,64 @@ def test_share_zero_is_text_and_the_same_seed_gives_the_same_window():
     a = training_example(TEXT[:129], np.random.default_rng(5), TASK, 129)
     assert a == training_example(TEXT[:129], np.random.default_rng(5), TASK, 129)
     assert a != training_example(TEXT[:129], np.random.default_rng(6), TASK, 129)
+
+
+@pytest.mark.parametrize("near", ["adjacent", "span"])
+@pytest.mark.parametrize("max_distance", [6, 9, 20, 120])
+def test_near_episodes_keep_every_query_within_max_distance_of_its_pair(max_distance, near):
+    """The curriculum's episodes: each query at most max_distance characters after its pair, answering its value;
+    the distances fill 6 .. max_distance as far as the window allows. adjacent: the item before a query is its own
+    pair; span: once the span holds two pairs, some queries have another pair between them and their own."""
+    rng = np.random.default_rng(max_distance)
+    dists, crossed = [], []
+    for _ in range(300):
+        s = int(rng.integers(0, len(TEXT) - 200))
+        text, asked = training_example(TEXT[s:s + 129], rng, TASK, 129, max_distance=max_distance, near=near)
+        assert len(text) == 129
+        pairs = {m.group(1): (m.start(), m.group(2)) for m in PAIR_RE.finditer(text)}
+        assert len(pairs) == len(PAIR_RE.findall(text)) >= 1
+        items = sorted([(m.start(), "pair", m.group(1)) for m in PAIR_RE.finditer(text)]
+                       + [(m.start(), "query", m.group(1)) for m in QUERY_RE.finditer(text)])
+        for (_, kind, key), (_, kind2, key2) in zip(items, items[1:], strict=False):
+            if kind2 == "query" and near == "adjacent":
+                assert (kind, key) == ("pair", key2)  # the item before a query is its own pair
+        assert len(asked) == len(QUERY_RE.findall(text)) >= 1
+        for key, p_start, q_start in asked:
+            assert pairs[key][0] == p_start and text[q_start:q_start + TASK.item_len] == f"{{{key}{pairs[key][1]}}}"
+            assert TASK.item_len <= q_start - p_start <= max_distance
+            dists.append(q_start - p_start)
+            crossed.append(any(p_start < p < q_start for p, _ in pairs.values()))
+        assert PAIR_RE.sub("", QUERY_RE.sub("", text)) == TEXT[s:s + 129 - TASK.item_len * len(items)]
+    assert min(dists) == TASK.item_len and (max(dists) == max_distance if max_distance < 60 else max(dists) > 90)
+    assert any(crossed) == (near == "span" and max_distance >= 2 * TASK.item_len)
+    with pytest.raises(ValueError, match="shorter than a pair"):
+        training_example(TEXT[:129], rng, TASK, 129, max_distance=5, near=near)
+
+
+def test_the_crossed_split_separates_a_key_reader_from_a_nearest_pair_copier():
+    """eval_retrieval's 'pair between' split: a prompt is crossed when a distractor pair lies between the target pair
+    and the query. A model that copies the nearest pair's value whatever its key scores 100% on the other prompts
+    and 0% on the crossed ones; one that reads the key scores 100% on both."""
+    chars = alphabet(TEXT)
+    stoi = {c: i for i, c in enumerate(chars)}
+    j = {"meta": {"itos": dict(enumerate(chars)), "stoi": stoi}, "text": np.array([stoi[c] for c in TEXT]),
+         "task": TASK}
+    nearest, reader, crossed_all = [], [], []
+    for cell in ER.cells(64, [1, 4, 16], [0, 1, 2, 4, 8, 16], TASK):
+        x, truth, dists, crossed = ER.make_prompts(j, cell, 10, 7, 4)
+        for ids, t, d, c in zip(x.tolist(), truth, dists, crossed, strict=True):
+            body = "".join(chars[i] for i in ids)
+            pairs = list(PAIR_RE.finditer(body))
+            target = len(body) - TASK.key_len - d - 1  # the target pair's `[`
+            assert c == any(m.start() > target for m in pairs)
+            nearest.append((pairs[-1].group(2) == t, c))
+            reader.append(([m.group(2) for m in pairs if m.group(1) == body[-1]] == [t], c))
+            crossed_all.append(c)
+    assert 0 < sum(crossed_all) < len(crossed_all)
+    assert all(ok != c for ok, c in nearest) and all(ok for ok, _ in reader)
+    run_ = {"cells": [{"crossed": 3, "crossed_right": 1}, {"crossed": 1, "crossed_right": 1}, {"crossed": 0,
+                                                                                               "crossed_right": 0}]}
+    assert ER.crossed_accuracy(run_) == (0.5, 4) and ER.crossed_accuracy({"cells": [{}]}) == (None, 0)
 
 
 @pytest.mark.parametrize("length,distance", [(129, 7), (129, 118), (1000, 500), (2048, 2030)])
@@ -112,7 +171,7 @@ def test_scoring_gives_a_copier_all_and_a_wrong_model_nothing():
     meta = {"itos": dict(enumerate(chars)), "stoi": {c: i for i, c in enumerate(chars)}}
     j = {"meta": meta, "task": TASK, "text": np.array([meta["stoi"][c] for c in TEXT], dtype=np.uint16)}
     for cell in ER.cells(64, [1, 4, 16], [0, 1, 2, 4, 8, 16], TASK):
-        x, truth, dists = ER.make_prompts(j, cell, 6, 1337, 4)
+        x, truth, dists, _ = ER.make_prompts(j, cell, 6, 1337, 4)
         assert all(cell[3][0] <= d <= cell[3][1] for d in dists)
         for right, want in ((True, 1.0), (False, 0.0)):
             got = ER.decode(Copier(meta["itos"], meta["stoi"], right), x, TASK.value_len, torch.no_grad(), "cpu", 4)
@@ -169,6 +228,7 @@ def test_eval_retrieval_end_to_end(retrieval_run):
     [rr] = res["runs"]
     assert [(c["multiple"], c["bin"]) for c in rr["cells"]] == [(1, [0, 1]), (4, [0, 1]), (4, [1, 2]), (4, [2, 4])]
     assert all(c["prompts"] == 3 and 0 <= c["exact"] <= 1 for c in rr["cells"])
+    assert all(0 <= c["crossed_right"] <= c["crossed"] <= 3 for c in rr["cells"]) and "between" in r.stdout
     assert [x["length"] for x in rr["lm"]] == [32, 128] and rr["attn"] == "softmax"
     for f in ("ev.csv", "ev.md", "ev.png", "ev_distance.png"):
         assert (tmp / "res" / f).stat().st_size > 0
@@ -221,6 +281,50 @@ def test_prepare_refuses_bad_settings_and_markers_in_the_text(tmp_path):
         assert not (tmp_path / "out").exists()
 
 
+def test_a_curriculum_is_written_in_order_and_read_in_order(tmp_path, corpus_file):
+    """prepare --curriculum=N: the first N training windows hold near episodes whose longest distance grows to the
+    window, the rest the usual ones; train.py refuses to draw such data at random and reads it in order with
+    --data_order=sequential (batch k: windows k * batch .. k * batch + batch - 1)."""
+    data = tmp_path / "data"
+    run("data/retrieval_char/prepare.py", "--input", str(corpus_file), "--out_dir", str(data), "--block_size=32",
+        "--n_train=600", "--n_val=40", "--max_pairs=2", "--max_queries=2", "--curriculum=400")
+    with open(data / "meta.pkl", "rb") as f:
+        meta = pickle.load(f)
+    assert meta["retrieval"]["curriculum"] == 400
+    itos = meta["itos"]
+    windows = ["".join(itos[int(i)] for i in w) for w in np.fromfile(data / "train.bin", dtype=np.uint16).reshape(600, 33)]
+    longest = []
+    for w in windows:
+        pairs = {m.group(1): m.start() for m in PAIR_RE.finditer(w)}
+        longest.append(max(m.start() - pairs[m.group(1)] for m in QUERY_RE.finditer(w)))
+    first, last = np.array(longest[:100]), np.array(longest[300:400])
+    assert first.max() <= 6 + (32 - 6) * 100 // 400 and last.mean() > first.mean() + 3  # growing
+    assert max(longest[400:]) > max(longest[:100])
+    common = ["config/train_retrieval_char_curriculum.py", f"--data_dir={data}", "--n_layer=1", "--n_head=2",
+              "--n_embd=32", "--block_size=32", "--window_align=33", "--batch_size=4", "--max_iters=2",
+              "--eval_iters=1", "--device=cpu"]
+    r = run("train.py", *common, f"--out_dir={tmp_path / 'rand'}", "--data_order=random", check=False)
+    assert r.returncode == 1 and "--data_order=sequential" in r.stderr.strip().splitlines()[-1]
+    assert not (tmp_path / "rand").exists()
+    r = run("train.py", *common, f"--out_dir={tmp_path / 'seq'}", "--data_order=sideways", check=False)
+    assert r.returncode == 1 and "data_order is random or sequential" in r.stderr
+    run("train.py", *common, f"--out_dir={tmp_path / 'seq'}")
+    ckpt = torch.load(tmp_path / "seq" / "ckpt.pt", map_location="cpu", weights_only=False)
+    assert ckpt["config"]["data_order"] == "sequential"
+    from dataset import PREPARE_HINT  # the error message's command makes the recipe's data
+    assert f"--curriculum={CURRICULUM} " in PREPARE_HINT["retrieval_char_curriculum"] + " "
+
+
+def test_sequential_windows_read_the_stored_order():
+    from dataset import random_windows, sequential_windows
+    parts = [np.arange(10 * 33, dtype=np.uint16), np.arange(5 * 33, dtype=np.uint16)]  # 10 + 5 windows of 33
+    seen = [sequential_windows(parts, 4, 32, it, m, 2, align=33) for it in range(2) for m in range(2)]
+    flat = [w * 10 + o // 33 for locs in seen for w, o in locs]  # (part, offset) -> window number
+    assert flat == list(range(15)) + [0]  # in order across the parts, wrapping at the end
+    assert sequential_windows(parts, 4, 32, 1, 0, 2, align=33) == seen[2]  # a pure function of the step
+    assert random_windows(parts, 4, 32, 0, 0, 0, align=33) != seen[0]
+
+
 def test_sweep_with_the_retrieval_evaluator(retrieval_run, tmp_path):
     """sweep.py --evaluator=retrieval: runs (a stack among them) x seeds trained on the retrieval data, each
     evaluated by eval_retrieval and kept under <results>_evals/ as it is made (a rerun evaluates nothing again),
@@ -242,6 +346,7 @@ def test_sweep_with_the_retrieval_evaluator(retrieval_run, tmp_path):
     assert row["cells"][0]["exact"] == pytest.approx(np.mean(per)) and row["cells"][0]["per_seed"] == per
     md = (tmp_path / "res" / "sweep.md").read_text()
     assert "| [softmax:window=8,lssar:pos=none] | 2 |" in md and "0-1T" in md and "LM 1x" in md
+    assert "pair between" in md and 0 <= row["crossed_exact"] <= 1 and row["crossed_prompts"] > 0
     for f in ("sweep.png", "sweep_distance.png", "sweep_training.png"):
         assert (tmp_path / "res" / f).stat().st_size > 0
     with open(tmp_path / "res" / "sweep.csv", newline="") as f:

@@ -33,25 +33,32 @@ from retrieval import KEY_ALPHABET, PAIR, QUERY, Task, alphabet, training_exampl
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def examples(text, n, length, task, rng, stoi):
-    """n training windows of `length` characters, each from a random place in text, as one uint16 array."""
+def examples(text, n, length, task, rng, stoi, curriculum=0, near="adjacent"):
+    """n training windows of `length` characters, each from a random place in text, as one uint16 array. The first
+    `curriculum` of them hold near episodes of kind `near` (retrieval.training_example's max_distance) whose longest
+    key-query distance grows linearly from one pair's length to the whole window: read in order (train.py
+    --data_order=sequential), the copy is learned over short distances before the long ones."""
     if len(text) < length:
         raise SystemExit(f"prepare error: a split of {len(text)} characters is shorter than one window of {length}; "
                          "pass a longer text or a smaller --block_size")
     out = np.empty((n, length), dtype=np.uint16)
     for i in range(n):
         s = int(rng.integers(0, len(text) - length + 1))
-        window, _ = training_example(text[s:s + length], rng, task, length)
+        d = task.item_len + (length - 1 - task.item_len) * i // curriculum if i < curriculum else None
+        window, _ = training_example(text[s:s + length], rng, task, length, max_distance=d, near=near)
         out[i] = [stoi[c] for c in window]
     return out.reshape(-1)
 
 
 def prepare(input_path=None, out_dir=None, block_size=64, n_train=100000, n_val=2000, share=1.0, max_pairs=4,
-            max_queries=4, key_len=1, value_len=3, seed=1337):
+            max_queries=4, key_len=1, value_len=3, seed=1337, curriculum=0, near="adjacent"):
     out_dir = out_dir or HERE
     check_range({'block_size': block_size, 'n_train': n_train, 'n_val': n_val, 'max_pairs': max_pairs,
                  'max_queries': max_queries, 'key_len': key_len, 'value_len': value_len}, 1, prefix='prepare error')
     check_range({'share': share}, 0, 1, prefix='prepare error')
+    check_range({'curriculum': curriculum}, 0, n_train, prefix='prepare error')
+    if near not in ('adjacent', 'span'):
+        raise SystemExit(f"prepare error: near is adjacent or span; got {near!r}")
     task = Task(key_len=key_len, value_len=value_len, max_pairs=max_pairs, max_queries=max_queries, share=share)
     if max_queries > max_pairs:
         raise SystemExit(f"prepare error: max_queries={max_queries} > max_pairs={max_pairs}: a query repeats a pair's "
@@ -75,10 +82,12 @@ def prepare(input_path=None, out_dir=None, block_size=64, n_train=100000, n_val=
     train_text, val_text = text[:int(n * 0.9)], text[int(n * 0.9):]
     check_splits(len(train_text), len(val_text), f"a text of {n:,} characters")
     rng = np.random.default_rng(seed)
-    train = examples(train_text, n_train, block_size + 1, task, rng, stoi)
+    train = examples(train_text, n_train, block_size + 1, task, rng, stoi, curriculum, near)
     val = examples(val_text, n_val, block_size + 1, task, rng, stoi)
     meta = {'vocab_size': len(chars), 'itos': dict(enumerate(chars)), 'stoi': stoi,
-            'retrieval': task.as_meta() | {'block_size': block_size, 'seed': seed, 'text_val': 'text_val.bin'}}
+            'retrieval': task.as_meta() | {'block_size': block_size, 'seed': seed, 'text_val': 'text_val.bin'}
+                               | ({'curriculum': curriculum} if curriculum else {})
+                               | ({'near': near} if curriculum and near != 'adjacent' else {})}
     write_split(out_dir, train, val, meta)
     ids = np.array([stoi[c] for c in val_text], dtype=np.uint16)
     write_atomic(os.path.join(out_dir, 'text_val.bin'), ids.tofile)
@@ -100,6 +109,12 @@ if __name__ == '__main__':
     parser.add_argument('--key_len', type=int, default=1, help="digits per key")
     parser.add_argument('--value_len', type=int, default=3, help="letters per value")
     parser.add_argument('--seed', type=int, default=1337)
+    parser.add_argument('--curriculum', type=int, default=0,
+                        help="the first this many training windows hold near episodes, their longest key-query distance "
+                             "growing to the whole window (train with --data_order=sequential); 0 = none")
+    parser.add_argument('--near', default='adjacent', choices=['adjacent', 'span'],
+                        help="the curriculum's episodes: adjacent (each query right after its own pair) or span (the "
+                             "usual episode inside a span of the distance; pairs may lie between) (retrieval.py)")
     args = parser.parse_args()
     prepare(args.input, args.out_dir, args.block_size, args.n_train, args.n_val, args.share, args.max_pairs,
-            args.max_queries, args.key_len, args.value_len, args.seed)
+            args.max_queries, args.key_len, args.value_len, args.seed, args.curriculum, args.near)

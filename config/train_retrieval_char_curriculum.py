@@ -1,0 +1,36 @@
+# The retrieval mixture with a distance curriculum: config/train_retrieval_char.py's recipe on data whose first 48,000
+# training windows (the first 1,500 steps) hold near episodes, each query after its own pair at a distance that grows
+# over them from one pair's length to the whole window, read in the order stored (data_order = "sequential").
+#   python data/retrieval_char/prepare.py --out_dir=data/retrieval_char_curriculum --curriculum=48000
+#   python train.py config/train_retrieval_char_curriculum.py --attn=stickbreak --pos=none --out_dir=out-rc-stickbreak
+# Why (docs/results.md, "Retrieval past the training length"): without it the rows whose attention starts out local
+# (FoX, stick-breaking: at initialisation a weight that halves with every step back) never learned the copy.
+out_dir = "out-retrieval-char-curriculum"
+eval_interval = 250
+eval_iters = 20
+log_interval = 50
+always_save_checkpoint = True
+
+dataset = "retrieval_char_curriculum"
+data_order = "sequential"
+gradient_accumulation_steps = 1
+batch_size = 32
+block_size = 64
+window_align = 65
+
+n_layer = 4
+n_head = 4
+n_embd = 128
+dropout = 0.0
+pos = "rope"
+attn = "softmax"
+reweight_p = 0.0
+
+learning_rate = 1e-3
+max_iters = 3000
+lr_decay_iters = 3000
+min_lr = 1e-4
+warmup_iters = 100
+beta2 = 0.99
+weight_decay = 0.1
+seed = 1337
