@@ -96,25 +96,32 @@ def training_example(filler, rng, task, length, max_distance=None, near="adjacen
     key), in one of two kinds (near): "adjacent", every query right after its own pair (nothing between them but
     text), the text between them drawn as before and cut short; "span", the usual episode (pairs may lie between a
     query and its pair) confined to a span of max_distance + item_len characters at a random place in the window,
-    with as many pairs as the span holds (at most max_pairs). An adjacent episode can be answered by copying the
-    nearest pair, whatever its key; a span episode of two or more pairs cannot.
+    with as many pairs as the span holds (at most max_pairs); "crossed", an episode in such a span (of at least
+    3 items) whose every query has another pair between it and its own. An adjacent episode can be answered by
+    copying the nearest pair, whatever its key; a span episode of two or more pairs cannot always; a crossed one
+    never.
     Returns (text, [(key, pair start, query start), ...])."""
     if rng.random() >= task.share:
         return filler[:length], []
-    if max_distance is not None and near == "span":
-        span = min(length, max_distance + task.item_len)
-        cap = min(task.max_pairs, span // (2 * task.item_len))
-        if cap < 1:
+    if max_distance is not None and near in ("span", "crossed"):
+        if max_distance < task.item_len:
             raise ValueError(f"max_distance={max_distance} is shorter than a pair ({task.item_len} characters)")
-        o = int(rng.integers(0, length - span + 1))
-        sub = Task(**(task.as_meta() | {"max_pairs": cap, "max_queries": min(task.max_queries, cap), "share": 1.0}))
-        episode, asked = training_example(filler[o:], rng, sub, span)
+        if near == "crossed":  # (at least two items from a pair to its query: a distance of 2 item_len)
+            span = min(length, max(max_distance, 2 * task.item_len) + task.item_len)
+            o = int(rng.integers(0, length - span + 1))
+            episode, asked = _crossed_episode(filler[o:], rng, task, span)
+        else:
+            span = min(length, max_distance + task.item_len)
+            cap = min(task.max_pairs, span // (2 * task.item_len))
+            o = int(rng.integers(0, length - span + 1))
+            sub = Task(**(task.as_meta() | {"max_pairs": cap, "max_queries": min(task.max_queries, cap), "share": 1.0}))
+            episode, asked = training_example(filler[o:], rng, sub, span)
         items = sum(episode.count(c) for c in (PAIR[0], QUERY[0])) * task.item_len  # (the text has no markers)
         text = filler[:o] + episode + filler[o + span - items:length - items]
         assert len(text) == length, (len(text), length)
         return text, [(k, p + o, q + o) for k, p, q in asked]
     if max_distance is not None and near != "adjacent":
-        raise ValueError(f"near is adjacent or span; got {near!r}")
+        raise ValueError(f"near is adjacent, span or crossed; got {near!r}")
     n_pairs = int(rng.integers(1, task.max_pairs + 1))
     n_queries = int(rng.integers(1, min(task.max_queries, n_pairs) + 1))
     room = length - task.item_len * (n_pairs + n_queries)
@@ -152,6 +159,13 @@ def training_example(filler, rng, task, length, max_distance=None, near="adjacen
                 k += 1
             else:
                 cuts.append(cuts[-1] + g)
+    return _lay_out(filler, task, length, ordered, cuts, keys, values, asked)
+
+
+def _lay_out(filler, task, length, ordered, cuts, keys, values, asked):
+    """The window: the items (kind, pair index) in order, item j inserted after cuts[j] characters of the filler.
+    Returns (text, [(key, pair start, query start) of each asked pair])."""
+    room = length - task.item_len * len(ordered)
     out, pos, starts, last = [], 0, {}, 0
     for (kind, i), c in zip(ordered, cuts, strict=True):
         out.append(filler[last:c])
@@ -164,6 +178,23 @@ def training_example(filler, rng, task, length, max_distance=None, near="adjacen
     text = "".join(out)
     assert len(text) == length, (len(text), length)
     return text, [(keys[int(i)], starts[("pair", int(i))], starts[("query", int(i))]) for i in asked]
+
+
+def _crossed_episode(filler, rng, task, length):
+    """An episode of `length` characters in which every query has another pair between it and its own: 2 or more
+    pairs, then queries of pairs other than the last, at random places in the filler (the nearest pair before a
+    query is never its own)."""
+    fit = length // task.item_len  # items that fit
+    if task.max_pairs < 2 or fit < 3:
+        raise ValueError(f"a crossed episode needs max_pairs >= 2 and {3 * task.item_len} characters")
+    n_pairs = int(rng.integers(2, min(task.max_pairs, fit - 1) + 1))
+    n_queries = int(rng.integers(1, min(task.max_queries, n_pairs - 1, fit - n_pairs) + 1))
+    keys = _keys(rng, task, n_pairs)
+    values = [_value(rng, task) for _ in keys]
+    asked = rng.choice(n_pairs - 1, size=n_queries, replace=False)
+    ordered = [("pair", i) for i in range(n_pairs)] + [("query", int(i)) for i in asked]
+    cuts = np.sort(rng.integers(0, length - task.item_len * len(ordered) + 1, len(ordered)))
+    return _lay_out(filler, task, length, ordered, cuts, keys, values, asked)
 
 
 def prompt(filler, rng, task, length, distance, n_distractors):

@@ -55,12 +55,13 @@ def test_share_zero_is_text_and_the_same_seed_gives_the_same_window():
     assert a != training_example(TEXT[:129], np.random.default_rng(6), TASK, 129)
 
 
-@pytest.mark.parametrize("near", ["adjacent", "span"])
+@pytest.mark.parametrize("near", ["adjacent", "span", "crossed"])
 @pytest.mark.parametrize("max_distance", [6, 9, 20, 120])
 def test_near_episodes_keep_every_query_within_max_distance_of_its_pair(max_distance, near):
     """The curriculum's episodes: each query at most max_distance characters after its pair, answering its value;
     the distances fill 6 .. max_distance as far as the window allows. adjacent: the item before a query is its own
-    pair; span: once the span holds two pairs, some queries have another pair between them and their own."""
+    pair; span: once the span holds two pairs, some queries have another pair between them and their own; crossed:
+    every query does (its distances from 2 items, 12 characters, up)."""
     rng = np.random.default_rng(max_distance)
     dists, crossed = [], []
     for _ in range(300):
@@ -77,12 +78,17 @@ def test_near_episodes_keep_every_query_within_max_distance_of_its_pair(max_dist
         assert len(asked) == len(QUERY_RE.findall(text)) >= 1
         for key, p_start, q_start in asked:
             assert pairs[key][0] == p_start and text[q_start:q_start + TASK.item_len] == f"{{{key}{pairs[key][1]}}}"
-            assert TASK.item_len <= q_start - p_start <= max_distance
+            assert TASK.item_len <= q_start - p_start <= max(max_distance, 12 if near == "crossed" else 0)
             dists.append(q_start - p_start)
             crossed.append(any(p_start < p < q_start for p, _ in pairs.values()))
         assert PAIR_RE.sub("", QUERY_RE.sub("", text)) == TEXT[s:s + 129 - TASK.item_len * len(items)]
-    assert min(dists) == TASK.item_len and (max(dists) == max_distance if max_distance < 60 else max(dists) > 90)
-    assert any(crossed) == (near == "span" and max_distance >= 2 * TASK.item_len)
+    top = max(max_distance, 12) if near == "crossed" else max_distance
+    low = 12 if near == "crossed" else TASK.item_len
+    assert (min(dists), max(dists)) == (low, top) if top < 60 else (min(dists) < 20 and max(dists) > 90)
+    if near == "crossed":
+        assert all(crossed)
+    else:
+        assert any(crossed) == (near == "span" and max_distance >= 2 * TASK.item_len)
     with pytest.raises(ValueError, match="shorter than a pair"):
         training_example(TEXT[:129], rng, TASK, 129, max_distance=5, near=near)
 
@@ -275,7 +281,9 @@ def test_prepare_refuses_bad_settings_and_markers_in_the_text(tmp_path):
     for args, msg in ((["--input", str(text)], "the task's markers"),
                       (["--input", str(text), "--max_queries=5"], "max_queries=5 > max_pairs=4"),
                       (["--input", str(text), "--block_size=20"], "do not fit a window of 21"),
-                      (["--input", str(text), "--share=1.5"], "share=1.5 is out of range")):
+                      (["--input", str(text), "--share=1.5"], "share=1.5 is out of range"),
+                      (["--input", str(text), "--curriculum=-1"], "curriculum=-1 is out of range"),
+                      (["--input", str(text), "--near_share=0"], "near_share=0.0 is out of range")):
         r = run("data/retrieval_char/prepare.py", *args, "--out_dir", str(tmp_path / "out"), check=False)
         assert r.returncode == 1 and msg in r.stderr.strip().splitlines()[-1], r.stderr
         assert not (tmp_path / "out").exists()
@@ -300,6 +308,20 @@ def test_a_curriculum_is_written_in_order_and_read_in_order(tmp_path, corpus_fil
     first, last = np.array(longest[:100]), np.array(longest[300:400])
     assert first.max() <= 6 + (32 - 6) * 100 // 400 and last.mean() > first.mean() + 3  # growing
     assert max(longest[400:]) > max(longest[:100])
+    # a mixed curriculum: about half of those windows near, the others usual (past the bound), kind and share in meta
+    mixed = tmp_path / "mixed"
+    run("data/retrieval_char/prepare.py", "--input", str(corpus_file), "--out_dir", str(mixed), "--block_size=32",
+        "--n_train=600", "--n_val=40", "--max_pairs=2", "--max_queries=2", "--curriculum=400", "--near=span",
+        "--near_share=0.5")
+    with open(mixed / "meta.pkl", "rb") as f:
+        m2 = pickle.load(f)["retrieval"]
+    assert (m2["curriculum"], m2["near"], m2["near_share"]) == (400, "span", 0.5) and "near" not in meta["retrieval"]
+    past = 0
+    for i, w in enumerate(np.fromfile(mixed / "train.bin", dtype=np.uint16).reshape(600, 33)[:200]):
+        w = "".join(itos[int(t)] for t in w)
+        pairs = {m.group(1): m.start() for m in PAIR_RE.finditer(w)}
+        past += max(m.start() - pairs[m.group(1)] for m in QUERY_RE.finditer(w)) > 6 + (32 - 6) * i // 400
+    assert 20 < past < 100
     common = ["config/train_retrieval_char_curriculum.py", f"--data_dir={data}", "--n_layer=1", "--n_head=2",
               "--n_embd=32", "--block_size=32", "--window_align=33", "--batch_size=4", "--max_iters=2",
               "--eval_iters=1", "--device=cpu"]

@@ -33,32 +33,35 @@ from retrieval import KEY_ALPHABET, PAIR, QUERY, Task, alphabet, training_exampl
 HERE = os.path.dirname(os.path.abspath(__file__))
 
 
-def examples(text, n, length, task, rng, stoi, curriculum=0, near="adjacent"):
+def examples(text, n, length, task, rng, stoi, curriculum=0, near="adjacent", near_share=1.0):
     """n training windows of `length` characters, each from a random place in text, as one uint16 array. The first
     `curriculum` of them hold near episodes of kind `near` (retrieval.training_example's max_distance) whose longest
     key-query distance grows linearly from one pair's length to the whole window: read in order (train.py
-    --data_order=sequential), the copy is learned over short distances before the long ones."""
+    --data_order=sequential), the copy is learned over short distances before the long ones. near_share < 1: each of
+    those windows is near with this probability, else a usual one (a mixed curriculum)."""
     if len(text) < length:
         raise SystemExit(f"prepare error: a split of {len(text)} characters is shorter than one window of {length}; "
                          "pass a longer text or a smaller --block_size")
     out = np.empty((n, length), dtype=np.uint16)
     for i in range(n):
         s = int(rng.integers(0, len(text) - length + 1))
-        d = task.item_len + (length - 1 - task.item_len) * i // curriculum if i < curriculum else None
+        near_i = i < curriculum and (near_share >= 1 or rng.random() < near_share)  # (no draw at 1: same bytes)
+        d = task.item_len + (length - 1 - task.item_len) * i // curriculum if near_i else None
         window, _ = training_example(text[s:s + length], rng, task, length, max_distance=d, near=near)
         out[i] = [stoi[c] for c in window]
     return out.reshape(-1)
 
 
 def prepare(input_path=None, out_dir=None, block_size=64, n_train=100000, n_val=2000, share=1.0, max_pairs=4,
-            max_queries=4, key_len=1, value_len=3, seed=1337, curriculum=0, near="adjacent"):
+            max_queries=4, key_len=1, value_len=3, seed=1337, curriculum=0, near="adjacent", near_share=1.0):
     out_dir = out_dir or HERE
     check_range({'block_size': block_size, 'n_train': n_train, 'n_val': n_val, 'max_pairs': max_pairs,
                  'max_queries': max_queries, 'key_len': key_len, 'value_len': value_len}, 1, prefix='prepare error')
     check_range({'share': share}, 0, 1, prefix='prepare error')
     check_range({'curriculum': curriculum}, 0, n_train, prefix='prepare error')
-    if near not in ('adjacent', 'span'):
-        raise SystemExit(f"prepare error: near is adjacent or span; got {near!r}")
+    check_range({'near_share': near_share}, 0, 1, open_low=True, prefix='prepare error')
+    if near not in ('adjacent', 'span', 'crossed'):
+        raise SystemExit(f"prepare error: near is adjacent, span or crossed; got {near!r}")
     task = Task(key_len=key_len, value_len=value_len, max_pairs=max_pairs, max_queries=max_queries, share=share)
     if max_queries > max_pairs:
         raise SystemExit(f"prepare error: max_queries={max_queries} > max_pairs={max_pairs}: a query repeats a pair's "
@@ -82,12 +85,13 @@ def prepare(input_path=None, out_dir=None, block_size=64, n_train=100000, n_val=
     train_text, val_text = text[:int(n * 0.9)], text[int(n * 0.9):]
     check_splits(len(train_text), len(val_text), f"a text of {n:,} characters")
     rng = np.random.default_rng(seed)
-    train = examples(train_text, n_train, block_size + 1, task, rng, stoi, curriculum, near)
+    train = examples(train_text, n_train, block_size + 1, task, rng, stoi, curriculum, near, near_share)
     val = examples(val_text, n_val, block_size + 1, task, rng, stoi)
     meta = {'vocab_size': len(chars), 'itos': dict(enumerate(chars)), 'stoi': stoi,
             'retrieval': task.as_meta() | {'block_size': block_size, 'seed': seed, 'text_val': 'text_val.bin'}
                                | ({'curriculum': curriculum} if curriculum else {})
-                               | ({'near': near} if curriculum and near != 'adjacent' else {})}
+                               | ({'near': near} if curriculum and near != 'adjacent' else {})
+                               | ({'near_share': near_share} if curriculum and near_share < 1 else {})}
     write_split(out_dir, train, val, meta)
     ids = np.array([stoi[c] for c in val_text], dtype=np.uint16)
     write_atomic(os.path.join(out_dir, 'text_val.bin'), ids.tofile)
@@ -112,9 +116,12 @@ if __name__ == '__main__':
     parser.add_argument('--curriculum', type=int, default=0,
                         help="the first this many training windows hold near episodes, their longest key-query distance "
                              "growing to the whole window (train with --data_order=sequential); 0 = none")
-    parser.add_argument('--near', default='adjacent', choices=['adjacent', 'span'],
-                        help="the curriculum's episodes: adjacent (each query right after its own pair) or span (the "
-                             "usual episode inside a span of the distance; pairs may lie between) (retrieval.py)")
+    parser.add_argument('--near', default='adjacent', choices=['adjacent', 'span', 'crossed'],
+                        help="the curriculum's episodes: adjacent (each query right after its own pair), span (the "
+                             "usual episode inside a span of the distance; pairs may lie between) or crossed (another "
+                             "pair always between a query and its own) (retrieval.py)")
+    parser.add_argument('--near_share', type=float, default=1.0,
+                        help="the share of the curriculum's windows that are near (the others usual ones); 1 = all")
     args = parser.parse_args()
     prepare(args.input, args.out_dir, args.block_size, args.n_train, args.n_val, args.share, args.max_pairs,
-            args.max_queries, args.key_len, args.value_len, args.seed, args.curriculum, args.near)
+            args.max_queries, args.key_len, args.value_len, args.seed, args.curriculum, args.near, args.near_share)
