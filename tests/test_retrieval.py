@@ -283,7 +283,8 @@ def test_prepare_refuses_bad_settings_and_markers_in_the_text(tmp_path):
                       (["--input", str(text), "--block_size=20"], "do not fit a window of 21"),
                       (["--input", str(text), "--share=1.5"], "share=1.5 is out of range"),
                       (["--input", str(text), "--curriculum=-1"], "curriculum=-1 is out of range"),
-                      (["--input", str(text), "--near_share=0"], "near_share=0.0 is out of range")):
+                      (["--input", str(text), "--near_share=0"], "near_share=0.0 is out of range"),
+                      (["--input", str(text), "--near=adjacent,diagonal"], "near is adjacent, span or crossed")):
         r = run("data/retrieval_char/prepare.py", *args, "--out_dir", str(tmp_path / "out"), check=False)
         assert r.returncode == 1 and msg in r.stderr.strip().splitlines()[-1], r.stderr
         assert not (tmp_path / "out").exists()
@@ -322,6 +323,20 @@ def test_a_curriculum_is_written_in_order_and_read_in_order(tmp_path, corpus_fil
         pairs = {m.group(1): m.start() for m in PAIR_RE.finditer(w)}
         past += max(m.start() - pairs[m.group(1)] for m in QUERY_RE.finditer(w)) > 6 + (32 - 6) * i // 400
     assert 20 < past < 100
+    # two kinds in turn: the first half of the curriculum adjacent (the pair right before each query), then crossed
+    two = tmp_path / "two"
+    run("data/retrieval_char/prepare.py", "--input", str(corpus_file), "--out_dir", str(two), "--block_size=32",
+        "--n_train=500", "--n_val=40", "--max_pairs=3", "--max_queries=2", "--curriculum=400", "--near=adjacent,crossed")
+    nearest_own = []
+    for w in np.fromfile(two / "train.bin", dtype=np.uint16).reshape(500, 33)[:400]:
+        w = "".join(itos[int(t)] for t in w)
+        items = sorted([(m.start(), "p", m.group(1)) for m in PAIR_RE.finditer(w)]
+                       + [(m.start(), "q", m.group(1)) for m in QUERY_RE.finditer(w)])
+        last_pair = [next(k for _, kind, k in reversed(items[:j]) if kind == "p") for j, (_, kind, _) in
+                     enumerate(items) if kind == "q"]
+        nearest_own.append(all(k == q for k, (_, _, q) in zip(last_pair, [it for it in items if it[1] == "q"],
+                                                              strict=True)))
+    assert all(nearest_own[:200]) and not any(nearest_own[200:])
     common = ["config/train_retrieval_char_curriculum.py", f"--data_dir={data}", "--n_layer=1", "--n_head=2",
               "--n_embd=32", "--block_size=32", "--window_align=33", "--batch_size=4", "--max_iters=2",
               "--eval_iters=1", "--device=cpu"]

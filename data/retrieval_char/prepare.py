@@ -38,16 +38,18 @@ def examples(text, n, length, task, rng, stoi, curriculum=0, near="adjacent", ne
     `curriculum` of them hold near episodes of kind `near` (retrieval.training_example's max_distance) whose longest
     key-query distance grows linearly from one pair's length to the whole window: read in order (train.py
     --data_order=sequential), the copy is learned over short distances before the long ones. near_share < 1: each of
-    those windows is near with this probability, else a usual one (a mixed curriculum)."""
+    those windows is near with this probability, else a usual one (a mixed curriculum). near may list kinds
+    ("adjacent,crossed"): the curriculum's windows in that many equal parts, each of its kind."""
     if len(text) < length:
         raise SystemExit(f"prepare error: a split of {len(text)} characters is shorter than one window of {length}; "
                          "pass a longer text or a smaller --block_size")
-    out = np.empty((n, length), dtype=np.uint16)
+    out, kinds = np.empty((n, length), dtype=np.uint16), near.split(",")
     for i in range(n):
         s = int(rng.integers(0, len(text) - length + 1))
         near_i = i < curriculum and (near_share >= 1 or rng.random() < near_share)  # (no draw at 1: same bytes)
         d = task.item_len + (length - 1 - task.item_len) * i // curriculum if near_i else None
-        window, _ = training_example(text[s:s + length], rng, task, length, max_distance=d, near=near)
+        kind = kinds[i * len(kinds) // curriculum] if d is not None else None
+        window, _ = training_example(text[s:s + length], rng, task, length, max_distance=d, near=kind)
         out[i] = [stoi[c] for c in window]
     return out.reshape(-1)
 
@@ -60,8 +62,9 @@ def prepare(input_path=None, out_dir=None, block_size=64, n_train=100000, n_val=
     check_range({'share': share}, 0, 1, prefix='prepare error')
     check_range({'curriculum': curriculum}, 0, n_train, prefix='prepare error')
     check_range({'near_share': near_share}, 0, 1, open_low=True, prefix='prepare error')
-    if near not in ('adjacent', 'span', 'crossed'):
-        raise SystemExit(f"prepare error: near is adjacent, span or crossed; got {near!r}")
+    if not near or any(k not in ('adjacent', 'span', 'crossed') for k in near.split(',')):
+        raise SystemExit(f"prepare error: near is adjacent, span or crossed, or a comma list of them (one kind per "
+                         f"equal part of the curriculum); got {near!r}")
     task = Task(key_len=key_len, value_len=value_len, max_pairs=max_pairs, max_queries=max_queries, share=share)
     if max_queries > max_pairs:
         raise SystemExit(f"prepare error: max_queries={max_queries} > max_pairs={max_pairs}: a query repeats a pair's "
@@ -116,10 +119,11 @@ if __name__ == '__main__':
     parser.add_argument('--curriculum', type=int, default=0,
                         help="the first this many training windows hold near episodes, their longest key-query distance "
                              "growing to the whole window (train with --data_order=sequential); 0 = none")
-    parser.add_argument('--near', default='adjacent', choices=['adjacent', 'span', 'crossed'],
+    parser.add_argument('--near', default='adjacent',
                         help="the curriculum's episodes: adjacent (each query right after its own pair), span (the "
                              "usual episode inside a span of the distance; pairs may lie between) or crossed (another "
-                             "pair always between a query and its own) (retrieval.py)")
+                             "pair always between a query and its own) (retrieval.py); a comma list (adjacent,crossed) "
+                             "splits the curriculum into equal parts of those kinds")
     parser.add_argument('--near_share', type=float, default=1.0,
                         help="the share of the curriculum's windows that are near (the others usual ones); 1 = all")
     args = parser.parse_args()
