@@ -325,18 +325,24 @@ def test_a_curriculum_is_written_in_order_and_read_in_order(tmp_path, corpus_fil
     assert 20 < past < 100
     # two kinds in turn: the first half of the curriculum adjacent (the pair right before each query), then crossed
     two = tmp_path / "two"
-    run("data/retrieval_char/prepare.py", "--input", str(corpus_file), "--out_dir", str(two), "--block_size=32",
-        "--n_train=500", "--n_val=40", "--max_pairs=3", "--max_queries=2", "--curriculum=400", "--near=adjacent,crossed")
-    nearest_own = []
-    for w in np.fromfile(two / "train.bin", dtype=np.uint16).reshape(500, 33)[:400]:
-        w = "".join(itos[int(t)] for t in w)
-        items = sorted([(m.start(), "p", m.group(1)) for m in PAIR_RE.finditer(w)]
-                       + [(m.start(), "q", m.group(1)) for m in QUERY_RE.finditer(w)])
-        last_pair = [next(k for _, kind, k in reversed(items[:j]) if kind == "p") for j, (_, kind, _) in
-                     enumerate(items) if kind == "q"]
-        nearest_own.append(all(k == q for k, (_, _, q) in zip(last_pair, [it for it in items if it[1] == "q"],
-                                                              strict=True)))
+
+    def nearest_is_own(folder, near):  # per curriculum window: is the pair nearest before each query its own?
+        run("data/retrieval_char/prepare.py", "--input", str(corpus_file), "--out_dir", str(folder), "--block_size=32",
+            "--n_train=500", "--n_val=40", "--max_pairs=3", "--max_queries=2", "--curriculum=400", f"--near={near}")
+        out = []
+        for w in np.fromfile(folder / "train.bin", dtype=np.uint16).reshape(500, 33)[:400]:
+            w = "".join(itos[int(t)] for t in w)
+            items = sorted([(m.start(), "p", m.group(1)) for m in PAIR_RE.finditer(w)]
+                           + [(m.start(), "q", m.group(1)) for m in QUERY_RE.finditer(w)])
+            out.append(all(next(k for _, kind, k in reversed(items[:j]) if kind == "p") == key
+                           for j, (_, kind, key) in enumerate(items) if kind == "q"))
+        return out
+
+    nearest_own = nearest_is_own(two, "adjacent,crossed")
     assert all(nearest_own[:200]) and not any(nearest_own[200:])
+    # a mix: each curriculum window adjacent or crossed at random
+    mix = nearest_is_own(tmp_path / "mix", "adjacent+crossed")
+    assert 120 < sum(mix) < 280
     common = ["config/train_retrieval_char_curriculum.py", f"--data_dir={data}", "--n_layer=1", "--n_head=2",
               "--n_embd=32", "--block_size=32", "--window_align=33", "--batch_size=4", "--max_iters=2",
               "--eval_iters=1", "--device=cpu"]

@@ -39,7 +39,8 @@ def examples(text, n, length, task, rng, stoi, curriculum=0, near="adjacent", ne
     key-query distance grows linearly from one pair's length to the whole window: read in order (train.py
     --data_order=sequential), the copy is learned over short distances before the long ones. near_share < 1: each of
     those windows is near with this probability, else a usual one (a mixed curriculum). near may list kinds
-    ("adjacent,crossed"): the curriculum's windows in that many equal parts, each of its kind."""
+    ("adjacent,crossed"): the curriculum's windows in that many equal parts, each of its kind; a kind may be a mix
+    ("adjacent+crossed"): each window of that part one of them at random."""
     if len(text) < length:
         raise SystemExit(f"prepare error: a split of {len(text)} characters is shorter than one window of {length}; "
                          "pass a longer text or a smaller --block_size")
@@ -49,6 +50,8 @@ def examples(text, n, length, task, rng, stoi, curriculum=0, near="adjacent", ne
         near_i = i < curriculum and (near_share >= 1 or rng.random() < near_share)  # (no draw at 1: same bytes)
         d = task.item_len + (length - 1 - task.item_len) * i // curriculum if near_i else None
         kind = kinds[i * len(kinds) // curriculum] if d is not None else None
+        if kind is not None and "+" in kind:  # (no draw otherwise: the same bytes as before mixes existed)
+            kind = kind.split("+")[int(rng.integers(kind.count("+") + 1))]
         window, _ = training_example(text[s:s + length], rng, task, length, max_distance=d, near=kind)
         out[i] = [stoi[c] for c in window]
     return out.reshape(-1)
@@ -62,9 +65,9 @@ def prepare(input_path=None, out_dir=None, block_size=64, n_train=100000, n_val=
     check_range({'share': share}, 0, 1, prefix='prepare error')
     check_range({'curriculum': curriculum}, 0, n_train, prefix='prepare error')
     check_range({'near_share': near_share}, 0, 1, open_low=True, prefix='prepare error')
-    if not near or any(k not in ('adjacent', 'span', 'crossed') for k in near.split(',')):
+    if any(k not in ('adjacent', 'span', 'crossed') for part in near.split(',') for k in part.split('+')):
         raise SystemExit(f"prepare error: near is adjacent, span or crossed, or a comma list of them (one kind per "
-                         f"equal part of the curriculum); got {near!r}")
+                         f"equal part of the curriculum; a+b: each window a or b at random); got {near!r}")
     task = Task(key_len=key_len, value_len=value_len, max_pairs=max_pairs, max_queries=max_queries, share=share)
     if max_queries > max_pairs:
         raise SystemExit(f"prepare error: max_queries={max_queries} > max_pairs={max_pairs}: a query repeats a pair's "
@@ -123,7 +126,8 @@ if __name__ == '__main__':
                         help="the curriculum's episodes: adjacent (each query right after its own pair), span (the "
                              "usual episode inside a span of the distance; pairs may lie between) or crossed (another "
                              "pair always between a query and its own) (retrieval.py); a comma list (adjacent,crossed) "
-                             "splits the curriculum into equal parts of those kinds")
+                             "splits the curriculum into equal parts of those kinds; adjacent+crossed picks one of "
+                             "them for each window")
     parser.add_argument('--near_share', type=float, default=1.0,
                         help="the share of the curriculum's windows that are near (the others usual ones); 1 = all")
     args = parser.parse_args()
