@@ -2,9 +2,11 @@
 # training windows (the first 1,500 steps) hold near episodes, each query after its own pair at a distance that grows
 # over them from one pair's length to the whole window, read in the order stored (data_order = "sequential").
 #   python data/retrieval_char/prepare.py --out_dir=data/retrieval_char_curriculum --curriculum=48000
-#   python train.py config/train_retrieval_char_curriculum.py --attn=stickbreak --pos=none --out_dir=out-rc-stickbreak
-# Why (docs/results.md, "Retrieval past the training length"): without it the rows whose attention starts out local
-# (FoX, stick-breaking: at initialisation a weight that halves with every step back) never learned the copy.
+#   python train.py config/train_retrieval_char_curriculum.py --attn=lssar --out_dir=out-rc-lssar
+# Why (docs/results.md, "A distance curriculum"): without it the rows whose attention starts out local (FoX: at
+# initialisation a weight that halves with every step back) and LSSAR with p = 15 from step 0 never learned the copy;
+# with it both read (one seed each). The adjacent episodes also teach "copy the nearest pair": RoPE softmax reaches
+# only 36% with it (100% without), stick-breaking keeps that shortcut; other kinds: prepare.py --near.
 out_dir = "out-retrieval-char-curriculum"
 eval_interval = 250
 eval_iters = 20
