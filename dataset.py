@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from options import one_line
+from retrieval import CURRICULUM
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
 PREPARE_HINT = {  # how to make each dataset, for error messages
@@ -21,7 +22,7 @@ PREPARE_HINT = {  # how to make each dataset, for error messages
     "fineweb": "python data/fineweb/prepare.py",
     "openwebtext": "python data/openwebtext/prepare.py",
     "retrieval_char_curriculum": "python data/retrieval_char/prepare.py --out_dir=data/retrieval_char_curriculum "
-                                 "--curriculum=48000",  # (retrieval.CURRICULUM)
+                                 f"--curriculum={CURRICULUM}",
 }
 
 

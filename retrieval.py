@@ -93,7 +93,7 @@ def training_example(filler, rng, task, length, max_distance=None, near="adjacen
     unique keys, 1..max_queries queries of some of those keys, each after its pair, all at random places in the
     filler), else filler alone. filler: a string of at least `length` characters (only its start is used).
     max_distance: a curriculum's near episodes, every query at most max_distance characters after its pair (key to
-    key), in one of two kinds (near): "adjacent", every query right after its own pair (nothing between them but
+    key), in one of three kinds (near): "adjacent", every query right after its own pair (nothing between them but
     text), the text between them drawn as before and cut short; "span", the usual episode (pairs may lie between a
     query and its pair) confined to a span of max_distance + item_len characters at a random place in the window,
     with as many pairs as the span holds (at most max_pairs); "crossed", an episode in such a span (of at least
@@ -101,11 +101,13 @@ def training_example(filler, rng, task, length, max_distance=None, near="adjacen
     copying the nearest pair, whatever its key; a span episode of two or more pairs cannot always; a crossed one
     never.
     Returns (text, [(key, pair start, query start), ...])."""
+    if max_distance is not None and near not in ("adjacent", "span", "crossed"):
+        raise ValueError(f"near is adjacent, span or crossed; got {near!r}")
+    if max_distance is not None and max_distance < task.item_len:
+        raise ValueError(f"max_distance={max_distance} is shorter than a pair ({task.item_len} characters)")
     if rng.random() >= task.share:
         return filler[:length], []
     if max_distance is not None and near in ("span", "crossed"):
-        if max_distance < task.item_len:
-            raise ValueError(f"max_distance={max_distance} is shorter than a pair ({task.item_len} characters)")
         if near == "crossed":  # (at least two items from a pair to its query: a distance of 2 item_len)
             span = min(length, max(max_distance, 2 * task.item_len) + task.item_len)
             o = int(rng.integers(0, length - span + 1))
@@ -120,8 +122,6 @@ def training_example(filler, rng, task, length, max_distance=None, near="adjacen
         text = filler[:o] + episode + filler[o + span - items:length - items]
         assert len(text) == length, (len(text), length)
         return text, [(k, p + o, q + o) for k, p, q in asked]
-    if max_distance is not None and near != "adjacent":
-        raise ValueError(f"near is adjacent, span or crossed; got {near!r}")
     n_pairs = int(rng.integers(1, task.max_pairs + 1))
     n_queries = int(rng.integers(1, min(task.max_queries, n_pairs) + 1))
     room = length - task.item_len * (n_pairs + n_queries)
@@ -139,15 +139,14 @@ def training_example(filler, rng, task, length, max_distance=None, near="adjacen
             if q < p:
                 slot[("pair", int(i))], slot[("query", int(i))] = q, p
         ordered = sorted(items, key=lambda it: slot[it])
-    else:  # the pairs in a random order, each asked one's query right after it
-        if max_distance < task.item_len:
-            raise ValueError(f"max_distance={max_distance} is shorter than a pair ({task.item_len} characters)")
+        cuts = np.sort(rng.integers(0, room + 1, len(ordered)))  # where each item goes into the filler
+    else:
+        # adjacent: the pairs in a random order, each asked one's query right after it; each query's text gap after
+        # its pair uniform in 0 .. max_distance - item_len (as far as the room allows), then the pairs at sorted
+        # uniform places in the text that is left
         ordered = [it for i in rng.permutation(n_pairs) for it in
                    ([("pair", int(i))] + ([("query", int(i))] if i in asked else []))]
-    if max_distance is None:
-        cuts = np.sort(rng.integers(0, room + 1, len(ordered)))  # where each item goes into the filler
-    else:  # each query's text gap after its pair uniform in 0 .. max_distance - item_len (as far as the room allows),
-        gaps, left = [], room  # then the pairs at sorted uniform places in the text that is left
+        gaps, left = [], room
         for kind, _ in ordered:
             g = int(rng.integers(0, min(max_distance - task.item_len, left) + 1)) if kind == "query" else 0
             gaps.append(g)
