@@ -7,32 +7,8 @@
 # initialisation a weight that halves with every step back) and LSSAR with p = 15 from step 0 never learned the copy;
 # with it both read (one seed each). The adjacent episodes also teach "copy the nearest pair": RoPE softmax reaches
 # only 36% with it (100% without), stick-breaking keeps that shortcut; other kinds: prepare.py --near.
-out_dir = "out-retrieval-char-curriculum"
-eval_interval = 250
-eval_iters = 20
-log_interval = 50
-always_save_checkpoint = True
+from config.train_retrieval_char import *  # the same model, batch, schedule and steps: only the data differ
 
+out_dir = "out-retrieval-char-curriculum"
 dataset = "retrieval_char_curriculum"
 data_order = "sequential"
-gradient_accumulation_steps = 1
-batch_size = 32
-block_size = 64
-window_align = 65
-
-n_layer = 4
-n_head = 4
-n_embd = 128
-dropout = 0.0
-pos = "rope"
-attn = "softmax"
-reweight_p = 0.0
-
-learning_rate = 1e-3
-max_iters = 3000
-lr_decay_iters = 3000
-min_lr = 1e-4
-warmup_iters = 100
-beta2 = 0.99
-weight_decay = 0.1
-seed = 1337
