@@ -44,6 +44,9 @@ class GPTConfig:
     pos: str = "rope"           # rope | learned | none | alibi
     gate: str = "none"          # none | forget: a per-head forget gate per layer adds c_i - c_j to every score
                                 # (the Forgetting Transformer, Lin et al. 2025; FoX = softmax, gate='forget', pos='none')
+    gate_bias: float = 0.0      # the forget gates' initial bias b: f = sigmoid(w . x + b) starts near sigmoid(b); 0 (the
+                                # FoX paper's init): f = 1/2, a weight that halves per step back; 4: f = 0.982, e^-1 at
+                                # 55 steps back (the retention an LSTM's forget bias or FoX's decay-time init gives)
     window: int = 0             # > 0: sliding-window attention, query i sees the keys i - window < j <= i
     layers: str = ""            # a spec per layer (a hybrid stack), e.g. "3*softmax:window=16,softmax:pos=none:temp=logn"
                                 # repeated to n_layer (parse_layers); "" = every layer as attn, pos, gate, window say
@@ -85,6 +88,9 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         self._specs = self._layer_specs()  # validates every layer's spec (e.g. ALiBi on a variant with its own bias)
+        if not math.isfinite(self.gate_bias) or (self.gate_bias != 0 and not any(sp.gate for sp in self._specs)):
+            raise ValueError(f"gate_bias={self.gate_bias!r} is the forget gates' initial bias (a finite number); "
+                             "no layer of this model has one: add gate=forget (or a layer with it), or drop gate_bias")
         if self.layers:  # canonical: the pattern states every layer; the model-level defaults it took are reset
             if (self.attn, self.reweight_p) != ("softmax", 0.0):
                 raise ValueError(f"attn={self.attn!r} reweight_p={self.reweight_p:g} describe a uniform stack; with "
@@ -134,12 +140,13 @@ class GPTConfig:
 
     def describe(self):
         """The attention of the model in words, for labels: 'lssar pos=none', or 'layers=' and its pattern."""
+        init = [f"gate_bias={self.gate_bias:g}"] * (self.gate_bias != 0)  # (an init, but not the same run)
         if self.layers:
-            return f"layers={self.layers}"
+            return " ".join([f"layers={self.layers}", *init])
         words = layer_text(self._specs[0]).split(":")
         if self.pos == "learned":  # (its layers have no position code of their own)
             words = [w for w in words if w != "pos=none"] + ["pos=learned"]
-        return " ".join(words)
+        return " ".join(words + init)
 
     def with_overrides(self, **overrides):
         """This config with evaluation-time (or fine-tuning) settings changed: a new, validated GPTConfig.
@@ -788,7 +795,7 @@ class CausalSelfAttention(nn.Module):
         # the variant's learnable per-head parameters (none for most kinds)
         self.attn_params = nn.ParameterDict({name: nn.Parameter(init(config.n_head, config.block_size))
                                              for name, init in spec.variant.params.items()})
-        if spec.gate:  # one forget gate per head from the block's normalised input (init N(0, 0.02), 0)
+        if spec.gate:  # one forget gate per head from the block's normalised input (init N(0, 0.02), gate_bias)
             self.fgate = nn.Linear(config.n_embd, config.n_head, bias=True)
 
     def forget_gate(self, x, cache):
@@ -895,6 +902,8 @@ class GPT(nn.Module):
         for pn, p in self.named_parameters():  # GPT-2: scale residual projections by 1/sqrt(2 * n_layer)
             if pn.endswith("c_proj.weight"):
                 torch.nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layer))
+            elif pn.endswith("fgate.bias"):  # (after _init_weights zeroed it; no random draw: 0 = the same init)
+                torch.nn.init.constant_(p, config.gate_bias)
 
     def _init_weights(self, module):
         if isinstance(module, nn.Linear):

@@ -95,6 +95,7 @@ reweight_start = 0       # a curriculum: the re-weighting (of every layer that h
                          # steps, then on; 0 = on from the start (docs/results.md: retrieval from scratch needs it)
 pos = "rope"             # rope | learned | none | alibi
 gate = "none"            # none | forget: a forget gate per layer adds c_i - c_j to the scores (FoX: attn=softmax, pos=none)
+gate_bias = 0.0          # the forget gates' initial bias: 0 = f 1/2 (the FoX paper's); 4 = f 0.982 (model.GPTConfig)
 window = 0               # > 0: sliding-window attention (query i sees keys i - window < j <= i)
 layers = ""              # a spec per layer, e.g. "3*softmax:window=16,softmax:pos=none:temp=logn" (docs/attention.md)
 length_temp = "none"     # the global layers' length temperature: none | logn | irope

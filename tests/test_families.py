@@ -174,6 +174,29 @@ def test_model_forget_gate_init_and_gradient():
     assert g.weight.grad.abs().sum() > 0 and g.bias.grad.abs().sum() > 0
 
 
+def test_gate_bias_sets_the_gates_initial_retention():
+    """gate_bias=b starts every forget gate at f = sigmoid(b) (0 is the default, f = 1/2): each layer's bias is b,
+    a hybrid's gated layers included, the weights drawn as before (the same draw), and the gate's term at init is
+    about (i - j) log sigmoid(b); the label says so; without a gated layer, or not finite, it is refused."""
+    m0, m4 = small(gate="forget"), small(gate="forget", gate_bias=4.0)
+    for a, b in zip(m0.transformer.h, m4.transformer.h, strict=True):
+        assert torch.equal(a.attn.fgate.weight, b.attn.fgate.weight)
+        assert torch.equal(b.attn.fgate.bias, torch.full((2,), 4.0)) and torch.equal(a.attn.fgate.bias, torch.zeros(2))
+    x = m4.transformer.wte(torch.randint(0, 50, (1, 24)))
+    with torch.no_grad():
+        c = m4.transformer.h[0].attn.forget_gate(m4.transformer.h[0].ln_1(x), None)  # (1, H, 24)
+    per_step = torch.nn.functional.logsigmoid(torch.tensor(4.0)).item()  # -0.018: e^-1 at 55 steps back
+    assert torch.allclose(c[0, :, -1] - c[0, :, 0], torch.full((2,), 23 * per_step), rtol=0.15)
+    assert m4.config.describe() == "softmax pos=none gate=forget gate_bias=4" and "gate_bias" not in m0.config.describe()
+    hyb = GPTConfig(n_layer=2, n_head=2, n_embd=32, vocab_size=50, block_size=16, gate_bias=2.0,
+                    layers="softmax:window=4,softmax:gate=forget:pos=none")
+    assert hyb.describe().endswith(" gate_bias=2")
+    assert torch.equal(GPT(hyb).transformer.h[1].attn.fgate.bias, torch.full((2,), 2.0))
+    for kw in (dict(gate_bias=4.0), dict(gate="forget", gate_bias=float("nan"))):
+        with pytest.raises(ValueError, match="gate_bias=.*add gate=forget"):
+            GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=50, block_size=16, **kw)
+
+
 @pytest.mark.parametrize("kw", [dict(gate="forget"), dict(gate="forget", attn="lssar"), dict(attn="stickbreak"),
                                 dict(attn="stickbreak_self")], ids=["fox", "lssar-gate", "sb", "sb-self"])
 def test_kv_cache_logits_equal_a_full_forward(kw):
