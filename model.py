@@ -88,9 +88,12 @@ class GPTConfig:
         if self.n_embd % self.n_head:
             raise ValueError(f"n_embd={self.n_embd} must be divisible by n_head={self.n_head}")
         self._specs = self._layer_specs()  # validates every layer's spec (e.g. ALiBi on a variant with its own bias)
-        if not math.isfinite(self.gate_bias) or (self.gate_bias != 0 and not any(sp.gate for sp in self._specs)):
-            raise ValueError(f"gate_bias={self.gate_bias!r} is the forget gates' initial bias (a finite number); "
-                             "no layer of this model has one: add gate=forget (or a layer with it), or drop gate_bias")
+        if not math.isfinite(self.gate_bias):
+            raise ValueError(f"gate_bias={self.gate_bias!r}: the forget gates' initial bias is a finite number (0 = f 1/2, "
+                             "4 = f 0.98)")
+        if self.gate_bias != 0 and not any(sp.gate for sp in self._specs):
+            raise ValueError(f"gate_bias={self.gate_bias!r} is the forget gates' initial bias; no layer of this model has "
+                             "one: add gate=forget (or a layer with it), or drop gate_bias")
         if self.layers:  # canonical: the pattern states every layer; the model-level defaults it took are reset
             if (self.attn, self.reweight_p) != ("softmax", 0.0):
                 raise ValueError(f"attn={self.attn!r} reweight_p={self.reweight_p:g} describe a uniform stack; with "

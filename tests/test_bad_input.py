@@ -76,6 +76,8 @@ CASES = {
                                 False),
     "train missing init checkpoint": ("TRAIN --data_dir=DATA --out_dir=OUT --init_from=NOWHERE",
                                       "checkpoint not found", ["OUT"], False),
+    "train gate_bias without a gate": ("TRAIN --data_dir=DATA --out_dir=OUT --gate_bias=4",
+                                       "no layer of this model has one: add gate=forget", ["OUT"], False),
     "train negative reweight_p": ("TRAIN --data_dir=DATA --out_dir=OUT --reweight_p=-1", "reweight_p must be >= 0",
                                   ["OUT"], False),
     "train float32 bin": ("TRAIN --data_dir=F32 --out_dir=OUT", "the .bin is of another dtype", ["OUT", "F32"], False),

@@ -192,8 +192,9 @@ def test_gate_bias_sets_the_gates_initial_retention():
                     layers="softmax:window=4,softmax:gate=forget:pos=none")
     assert hyb.describe().endswith(" gate_bias=2")
     assert torch.equal(GPT(hyb).transformer.h[1].attn.fgate.bias, torch.full((2,), 2.0))
-    for kw in (dict(gate_bias=4.0), dict(gate="forget", gate_bias=float("nan"))):
-        with pytest.raises(ValueError, match="gate_bias=.*add gate=forget"):
+    for kw, why in ((dict(gate_bias=4.0), "no layer of this model has one: add gate=forget"),
+                    (dict(gate="forget", gate_bias=float("nan")), "is a finite number")):
+        with pytest.raises(ValueError, match=why):
             GPTConfig(n_layer=1, n_head=2, n_embd=32, vocab_size=50, block_size=16, **kw)
 
 
