@@ -595,6 +595,20 @@ def retrieval_rows(specs, meta, labels, key):
     return res | ({"skipped": skipped} if skipped else {})
 
 
+READS = 0.95  # the retrieval gate: a row's extrapolation counts when every seed answers this share within T
+
+
+def within_T(cells):
+    """A row's gate from its cells (aggregated over seeds): the cell of prompts of length T with the key less than T
+    back, as {'exact', 'exact_std', 'per_seed', 'reads'}, reads = every seed answers >= READS of them; None when the
+    evaluation has no such cell (--retrieval_lengths without 1 or bins not starting 0,1)."""
+    c = next((c for c in cells if c["multiple"] == 1 and list(c["bin"]) == [0, 1]), None)
+    if c is None:
+        return None
+    return {"exact": c["exact"], "exact_std": c["exact_std"], "per_seed": c["per_seed"],
+            "reads": all(x >= READS for x in c["per_seed"])}
+
+
 def aggregate_retrieval(runs, keys, labels):
     """Per row over its seeds: each (length, bin) cell's and each bin's exact-match accuracy (over all lengths) and
     the text's loss per length, mean and std (0 for one seed), in eval_retrieval's run layout (its plots draw rows)."""
@@ -624,7 +638,7 @@ def aggregate_retrieval(runs, keys, labels):
                      "lm": [{"length": x["length"], "multiple": x["multiple"], "loss": float(lm[:, i].mean()),
                              "loss_std": std(lm[:, i])} for i, x in enumerate(rs[0]["lm"])],
                      "lm_ratio": float(ratio.mean()) if len(ratio) else None,
-                     "lm_ratio_std": std(ratio) if len(ratio) else None, **crossed,
+                     "lm_ratio_std": std(ratio) if len(ratio) else None, **crossed, "within_T": within_T(cells),
                      **{key: rs[0][key] for key in ("attn", "reweight_p", "pos", "layers", "describe")}})
     return rows
 
@@ -635,19 +649,24 @@ def _pm(mean, std, n, fmt):
 
 
 def retrieval_markdown(res):
-    """The retrieval table: exact-match accuracy (%) per key-query distance bin over all lengths, mean ± std over
-    seeds, on the prompts with a distractor pair between the target and the query ('pair between': where a copy of the
-    nearest pair scores 0), and the text's loss at the first and last length with their ratio."""
+    """The retrieval table: whether each row reads within its window (the gate, within_T: prompts of length T, key
+    less than T back, every seed >= READS), then exact-match accuracy (%) per key-query distance bin over all lengths,
+    mean ± std over seeds, on the prompts with a distractor pair between the target and the query ('pair between':
+    where a copy of the nearest pair scores 0), and the text's loss at the first and last length with their ratio."""
     rows = res["rows"]
     heads = [f"{b['bin'][0]:g}-{b['bin'][1]:g}T" for b in rows[0]["by_bin"]]
     lm = rows[0]["lm"]
     lm_heads = [f"LM {lm[0]['multiple']:g}x", f"LM {lm[-1]['multiple']:g}x", "last / 1x"] if lm else []
     between = all("crossed_exact" in r for r in rows)  # (evaluations made before the split was recorded lack it)
     heads += ["pair between"] if between else []
+    gate = all(r.get("within_T") for r in rows)  # (evaluations without a length-T, d < T cell have no gate)
+    heads = ["L=T, d<T", "reads"] * gate + heads
     lines = ["| run | n | " + " | ".join(heads + lm_heads) + " |", "|---|---|" + "---|" * (len(heads) + len(lm_heads))]
     for r in rows:
-        cells = [f"{100 * b['exact']:.0f} ± {100 * b['exact_std']:.0f}" if r["n"] > 1 else f"{100 * b['exact']:.0f}"
-                 for b in r["by_bin"]]
+        w = r.get("within_T")
+        cells = [_pm(100 * w["exact"], 100 * w["exact_std"], r["n"], ".0f"), "yes" if w["reads"] else "no"] if gate else []
+        cells += [f"{100 * b['exact']:.0f} ± {100 * b['exact_std']:.0f}" if r["n"] > 1 else f"{100 * b['exact']:.0f}"
+                  for b in r["by_bin"]]
         if between:
             cells.append(_pm(100 * r["crossed_exact"], 100 * r["crossed_std"], r["n"], ".0f"))
         if r["lm"]:
@@ -655,7 +674,10 @@ def retrieval_markdown(res):
                       _pm(r["lm"][-1]["loss"], r["lm"][-1]["loss_std"], r["n"], ".3f"),
                       _pm(r["lm_ratio"], r["lm_ratio_std"], r["n"], ".2f")]
         lines.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + " |")
-    return "\n".join(lines) + "\n"
+    note = (f"\n'reads': every seed answers >= {READS:.0%} of the prompts of length T whose key lies less than T back "
+            "(L=T, d<T); the distance bins of a row marked 'no' measure a model that does not retrieve within its "
+            "window, not how far it reads past it.\n") if gate else ""
+    return "\n".join(lines) + "\n" + note
 
 
 # -----------------------------------------------------------------------------
