@@ -598,15 +598,30 @@ def retrieval_rows(specs, meta, labels, key):
 READS = 0.95  # the retrieval gate: a row's extrapolation counts when every seed answers this share within T
 
 
-def within_T(cells):
-    """A row's gate from its cells (aggregated over seeds): the cell of prompts of length T with the key less than T
-    back, as {'exact', 'exact_std', 'per_seed', 'reads'}, reads = every seed answers >= READS of them; None when the
-    evaluation has no such cell (--retrieval_lengths without 1 or bins not starting 0,1)."""
+def trained_exact(run_dir):
+    """The share of the validation windows' queries (key-query distances < T) a run answered exactly at its last
+    training evaluation (train.py's log.csv, val_answer_exact); None without one."""
+    try:
+        with open(os.path.join(run_dir, "log.csv"), newline="") as f:
+            got = [float(x["val_answer_exact"]) for x in csv.DictReader(f) if x["kind"] == "eval" and x.get("val_answer_exact")]
+    except FileNotFoundError:
+        return None
+    return got[-1] if got else None
+
+
+def within_T(cells, trained):
+    """A row's gate: `trained`, each seed's last training evaluation (trained_exact), and the evaluation's cell of
+    prompts of length T with the key less than T back, as {'trained', 'exact', 'exact_std', 'per_seed', 'reads'}; reads
+    = every seed answered >= READS of its training queries (None when a seed's log has no such number). None when
+    the evaluation has no such cell (--retrieval_lengths without 1 or bins not starting 0,1)."""
     c = next((c for c in cells if c["multiple"] == 1 and list(c["bin"]) == [0, 1]), None)
     if c is None:
         return None
-    return {"exact": c["exact"], "exact_std": c["exact_std"], "per_seed": c["per_seed"],
-            "reads": all(x >= READS for x in c["per_seed"])}
+    known = None not in trained
+    return {"trained": trained, "trained_mean": float(np.mean(trained)) if known else None,
+            "trained_std": float(np.std(trained, ddof=1)) if known and len(trained) > 1 else 0.0,
+            "exact": c["exact"], "exact_std": c["exact_std"], "per_seed": c["per_seed"],
+            "reads": all(x >= READS for x in trained) if known else None}
 
 
 def aggregate_retrieval(runs, keys, labels):
@@ -638,7 +653,8 @@ def aggregate_retrieval(runs, keys, labels):
                      "lm": [{"length": x["length"], "multiple": x["multiple"], "loss": float(lm[:, i].mean()),
                              "loss_std": std(lm[:, i])} for i, x in enumerate(rs[0]["lm"])],
                      "lm_ratio": float(ratio.mean()) if len(ratio) else None,
-                     "lm_ratio_std": std(ratio) if len(ratio) else None, **crossed, "within_T": within_T(cells),
+                     "lm_ratio_std": std(ratio) if len(ratio) else None, **crossed,
+                     "within_T": within_T(cells, [trained_exact(r["ckpt"]) for r in rs]),
                      **{key: rs[0][key] for key in ("attn", "reweight_p", "pos", "layers", "describe")}})
     return rows
 
@@ -649,10 +665,11 @@ def _pm(mean, std, n, fmt):
 
 
 def retrieval_markdown(res):
-    """The retrieval table: whether each row reads within its window (the gate, within_T: prompts of length T, key
-    less than T back, every seed >= READS), then exact-match accuracy (%) per key-query distance bin over all lengths,
-    mean ± std over seeds, on the prompts with a distractor pair between the target and the query ('pair between':
-    where a copy of the nearest pair scores 0), and the text's loss at the first and last length with their ratio."""
+    """The retrieval table: whether each row reads within its window (the gate, within_T: every seed's training
+    queries answered >= READS; the evaluation's length-T, d < T cell beside it), then exact-match accuracy (%) per
+    key-query distance bin over all lengths, mean ± std over seeds, on the prompts with a distractor pair between the
+    target and the query ('pair between': where a copy of the nearest pair scores 0), and the text's loss at the
+    first and last length with their ratio."""
     rows = res["rows"]
     heads = [f"{b['bin'][0]:g}-{b['bin'][1]:g}T" for b in rows[0]["by_bin"]]
     lm = rows[0]["lm"]
@@ -660,11 +677,13 @@ def retrieval_markdown(res):
     between = all("crossed_exact" in r for r in rows)  # (evaluations made before the split was recorded lack it)
     heads += ["pair between"] if between else []
     gate = all(r.get("within_T") for r in rows)  # (evaluations without a length-T, d < T cell have no gate)
-    heads = ["L=T, d<T", "reads"] * gate + heads
+    heads = ["trained", "L=T, d<T", "reads"] * gate + heads
     lines = ["| run | n | " + " | ".join(heads + lm_heads) + " |", "|---|---|" + "---|" * (len(heads) + len(lm_heads))]
     for r in rows:
         w = r.get("within_T")
-        cells = [_pm(100 * w["exact"], 100 * w["exact_std"], r["n"], ".0f"), "yes" if w["reads"] else "no"] if gate else []
+        cells = ["?" if w["trained_mean"] is None else _pm(100 * w["trained_mean"], 100 * w["trained_std"], r["n"], ".0f"),
+                 _pm(100 * w["exact"], 100 * w["exact_std"], r["n"], ".0f"),
+                 {True: "yes", False: "no", None: "?"}[w["reads"]]] if gate else []
         cells += [f"{100 * b['exact']:.0f} ± {100 * b['exact_std']:.0f}" if r["n"] > 1 else f"{100 * b['exact']:.0f}"
                   for b in r["by_bin"]]
         if between:
@@ -674,9 +693,11 @@ def retrieval_markdown(res):
                       _pm(r["lm"][-1]["loss"], r["lm"][-1]["loss_std"], r["n"], ".3f"),
                       _pm(r["lm_ratio"], r["lm_ratio_std"], r["n"], ".2f")]
         lines.append(f"| {r['label']} | {r['n']} | " + " | ".join(cells) + " |")
-    note = (f"\n'reads': every seed answers >= {READS:.0%} of the prompts of length T whose key lies less than T back "
-            "(L=T, d<T); the distance bins of a row marked 'no' measure a model that does not retrieve within its "
-            "window, not how far it reads past it.\n") if gate else ""
+    note = (f"\n'trained': the validation windows' queries (distances < T) answered at the last training evaluation; "
+            f"'reads': every seed answered >= {READS:.0%} of them (the gate; '?': a run without that log). 'L=T, d<T': "
+            "the evaluation's prompts of length T with the key less than T back. The distance bins of a row marked "
+            "'no' measure a model that does not retrieve within its window, not how far it reads past it.\n") \
+        if gate else ""
     return "\n".join(lines) + "\n" + note
 
 

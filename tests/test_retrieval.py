@@ -368,17 +368,24 @@ def test_sequential_windows_read_the_stored_order():
     assert random_windows(parts, 4, 32, 0, 0, 0, align=33) != seen[0]
 
 
-def test_the_retrieval_gate_needs_every_seed_within_T():
-    """sweep.within_T: a row reads when every seed answers >= 95% of the prompts of length T with the key within T;
-    other cells do not count, and an evaluation without that cell has no gate."""
-    from sweep import within_T
+def test_the_retrieval_gate_needs_every_seed_within_T(tmp_path):
+    """sweep.within_T: a row reads when every seed answered >= 95% of its validation windows' queries (distances < T)
+    at its last training evaluation (log.csv); the evaluation's length-T, d < T cell goes beside it; a seed without
+    that number leaves the gate unknown; an evaluation without that cell has no gate."""
+    from sweep import trained_exact, within_T
 
     def cell(multiple, bin_, per_seed):
         return {"multiple": multiple, "bin": bin_, "exact": float(np.mean(per_seed)), "exact_std": 0.0,
                 "per_seed": per_seed}
-    assert within_T([cell(2, [0, 1], [0.0, 0.0]), cell(1, [0, 1], [1.0, 0.95])])["reads"] is True
-    assert within_T([cell(1, [0, 1], [1.0, 0.94]), cell(1, [1, 2], [1.0, 1.0])])["reads"] is False
-    assert within_T([cell(2, [0, 1], [1.0]), cell(1, [1, 2], [1.0])]) is None
+    cells = [cell(2, [0, 1], [0.0, 0.0]), cell(1, [0, 1], [0.5, 0.25])]
+    got = within_T(cells, [1.0, 0.95])
+    assert got["reads"] is True and (got["exact"], got["per_seed"]) == (0.375, [0.5, 0.25])
+    assert got["trained_mean"] == pytest.approx(0.975) and got["trained_std"] == pytest.approx(np.std([1, .95], ddof=1))
+    assert within_T(cells, [1.0, 0.94])["reads"] is False
+    assert within_T(cells, [1.0, None])["reads"] is None
+    assert within_T([cell(2, [0, 1], [1.0]), cell(1, [1, 2], [1.0])], [1.0]) is None
+    (tmp_path / "log.csv").write_text("iter,kind,val_answer_exact\n0,eval,0.1\n5,train,\n9,eval,0.96\n10,train,\n")
+    assert trained_exact(tmp_path) == 0.96 and trained_exact(tmp_path / "nowhere") is None
 
 
 def test_sweep_with_the_retrieval_evaluator(retrieval_run, tmp_path):
@@ -404,8 +411,11 @@ def test_sweep_with_the_retrieval_evaluator(retrieval_run, tmp_path):
     assert "| [softmax:window=8,lssar:pos=none] | 2 |" in md and "0-1T" in md and "LM 1x" in md
     assert "pair between" in md and 0 <= row["crossed_exact"] <= 1 and row["crossed_prompts"] > 0
     gate, cell = row["within_T"], next(c for c in row["cells"] if c["multiple"] == 1 and c["bin"] == [0, 1])
-    assert gate["per_seed"] == cell["per_seed"] and gate["reads"] == all(x >= 0.95 for x in cell["per_seed"])
-    assert "| run | n | L=T, d<T | reads | 0-1T |" in md and "'reads': every seed answers >= 95%" in md
+    from sweep import trained_exact
+    logs = [trained_exact(r["ckpt"]) for r in res["runs"] if r["label"] == row["label"]]
+    assert gate["per_seed"] == cell["per_seed"] and gate["trained"] == logs and None not in logs
+    assert gate["reads"] == all(x >= 0.95 for x in logs)
+    assert "| run | n | trained | L=T, d<T | reads | 0-1T |" in md and "'reads': every seed answered >= 95%" in md
     for f in ("sweep.png", "sweep_distance.png", "sweep_training.png"):
         assert (tmp_path / "res" / f).stat().st_size > 0
     with open(tmp_path / "res" / "sweep.csv", newline="") as f:
