@@ -439,10 +439,7 @@ def training_curves(res, prefix):
     for r in res["runs"]:
         if r.get("eval"):  # an evaluation-time row: its run's training is drawn already
             continue
-        with open(os.path.join(r["ckpt"], "log.csv"), newline="") as f:
-            points = {int(x["iter"]): float(x["val_answer_exact"]) for x in csv.DictReader(f)
-                      if x["kind"] == "eval" and x.get("val_answer_exact")}
-        curves.setdefault(r["label"], []).append(points)
+        curves.setdefault(r["label"], []).append(answer_curve(r["ckpt"]))
     if not curves:
         return []
     fig, ax = plt.subplots(figsize=(8 if len(curves) <= 10 else 11, 4.8))
@@ -598,15 +595,21 @@ def retrieval_rows(specs, meta, labels, key):
 READS = 0.95  # the retrieval gate: a row's extrapolation counts when every seed answers this share within T
 
 
-def trained_exact(run_dir):
-    """The share of the validation windows' queries (key-query distances < T) a run answered exactly at its last
-    training evaluation (train.py's log.csv, val_answer_exact); None without one."""
+def answer_curve(run_dir):
+    """{step: share of the validation windows' queries (key-query distances < T) answered exactly} at every training
+    evaluation of a run (train.py's log.csv, val_answer_exact); {} without that log."""
     try:
         with open(os.path.join(run_dir, "log.csv"), newline="") as f:
-            got = [float(x["val_answer_exact"]) for x in csv.DictReader(f) if x["kind"] == "eval" and x.get("val_answer_exact")]
+            return {int(x["iter"]): float(x["val_answer_exact"]) for x in csv.DictReader(f)
+                    if x["kind"] == "eval" and x.get("val_answer_exact")}
     except FileNotFoundError:
-        return None
-    return got[-1] if got else None
+        return {}
+
+
+def trained_exact(run_dir):
+    """The share answered at a run's last training evaluation (answer_curve); None without one."""
+    curve = answer_curve(run_dir)
+    return curve[max(curve)] if curve else None
 
 
 def within_T(cells, trained):
