@@ -31,6 +31,7 @@ QUERY = ("{", "}")
 KEY_ALPHABET = "0123456789"
 VALUE_ALPHABET = "abcdefghijklmnopqrstuvwxyz"
 CURRICULUM = 48000  # dataset retrieval_char_curriculum's near windows: the first 1,500 steps of batch 32 (its config)
+NEAR_KINDS = ("adjacent", "span", "crossed")  # the curriculum's near episodes (training_example's near)
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,7 @@ def training_example(filler, rng, task, length, max_distance=None, near="adjacen
     copying the nearest pair, whatever its key; a span episode of two or more pairs cannot always; a crossed one
     never.
     Returns (text, [(key, pair start, query start), ...])."""
-    if max_distance is not None and near not in ("adjacent", "span", "crossed"):
+    if max_distance is not None and near not in NEAR_KINDS:
         raise ValueError(f"near is adjacent, span or crossed; got {near!r}")
     if max_distance is not None and max_distance < task.item_len:
         raise ValueError(f"max_distance={max_distance} is shorter than a pair ({task.item_len} characters)")

@@ -687,8 +687,7 @@ def retrieval_markdown(res):
         cells = ["?" if w["trained_mean"] is None else _pm(100 * w["trained_mean"], 100 * w["trained_std"], r["n"], ".0f"),
                  _pm(100 * w["exact"], 100 * w["exact_std"], r["n"], ".0f"),
                  {True: "yes", False: "no", None: "?"}[w["reads"]]] if gate else []
-        cells += [f"{100 * b['exact']:.0f} ± {100 * b['exact_std']:.0f}" if r["n"] > 1 else f"{100 * b['exact']:.0f}"
-                  for b in r["by_bin"]]
+        cells += [_pm(100 * b["exact"], 100 * b["exact_std"], r["n"], ".0f") for b in r["by_bin"]]
         if between:
             cells.append(_pm(100 * r["crossed_exact"], 100 * r["crossed_std"], r["n"], ".0f"))
         if r["lm"]:

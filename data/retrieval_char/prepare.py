@@ -28,7 +28,7 @@ if ROOT not in sys.path:
     sys.path.insert(0, ROOT)
 from data.shakespeare_char.prepare import check_splits, get_text, write_atomic, write_split  # noqa: E402
 from options import check_range, writable_dir  # noqa: E402
-from retrieval import KEY_ALPHABET, PAIR, QUERY, Task, alphabet, training_example  # noqa: E402
+from retrieval import KEY_ALPHABET, NEAR_KINDS, PAIR, QUERY, Task, alphabet, training_example  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -65,7 +65,7 @@ def prepare(input_path=None, out_dir=None, block_size=64, n_train=100000, n_val=
     check_range({'share': share}, 0, 1, prefix='prepare error')
     check_range({'curriculum': curriculum}, 0, n_train, prefix='prepare error')
     check_range({'near_share': near_share}, 0, 1, open_low=True, prefix='prepare error')
-    if any(k not in ('adjacent', 'span', 'crossed') for part in near.split(',') for k in part.split('+')):
+    if any(k not in NEAR_KINDS for part in near.split(',') for k in part.split('+')):
         raise SystemExit(f"prepare error: near is adjacent, span or crossed, or a comma list of them (one kind per "
                          f"equal part of the curriculum; a+b: each window a or b at random); got {near!r}")
     task = Task(key_len=key_len, value_len=value_len, max_pairs=max_pairs, max_queries=max_queries, share=share)
